@@ -1,0 +1,375 @@
+package chain_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"math/rand"
+	"testing"
+	"time"
+
+	"github.com/stasis-project/stasis/chain"
+	"github.com/stasis-project/stasis/chain/memory"
+)
+
+// volume is an in-memory source image that tests modify between snapshots.
+type volume struct {
+	data      []byte
+	chunkSize int
+}
+
+func newVolume(rng *rand.Rand, size, chunkSize int) *volume {
+	v := &volume{data: make([]byte, size), chunkSize: chunkSize}
+	// A mix like a real disk: random regions, repetitive text, zeros.
+	for off := 0; off < size; off += chunkSize {
+		end := min(off+chunkSize, size)
+		switch rng.Intn(4) {
+		case 0:
+			rng.Read(v.data[off:end])
+		case 1:
+			copy(v.data[off:end], bytes.Repeat([]byte("the quick brown fox "), chunkSize/20+1))
+		}
+	}
+	return v
+}
+
+// scribble changes n random small regions.
+func (v *volume) scribble(rng *rand.Rand, n int) {
+	for i := 0; i < n; i++ {
+		off := rng.Intn(len(v.data) - 100)
+		rng.Read(v.data[off : off+1+rng.Intn(100)])
+	}
+}
+
+func (v *volume) snapshot(t *testing.T, r *chain.Repository, name string, fromParent bool, changed []int64) *chain.Snapshot {
+	t.Helper()
+	ctx := context.Background()
+	unlock, err := r.Lock(ctx, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unlock()
+	w, err := r.NewSnapshot(ctx, chain.SnapshotOptions{Volume: "vol", Name: name, Size: int64(len(v.data)), ChunkSize: v.chunkSize, FromParent: fromParent})
+	if err != nil {
+		t.Fatal(err)
+	}
+	put := func(i int64) {
+		off := int(i) * v.chunkSize
+		if err := w.Put(ctx, i, v.data[off:min(off+v.chunkSize, len(v.data))]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if changed == nil {
+		for i := int64(0); i < w.Snapshot().Chunks(); i++ {
+			put(i)
+		}
+	}
+	for _, i := range changed {
+		put(i)
+	}
+	s, err := w.Commit(ctx, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+func readAll(t *testing.T, r *chain.Repository, s *chain.Snapshot) []byte {
+	t.Helper()
+	out := make([]byte, s.SizeBytes)
+	if _, err := r.Reader(s).ReadAt(context.Background(), out, 0); err != nil {
+		t.Fatalf("read %s: %v", s.Name, err)
+	}
+	return out
+}
+
+func newRepo(t *testing.T) (*chain.Repository, *memory.Backend) {
+	t.Helper()
+	be := memory.New()
+	ctx := context.Background()
+	if err := chain.Init(ctx, be); err != nil {
+		t.Fatal(err)
+	}
+	if err := chain.Init(ctx, be); !errors.Is(err, chain.ErrExists) {
+		t.Fatalf("second Init: %v, want ErrExists", err)
+	}
+	r, err := chain.Open(ctx, be, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r, be
+}
+
+func TestChainDeleteAnyKeepsOthersExact(t *testing.T) {
+	for _, victim := range []string{"first", "middle", "last"} {
+		t.Run(victim, func(t *testing.T) {
+			ctx := context.Background()
+			rng := rand.New(rand.NewSource(1))
+			r, _ := newRepo(t)
+			v := newVolume(rng, 3<<20+12345, 16<<10) // odd size: short last chunk
+			want := map[string][]byte{}
+			var snaps []*chain.Snapshot
+			for i, name := range []string{"first", "s2", "middle", "s4", "last"} {
+				if i > 0 {
+					v.scribble(rng, 40)
+				}
+				s := v.snapshot(t, r, name, false, nil)
+				snaps = append(snaps, s)
+				want[name] = append([]byte(nil), v.data...)
+			}
+			for _, s := range snaps {
+				if !bytes.Equal(readAll(t, r, s), want[s.Name]) {
+					t.Fatalf("%s reads back different bytes", s.Name)
+				}
+			}
+			list, _, _ := r.Snapshots(ctx)
+			target, err := chain.Find(list, "vol/"+victim)
+			if err != nil {
+				t.Fatal(err)
+			}
+			unlock, _ := r.Lock(ctx, "test")
+			if err := r.Delete(ctx, target); err != nil {
+				t.Fatal(err)
+			}
+			st, err := r.GC(ctx)
+			unlock()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if st.BlobsDeleted == 0 || st.BytesFreed <= 0 {
+				t.Errorf("gc after deleting %s freed nothing: %+v", victim, st)
+			}
+			if rs, err := r.Stats(ctx); err != nil || rs.GarbageBytes > rs.PackBytes/10 {
+				t.Errorf("after gc %d of %d pack bytes are garbage (%v)", rs.GarbageBytes, rs.PackBytes, err)
+			}
+			list, _, _ = r.Snapshots(ctx)
+			if len(list) != 4 {
+				t.Fatalf("%d snapshots left, want 4", len(list))
+			}
+			for _, s := range list {
+				if !bytes.Equal(readAll(t, r, s), want[s.Name]) {
+					t.Fatalf("after deleting %s and gc, %s reads back different bytes", victim, s.Name)
+				}
+			}
+			rep, err := r.Verify(ctx, true, nil)
+			if err != nil || !rep.OK() {
+				t.Fatalf("verify: %v %v", err, rep.Problems)
+			}
+		})
+	}
+}
+
+func TestIncrementalStoresOnlyChanges(t *testing.T) {
+	ctx := context.Background()
+	rng := rand.New(rand.NewSource(2))
+	r, _ := newRepo(t)
+	v := newVolume(rng, 8<<20, 64<<10)
+	full := v.snapshot(t, r, "full", false, nil)
+	if full.Parent != "" {
+		t.Fatalf("first snapshot has parent %s", full.Parent)
+	}
+	// Full scan of unchanged data: nothing but a manifest is new.
+	same := v.snapshot(t, r, "same", false, nil)
+	if same.NewBytes != 0 || same.Root != full.Root || same.Parent != full.ID {
+		t.Fatalf("unchanged rescan: new_bytes %d, root equal %v, parent %q", same.NewBytes, same.Root == full.Root, same.Parent)
+	}
+	// Change two chunks and take a tracked incremental that puts only those.
+	copy(v.data[5*64<<10:], bytes.Repeat([]byte{7}, 100))
+	copy(v.data[100*64<<10+17:], bytes.Repeat([]byte{9}, 100))
+	inc := v.snapshot(t, r, "inc", true, []int64{5, 100})
+	if inc.NewBytes == 0 || inc.NewBytes > 3*64<<10 {
+		t.Fatalf("incremental of 2 chunks added %d bytes", inc.NewBytes)
+	}
+	if !bytes.Equal(readAll(t, r, inc), v.data) {
+		t.Fatal("tracked incremental reads back different bytes")
+	}
+	// Identical chunks within one snapshot are stored once.
+	dup := &volume{data: bytes.Repeat(v.data[5*64<<10:6*64<<10], 32), chunkSize: 64 << 10}
+	unlock, _ := r.Lock(ctx, "t")
+	w, err := r.NewSnapshot(ctx, chain.SnapshotOptions{Volume: "dup", Size: int64(len(dup.data)), ChunkSize: dup.chunkSize})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 32; i++ {
+		w.Put(ctx, int64(i), dup.data[i*64<<10:(i+1)*64<<10])
+	}
+	if n := w.Stats().ChunksStored; n != 0 {
+		t.Fatalf("a chunk already in the repository was stored again %d times", n)
+	}
+	s, err := w.Commit(ctx, nil, nil)
+	unlock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.Name == "" || s.Kind != chain.KindManual || s.Consistency != chain.ConsistencyCrash {
+		t.Fatalf("defaults: %+v", s)
+	}
+	if !bytes.Equal(readAll(t, r, s), dup.data) {
+		t.Fatal("dedup volume reads back different bytes")
+	}
+}
+
+func TestCorruptPackNamesDamagedSnapshots(t *testing.T) {
+	ctx := context.Background()
+	rng := rand.New(rand.NewSource(3))
+	r, be := newRepo(t)
+	v := newVolume(rng, 2<<20, 16<<10)
+	a := v.snapshot(t, r, "a", false, nil)
+	v2 := newVolume(rng, 1<<20, 16<<10)
+	unlock, _ := r.Lock(ctx, "t")
+	w, _ := r.NewSnapshot(ctx, chain.SnapshotOptions{Volume: "other", Name: "b", Size: int64(len(v2.data)), ChunkSize: v2.chunkSize})
+	for i := 0; i < len(v2.data)/v2.chunkSize; i++ {
+		w.Put(ctx, int64(i), v2.data[i*v2.chunkSize:(i+1)*v2.chunkSize])
+	}
+	b, err := w.Commit(ctx, nil, nil)
+	unlock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Damage a data chunk of snapshot a only: find the pack holding a's first chunk.
+	var packName string
+	be.List(ctx, chain.PackFile, func(name string, size int64) error {
+		if packName == "" {
+			packName = name
+		}
+		return nil
+	})
+	var packs []string
+	be.List(ctx, chain.PackFile, func(name string, size int64) error { packs = append(packs, name); return nil })
+	if len(packs) != 2 {
+		t.Fatalf("want one pack per snapshot, got %d", len(packs))
+	}
+	// Pick the pack that belongs to a: the one whose blobs a's reader uses.
+	damaged := ""
+	for _, p := range packs {
+		be.Corrupt(chain.Handle{Type: chain.PackFile, Name: p}, 16+10) // inside the first blob
+		if _, err := r.Reader(a).ReadChunk(ctx, firstDataChunk(t, r, a), nil); err != nil {
+			damaged = p
+			break
+		}
+		be.Corrupt(chain.Handle{Type: chain.PackFile, Name: p}, 16+10) // undo
+	}
+	if damaged == "" {
+		t.Fatal("could not damage snapshot a")
+	}
+	if _, err := r.Reader(a).ReadAt(ctx, make([]byte, a.SizeBytes), 0); !errors.Is(err, chain.ErrCorrupt) {
+		t.Fatalf("reading a damaged snapshot: %v, want ErrCorrupt", err)
+	}
+	rep, err := r.Verify(ctx, false, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rep, err = r.Verify(ctx, true, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.OK() || rep.Damaged[a.ID] == "" {
+		t.Fatalf("verify --read-data did not name snapshot a: %+v", rep)
+	}
+	if _, bad := rep.Damaged[b.ID]; bad {
+		t.Fatalf("verify blames the intact snapshot b: %s", rep.Damaged[b.ID])
+	}
+	if !bytes.Equal(readAll(t, r, b), v2.data) {
+		t.Fatal("intact snapshot b unreadable")
+	}
+	unlock, _ = r.Lock(ctx, "t")
+	defer unlock()
+	if _, err := r.GC(ctx); err == nil {
+		// gc may run (a's pages are intact) but must not make b unreadable
+		if !bytes.Equal(readAll(t, r, b), v2.data) {
+			t.Fatal("gc on a damaged repository broke snapshot b")
+		}
+	}
+}
+
+func firstDataChunk(t *testing.T, r *chain.Repository, s *chain.Snapshot) int64 {
+	first := int64(-1)
+	r.Reader(s).Walk(context.Background(), func(i int64, id chain.ID) error {
+		if first < 0 {
+			first = i
+		}
+		return nil
+	})
+	return first
+}
+
+func TestLockAndNames(t *testing.T) {
+	ctx := context.Background()
+	r, _ := newRepo(t)
+	if _, err := r.NewSnapshot(ctx, chain.SnapshotOptions{Volume: "v", Size: 1 << 20}); !errors.Is(err, chain.ErrNotLocked) {
+		t.Fatalf("writing without the lock: %v", err)
+	}
+	v := &volume{data: make([]byte, 1<<20), chunkSize: 64 << 10}
+	v.data[5] = 1
+	s := v.snapshot(t, r, "x", false, nil)
+	unlock, _ := r.Lock(ctx, "t")
+	defer unlock()
+	if _, err := r.NewSnapshot(ctx, chain.SnapshotOptions{Volume: "vol", Name: "x", Size: 1 << 20}); err == nil {
+		t.Fatal("a duplicate name in the same volume was accepted")
+	}
+	if _, err := r.NewSnapshot(ctx, chain.SnapshotOptions{Volume: "vol", Size: 1 << 20, ChunkSize: 128 << 10}); err == nil {
+		t.Fatal("changing a volume's chunk size was accepted")
+	}
+	for _, bad := range []string{"../x", ".hidden", "a/b", string(make([]byte, 200))} {
+		if _, err := r.NewSnapshot(ctx, chain.SnapshotOptions{Volume: "vol", Name: bad, Size: 1 << 20}); err == nil {
+			t.Errorf("snapshot name %q accepted", bad)
+		}
+	}
+	list, _, _ := r.Snapshots(ctx)
+	for _, ref := range []string{s.ID, s.ID[:6], "vol/x"} {
+		if got, err := chain.Find(list, ref); err != nil || got.ID != s.ID {
+			t.Errorf("Find(%q) = %v, %v", ref, got, err)
+		}
+	}
+	for _, ref := range []string{"vol/nope", "ffffffff", "ab"} {
+		if _, err := chain.Find(list, ref); !errors.Is(err, chain.ErrNotFound) {
+			t.Errorf("Find(%q) = %v, want ErrNotFound", ref, err)
+		}
+	}
+}
+
+func TestStatsExclusiveBytes(t *testing.T) {
+	ctx := context.Background()
+	rng := rand.New(rand.NewSource(4))
+	r, _ := newRepo(t)
+	v := newVolume(rng, 4<<20, 64<<10)
+	v.snapshot(t, r, "a", false, nil)
+	rng.Read(v.data[:64<<10]) // one incompressible chunk only b has
+	b := v.snapshot(t, r, "b", false, nil)
+	st, err := r.Stats(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(st.Chains) != 1 || len(st.Chains[0].Snapshots) != 2 {
+		t.Fatalf("stats: %+v", st)
+	}
+	sb := st.Chains[0].Snapshots[1]
+	// b's exclusive bytes: its new chunk plus the tree pages only it has.
+	if sb.ExclusiveBytes < 64<<10 || sb.ExclusiveBytes > 64<<10+8<<10 {
+		t.Fatalf("b exclusive = %d, want about 64 KiB", sb.ExclusiveBytes)
+	}
+	before := st.PackBytes
+	unlock, _ := r.Lock(ctx, "t")
+	r.Delete(ctx, b)
+	gs, err := r.GC(ctx)
+	unlock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	st2, _ := r.Stats(ctx)
+	freed := before - st2.PackBytes
+	if freed < sb.ExclusiveBytes-4096 || freed > sb.ExclusiveBytes+PackOverhead {
+		t.Fatalf("deleting b freed %d bytes, stats said %d (gc %+v)", freed, sb.ExclusiveBytes, gs)
+	}
+}
+
+// PackOverhead is a generous bound on pack headers and tables in a small test.
+const PackOverhead = 64 << 10
+
+func TestCreatedOrder(t *testing.T) {
+	s := []*chain.Snapshot{{ID: "b", Created: time.Unix(2, 0)}, {ID: "a", Created: time.Unix(2, 0)}, {ID: "c", Created: time.Unix(1, 0)}}
+	chain.SortSnapshots(s)
+	if s[0].ID != "c" || s[1].ID != "a" || s[2].ID != "b" {
+		t.Fatalf("order %s %s %s", s[0].ID, s[1].ID, s[2].ID)
+	}
+}

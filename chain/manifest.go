@@ -1,0 +1,132 @@
+package chain
+
+import (
+	"encoding/json"
+	"fmt"
+	"regexp"
+	"time"
+)
+
+// Snapshot kinds and consistency levels, as shown by `stasis list`.
+const (
+	KindManual = "manual"
+	KindAuto   = "auto"
+
+	ConsistencyCrash    = "crash"     // read while the volume may have been changing
+	ConsistencyFSFrozen = "fs-frozen" // every filesystem on the volume frozen for the final round
+	ConsistencyApp      = "app"       // applications quiesced as well (hooks, database lock)
+)
+
+// Chunk size limits. The chunk size is fixed per volume by its first snapshot.
+const (
+	DefaultChunkSize = 64 << 10
+	MinChunkSize     = 4 << 10
+	MaxChunkSize     = 4 << 20
+)
+
+const manifestVersion = 1
+
+// Snapshot is a committed snapshot's manifest, stored as JSON in snapshots/<id>.
+// Its ID is derived from its content, so a manifest cannot change without changing its name.
+type Snapshot struct {
+	ID string `json:"-"`
+
+	Format      int       `json:"format"`
+	Volume      string    `json:"volume"`
+	Name        string    `json:"name"`
+	Kind        string    `json:"kind"`
+	Consistency string    `json:"consistency"`
+	Created     time.Time `json:"created"`
+	SizeBytes   int64     `json:"size_bytes"`
+	ChunkSize   int       `json:"chunk_size"`
+	Fanout      int       `json:"fanout"`
+	Root        ID        `json:"root"`
+	Parent      string    `json:"parent,omitempty"`
+	NewBytes    int64     `json:"new_bytes"`
+	Source      string    `json:"source,omitempty"`
+	Host        string    `json:"host,omitempty"`
+	// Capture describes how the data was read (rounds, freeze time, bytes read...).
+	Capture map[string]any `json:"capture,omitempty"`
+	// App holds what application quiescing recorded (database flavour, binlog position...).
+	App map[string]any `json:"app,omitempty"`
+}
+
+// Chunks is the number of chunks in the volume.
+func (s *Snapshot) Chunks() int64 {
+	return (s.SizeBytes + int64(s.ChunkSize) - 1) / int64(s.ChunkSize)
+}
+
+// MarshalText encodes an ID as hex, for JSON.
+func (id ID) MarshalText() ([]byte, error) { return []byte(id.String()), nil }
+
+// UnmarshalText decodes a hex ID.
+func (id *ID) UnmarshalText(b []byte) error {
+	v, err := ParseID(string(b))
+	*id = v
+	return err
+}
+
+var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$`)
+
+// ValidName checks a volume or snapshot name: letters, digits and . _ @ + -, not starting
+// with a punctuation character, at most 128 bytes. Names become folder names in the FUSE view.
+func ValidName(what, name string) error {
+	if !nameRE.MatchString(name) {
+		return fmt.Errorf("invalid %s name %q: use 1-128 letters, digits, '.', '_', '@', '+' or '-', starting with a letter or digit", what, name)
+	}
+	return nil
+}
+
+func encodeManifest(s *Snapshot) ([]byte, string, error) {
+	b, err := json.MarshalIndent(s, "", "  ")
+	if err != nil {
+		return nil, "", err
+	}
+	b = append(b, '\n')
+	return b, manifestID(b), nil
+}
+
+func manifestID(b []byte) string { return Hash(b).String()[:32] }
+
+// decodeManifest parses and checks a manifest read from a file named id.
+func decodeManifest(id string, b []byte) (*Snapshot, error) {
+	if manifestID(b) != id {
+		return nil, corruptf("snapshot %s: manifest content does not match its name", id)
+	}
+	var s Snapshot
+	if err := json.Unmarshal(b, &s); err != nil {
+		return nil, corruptf("snapshot %s: %v", id, err)
+	}
+	s.ID = id
+	if err := s.check(); err != nil {
+		return nil, fmt.Errorf("snapshot %s: %w", id, err)
+	}
+	return &s, nil
+}
+
+func (s *Snapshot) check() error {
+	if s.Format != manifestVersion {
+		return fmt.Errorf("manifest format %d is not supported by this stasis (it reads %d): upgrade stasis", s.Format, manifestVersion)
+	}
+	if err := ValidName("volume", s.Volume); err != nil {
+		return corruptf("%v", err)
+	}
+	if err := ValidName("snapshot", s.Name); err != nil {
+		return corruptf("%v", err)
+	}
+	if s.ChunkSize < MinChunkSize || s.ChunkSize > MaxChunkSize || s.ChunkSize&(s.ChunkSize-1) != 0 {
+		return corruptf("chunk size %d invalid", s.ChunkSize)
+	}
+	if s.Fanout != Fanout {
+		return corruptf("tree fanout %d, this stasis uses %d", s.Fanout, Fanout)
+	}
+	if s.SizeBytes < 0 || s.SizeBytes > 1<<60 {
+		return corruptf("volume size %d out of range", s.SizeBytes)
+	}
+	switch s.Kind {
+	case KindManual, KindAuto:
+	default:
+		return corruptf("unknown kind %q", s.Kind)
+	}
+	return nil
+}
