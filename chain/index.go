@@ -152,11 +152,6 @@ func (x *blobIndex) has(id ID) bool {
 	return ok
 }
 
-func (x *blobIndex) len() int {
-	x.mu.RLock()
-	defer x.mu.RUnlock()
-	return len(x.blobs)
-}
 
 func (x *blobIndex) hasPack(id ID) bool {
 	x.mu.RLock()

@@ -329,4 +329,3 @@ func syncDir(dir string) error {
 	}
 	return nil
 }
-
