@@ -79,8 +79,8 @@ func decompressBlob(stored []byte, zstd bool, rawLen int, dst []byte) ([]byte, e
 	return out, nil
 }
 
-// allZero reports whether b holds only zero bytes.
-func allZero(b []byte) bool {
+// AllZero reports whether b holds only zero bytes.
+func AllZero(b []byte) bool {
 	for len(b) >= len(zeroPage) {
 		if string(b[:len(zeroPage)]) != string(zeroPage[:]) {
 			return false

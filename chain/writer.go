@@ -196,7 +196,7 @@ func (w *SnapshotWriter) Put(ctx context.Context, i int64, data []byte) error {
 	id := ZeroID
 	var stored []byte
 	var zstd bool
-	zero := allZero(data)
+	zero := AllZero(data)
 	if !zero {
 		id = Hash(data)
 		if !w.known(id) {

@@ -1,0 +1,155 @@
+package capture
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"runtime"
+	"sync"
+	"sync/atomic"
+
+	"golang.org/x/sys/unix"
+)
+
+// ChunkWriter receives chunks. chain.SnapshotWriter implements it.
+type ChunkWriter interface {
+	// Put stores chunk i; safe for concurrent use; data is not retained.
+	Put(ctx context.Context, i int64, data []byte) error
+	ChunkSize() int
+}
+
+// Stats counts what a copy read.
+type Stats struct {
+	BytesRead int64
+	Chunks    int64
+}
+
+// readSize is the size of one read: large sequential reads reach the device's throughput,
+// as dd bs=4M does.
+const readSize = 4 << 20
+
+// Chunks turns byte ranges into the sorted, de-duplicated list of chunk index runs they touch.
+func Chunks(ranges []Range, chunkSize int, size int64) []ChunkRun {
+	cs := int64(chunkSize)
+	var runs []ChunkRun
+	for _, r := range ranges {
+		if r.End > size {
+			r.End = size
+		}
+		if r.Start >= r.End {
+			continue
+		}
+		first, last := r.Start/cs, (r.End-1)/cs+1
+		if n := len(runs); n > 0 && first <= runs[n-1].End {
+			if last > runs[n-1].End {
+				runs[n-1].End = last
+			}
+			continue
+		}
+		runs = append(runs, ChunkRun{first, last})
+	}
+	return runs
+}
+
+// ChunkRun is a run of chunk indexes [Start, End).
+type ChunkRun struct{ Start, End int64 }
+
+// Copy reads the given chunk runs (sorted, as Chunks returns them) from src and Puts every
+// chunk. Reads are sequential and large; hashing and compressing run on every core.
+func Copy(ctx context.Context, src *Source, w ChunkWriter, runs []ChunkRun) (Stats, error) {
+	cs := int64(w.ChunkSize())
+	perRead := max(1, readSize/cs)
+	workers := runtime.GOMAXPROCS(0)
+
+	type job struct {
+		buf   []byte
+		first int64
+		n     int64 // chunks in buf
+	}
+	pool := make(chan []byte, workers+2)
+	for i := 0; i < cap(pool); i++ {
+		b, err := alignedBuffer(int(perRead * cs))
+		if err != nil {
+			return Stats{}, err
+		}
+		defer unix.Munmap(b)
+		pool <- b
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	jobs := make(chan job)
+	var firstErr error
+	var errOnce sync.Once
+	fail := func(err error) {
+		errOnce.Do(func() { firstErr = err; cancel() })
+	}
+	var st Stats
+	var wg sync.WaitGroup
+	for k := 0; k < workers; k++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for j := range jobs {
+				for c := int64(0); c < j.n; c++ {
+					i := j.first + c
+					end := c*cs + min(cs, src.Size-i*cs) // the last chunk may be short
+					if err := w.Put(ctx, i, j.buf[c*cs:end]); err != nil {
+						fail(fmt.Errorf("chunk %d: %w", i, err))
+						break
+					}
+					atomic.AddInt64(&st.Chunks, 1)
+				}
+				pool <- j.buf
+			}
+		}()
+	}
+read:
+	for _, run := range runs {
+		for first := run.Start; first < run.End; first += perRead {
+			n := min(perRead, run.End-first)
+			var buf []byte
+			select {
+			case buf = <-pool:
+			case <-ctx.Done():
+				break read
+			}
+			off := first * cs
+			length := min(n*cs, src.Size-off)
+			// O_DIRECT needs an aligned length; the device size is a multiple of the
+			// sector size, so reading whole chunks stays inside it except at the end.
+			got, err := src.f.ReadAt(buf[:alignUp(length, 4096)], off)
+			if err != nil && err != io.EOF || int64(got) < length {
+				if err == nil || err == io.EOF {
+					err = io.ErrUnexpectedEOF
+				}
+				fail(fmt.Errorf("read %s at %d: %w", src.Path, off, err))
+				pool <- buf
+				break read
+			}
+			atomic.AddInt64(&st.BytesRead, length)
+			select {
+			case jobs <- job{buf: buf, first: first, n: n}:
+			case <-ctx.Done():
+				pool <- buf
+				break read
+			}
+		}
+	}
+	close(jobs)
+	wg.Wait()
+	if firstErr == nil && ctx.Err() != nil {
+		firstErr = ctx.Err()
+	}
+	return st, firstErr
+}
+
+func alignUp(n, a int64) int64 { return (n + a - 1) / a * a }
+
+// alignedBuffer returns page-aligned memory, as O_DIRECT requires.
+func alignedBuffer(size int) ([]byte, error) {
+	b, err := unix.Mmap(-1, 0, int(alignUp(int64(size), 4096)), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+	if err != nil {
+		return nil, fmt.Errorf("allocate read buffer: %w", err)
+	}
+	return b, nil
+}

@@ -1,0 +1,83 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/dustin/go-humanize"
+	"golang.org/x/term"
+)
+
+// progress shows bytes, rate and ETA on a terminal, at most a few times a second, and
+// nothing at all when stderr is not a terminal (logs, pipes, systemd).
+type progress struct {
+	w     io.Writer
+	label string
+	total int64
+	start time.Time
+
+	mu    sync.Mutex
+	n     int64
+	last  time.Time
+	shown bool
+}
+
+func newProgress(w io.Writer, label string, total int64) *progress {
+	p := &progress{label: label, total: total, start: time.Now()}
+	if f, ok := w.(*os.File); ok && term.IsTerminal(int(f.Fd())) {
+		p.w = w
+	}
+	return p
+}
+
+func (p *progress) add(n int64) {
+	if p == nil || p.w == nil {
+		return
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.n += n
+	p.show(false)
+}
+
+func (p *progress) set(n int64) {
+	if p == nil || p.w == nil {
+		return
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.n = n
+	p.show(false)
+}
+
+func (p *progress) show(final bool) {
+	now := time.Now()
+	if !final && now.Sub(p.last) < 200*time.Millisecond {
+		return
+	}
+	p.last = now
+	el := now.Sub(p.start).Seconds()
+	rate := float64(p.n) / max(el, 0.001)
+	eta := "?"
+	if rate > 0 && p.total > p.n {
+		eta = time.Duration(float64(p.total-p.n) / rate * float64(time.Second)).Round(time.Second).String()
+	}
+	fmt.Fprintf(p.w, "\r\033[K%s: %s / %s  %s/s  ETA %s", p.label, humanize.IBytes(uint64(p.n)),
+		humanize.IBytes(uint64(p.total)), humanize.IBytes(uint64(rate)), eta)
+	p.shown = true
+}
+
+// done clears the progress line.
+func (p *progress) done() {
+	if p == nil || p.w == nil {
+		return
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.shown {
+		fmt.Fprint(p.w, "\r\033[K")
+	}
+}

@@ -1,0 +1,132 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/stasis-project/stasis/chain"
+	"github.com/stasis-project/stasis/chain/local"
+)
+
+// DefaultRepo is where stasis keeps snapshots when neither -r nor STASIS_REPO says otherwise.
+const DefaultRepo = "/var/lib/stasis/repo"
+
+type globals struct {
+	repo    string
+	verbose bool
+}
+
+func newRootCmd() *cobra.Command {
+	g := &globals{}
+	root := &cobra.Command{
+		Use:   "stasis",
+		Short: "Incremental, application-consistent snapshots of block devices",
+		Long: `stasis snapshots block devices (or image files) into a repository as incremental
+chains: the first snapshot of a volume is full (empty blocks are not stored), later
+ones store only chunks that changed. Any snapshot can be deleted while every other
+stays restorable; gc reclaims the space.
+
+The repository is -r DIR, else $STASIS_REPO, else ` + DefaultRepo + `.`,
+		Version:       version,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.PersistentFlags().StringVarP(&g.repo, "repo", "r", "", "repository directory (default $STASIS_REPO or "+DefaultRepo+")")
+	root.PersistentFlags().BoolVarP(&g.verbose, "verbose", "v", false, "log details to stderr")
+	root.AddCommand(
+		newInitCmd(g), newSnapshotCmd(g), newListCmd(g), newDeleteCmd(g), newGCCmd(g),
+		newVerifyCmd(g), newStatsCmd(g), newExportCmd(g), newRestoreCmd(g),
+	)
+	return root
+}
+
+func (g *globals) repoPath() string {
+	if g.repo != "" {
+		return g.repo
+	}
+	if env := os.Getenv("STASIS_REPO"); env != "" {
+		return env
+	}
+	return DefaultRepo
+}
+
+func (g *globals) logger() *slog.Logger {
+	level := slog.LevelWarn
+	if g.verbose {
+		level = slog.LevelDebug
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+}
+
+// openRepo opens the repository for reading.
+func (g *globals) openRepo(ctx context.Context) (*chain.Repository, error) {
+	path := g.repoPath()
+	be, err := local.Open(path)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("repository %s does not exist; create it with `stasis init -r %s`", path, path)
+		}
+		return nil, err
+	}
+	return chain.Open(ctx, be, g.logger())
+}
+
+// lockRepo opens the repository and takes the writer lock, naming this command as holder.
+func (g *globals) lockRepo(ctx context.Context) (*chain.Repository, func(), error) {
+	r, err := g.openRepo(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	host, _ := os.Hostname()
+	holder := fmt.Sprintf("pid %d (stasis %s) on %s since %s", os.Getpid(),
+		strings.Join(os.Args[1:], " "), host, time.Now().UTC().Format(time.RFC3339))
+	unlock, err := r.Lock(ctx, holder)
+	if err != nil {
+		r.Backend().Close()
+		return nil, nil, err
+	}
+	return r, func() { unlock(); r.Backend().Close() }, nil
+}
+
+func newInitCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "init",
+		Short: "Create a repository",
+		Long:  "Create an empty repository in a new or empty directory (-r, $STASIS_REPO or " + DefaultRepo + ").",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			path := g.repoPath()
+			if entries, err := os.ReadDir(path); err == nil && len(entries) > 0 {
+				if _, err := os.Stat(filepath.Join(path, "config")); err == nil {
+					return fmt.Errorf("%s is already a repository: %w", path, chain.ErrExists)
+				}
+				return fmt.Errorf("%s is not empty and is not a stasis repository: choose an empty or new directory", path)
+			}
+			be, err := local.Create(path)
+			if err != nil {
+				return err
+			}
+			defer be.Close()
+			if err := chain.Init(cmd.Context(), be); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "created repository %s\n", path)
+			return nil
+		},
+	}
+}
+
+func printJSON(cmd *cobra.Command, v any) error {
+	enc := json.NewEncoder(cmd.OutOrStdout())
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
