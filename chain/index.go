@@ -152,7 +152,6 @@ func (x *blobIndex) has(id ID) bool {
 	return ok
 }
 
-
 func (x *blobIndex) hasPack(id ID) bool {
 	x.mu.RLock()
 	defer x.mu.RUnlock()

@@ -1,0 +1,196 @@
+// Package e2e drives the real stasis binary against real files, loop devices and
+// filesystems, as a user would.
+package e2e
+
+import (
+	"encoding/json"
+	"math/rand"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/stasis-project/stasis/test/testenv"
+)
+
+type listed struct {
+	ID          string  `json:"id"`
+	Volume      string  `json:"volume"`
+	Name        string  `json:"name"`
+	Created     string  `json:"created"`
+	Kind        string  `json:"kind"`
+	Consistency string  `json:"consistency"`
+	SizeBytes   int64   `json:"size_bytes"`
+	NewBytes    int64   `json:"new_bytes"`
+	Parent      *string `json:"parent"`
+}
+
+func list(t *testing.T, repo string) []listed {
+	t.Helper()
+	var out []listed
+	if err := json.Unmarshal([]byte(testenv.MustStasis(t, "list", "-r", repo, "--json")), &out); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+func newRepo(t *testing.T) string {
+	t.Helper()
+	repo := filepath.Join(t.TempDir(), "repo")
+	testenv.MustStasis(t, "init", "-r", repo)
+	return repo
+}
+
+// exportHash exports a snapshot and returns the image's hash.
+func exportHash(t *testing.T, repo, ref string) string {
+	t.Helper()
+	out := filepath.Join(t.TempDir(), "export.img")
+	testenv.MustStasis(t, "export", "-r", repo, ref, out)
+	defer os.Remove(out)
+	return testenv.HashFile(t, out, 0)
+}
+
+// TestBitExactAcrossDeletes: every snapshot of a randomly changing source exports exactly
+// the source as it was, also after deleting the first, a middle and the last snapshot.
+func TestBitExactAcrossDeletes(t *testing.T) {
+	for _, kind := range []string{"file", "device"} {
+		t.Run(kind, func(t *testing.T) {
+			rng := rand.New(rand.NewSource(42))
+			const size = 48<<20 + 4096*3 // not a multiple of the chunk size
+			var src string
+			if kind == "device" {
+				src, _ = testenv.LoopDevice(t, size)
+			} else {
+				src = filepath.Join(t.TempDir(), "src.img")
+			}
+			f, err := os.OpenFile(src, os.O_RDWR|os.O_CREATE, 0o600)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer f.Close()
+			testenv.FillMixed(t, rng, f, size)
+			repo := newRepo(t)
+			want := map[string]string{}
+			for i := 0; i < 6; i++ {
+				if i > 0 {
+					testenv.Scribble(t, rng, f, size, 30)
+				}
+				f.Sync()
+				name := "s" + string(rune('0'+i))
+				testenv.MustStasis(t, "snapshot", "-r", repo, "--source", src, "--volume", "vol", "--name", name)
+				want[name] = testenv.HashFile(t, src, 0)
+			}
+			snaps := list(t, repo)
+			if len(snaps) != 6 || snaps[0].Parent != nil || snaps[1].Parent == nil || *snaps[1].Parent != snaps[0].ID {
+				t.Fatalf("chain shape wrong: %+v", snaps)
+			}
+			for _, s := range snaps {
+				if s.Kind != "manual" || s.Consistency != "crash" || s.SizeBytes != size {
+					t.Fatalf("listed fields: %+v", s)
+				}
+				if s.Name != "s0" && s.NewBytes > 2<<20 {
+					t.Errorf("%s added %d bytes for 30 small writes", s.Name, s.NewBytes)
+				}
+			}
+			check := func(when string) {
+				for _, s := range list(t, repo) {
+					if got := exportHash(t, repo, "vol/"+s.Name); got != want[s.Name] {
+						t.Fatalf("%s: export of %s differs from the source as it was", when, s.Name)
+					}
+				}
+				testenv.MustStasis(t, "verify", "-r", repo, "--read-data")
+			}
+			check("before deletes")
+			for _, victim := range []string{"s0", "s3", "s5"} { // first, middle, last
+				testenv.MustStasis(t, "delete", "-r", repo, "vol/"+victim)
+				testenv.MustStasis(t, "gc", "-r", repo)
+				delete(want, victim)
+				check("after deleting " + victim)
+			}
+			if n := len(list(t, repo)); n != 3 {
+				t.Fatalf("%d snapshots left, want 3", n)
+			}
+		})
+	}
+}
+
+// TestRestoreWritesOnlyDifferingChunks rolls a device back and counts the chunks written.
+func TestRestoreWritesOnlyDifferingChunks(t *testing.T) {
+	rng := rand.New(rand.NewSource(7))
+	const size = 32 << 20
+	dev, _ := testenv.LoopDevice(t, size)
+	f, err := os.OpenFile(dev, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	testenv.FillMixed(t, rng, f, size)
+	f.Sync()
+	repo := newRepo(t)
+	testenv.MustStasis(t, "snapshot", "-r", repo, "--source", dev, "--volume", "d", "--name", "good")
+	good := testenv.HashFile(t, dev, 0)
+	// Change 5 distinct 64 KiB chunks.
+	for _, chunk := range []int64{3, 50, 51, 200, 511} {
+		buf := make([]byte, 100)
+		rng.Read(buf)
+		f.WriteAt(buf, chunk*65536+1000)
+	}
+	f.Sync()
+	var res struct {
+		Chunks        int64 `json:"chunks"`
+		ChunksWritten int64 `json:"chunks_written"`
+	}
+	out := testenv.MustStasis(t, "restore", "-r", repo, "d/good", "--to", dev, "--json")
+	if err := json.Unmarshal([]byte(out), &res); err != nil {
+		t.Fatal(err)
+	}
+	if res.ChunksWritten != 5 || res.Chunks != size/65536 {
+		t.Fatalf("restore wrote %d of %d chunks, want 5 of %d", res.ChunksWritten, res.Chunks, size/65536)
+	}
+	if testenv.HashFile(t, dev, 0) != good {
+		t.Fatal("device differs from the snapshot after restore")
+	}
+	// A second restore has nothing to do.
+	out = testenv.MustStasis(t, "restore", "-r", repo, "d/good", "--to", dev, "--json")
+	json.Unmarshal([]byte(out), &res)
+	if res.ChunksWritten != 0 {
+		t.Fatalf("restore onto an identical device wrote %d chunks", res.ChunksWritten)
+	}
+}
+
+// TestRestoreRefusesMountedDevice: rolling back a mounted filesystem would corrupt it.
+func TestRestoreRefusesMountedDevice(t *testing.T) {
+	dev, _ := testenv.LoopDevice(t, 64<<20)
+	testenv.Mkfs(t, "ext4", dev)
+	repo := newRepo(t)
+	testenv.MustStasis(t, "snapshot", "-r", repo, "--source", dev, "--volume", "d", "--name", "a")
+	mnt := testenv.Mount(t, dev)
+	os.WriteFile(filepath.Join(mnt, "new"), []byte("x"), 0o600)
+	r := testenv.Stasis(t, "restore", "-r", repo, "d/a", "--to", dev)
+	if r.Code == 0 || !strings.Contains(r.Stderr, "mounted or held open") {
+		t.Fatalf("restore onto a mounted device: exit %d, %s", r.Code, r.Stderr)
+	}
+}
+
+// TestRestoreOntoFile covers both a new file (created like export) and an existing one.
+func TestRestoreOntoFile(t *testing.T) {
+	rng := rand.New(rand.NewSource(8))
+	dir := t.TempDir()
+	src := filepath.Join(dir, "src.img")
+	f, _ := os.Create(src)
+	defer f.Close()
+	testenv.FillMixed(t, rng, f, 8<<20)
+	repo := newRepo(t)
+	testenv.MustStasis(t, "snapshot", "-r", repo, "--source", src, "--volume", "f", "--name", "a")
+	want := testenv.HashFile(t, src, 0)
+	target := filepath.Join(dir, "new.img")
+	testenv.MustStasis(t, "restore", "-r", repo, "f/a", "--to", target)
+	if testenv.HashFile(t, target, 0) != want {
+		t.Fatal("restore to a new file differs")
+	}
+	testenv.Scribble(t, rng, f, 8<<20, 3)
+	testenv.MustStasis(t, "restore", "-r", repo, "f/a", "--to", src)
+	if testenv.HashFile(t, src, 0) != want {
+		t.Fatal("restore onto the changed file differs")
+	}
+}

@@ -1,0 +1,221 @@
+// Package testenv gives integration tests the real things they drive: the stasis binary,
+// loop devices, filesystems and mounts. Everything it creates is removed by t.Cleanup.
+// Tests that need root skip with a clear reason when not run as root; CI runs as root.
+package testenv
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// RequireRoot skips the test unless it runs as root.
+func RequireRoot(t testing.TB) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root (loop devices, mounts, freezing); CI runs it as root")
+	}
+}
+
+// RequireTool skips the test if a command is missing.
+func RequireTool(t testing.TB, name string) {
+	t.Helper()
+	if _, err := exec.LookPath(name); err != nil {
+		t.Skipf("needs %s (installed by .ci/run): %v", name, err)
+	}
+}
+
+var (
+	buildOnce sync.Once
+	binPath   string
+	buildErr  error
+)
+
+// Binary builds cmd/stasis once per test process and returns its path.
+func Binary(t testing.TB) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		_, file, _, _ := runtime.Caller(0)
+		root := filepath.Join(filepath.Dir(file), "..", "..")
+		dir, err := os.MkdirTemp("", "stasis-bin-")
+		if err != nil {
+			buildErr = err
+			return
+		}
+		binPath = filepath.Join(dir, "stasis")
+		cmd := exec.Command("go", "build", "-o", binPath, "./cmd/stasis")
+		cmd.Dir = root
+		if out, err := cmd.CombinedOutput(); err != nil {
+			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return binPath
+}
+
+// Result is a finished command.
+type Result struct {
+	Stdout, Stderr string
+	Code           int
+	MaxRSSKiB      int64
+}
+
+// Stasis runs the binary with args and returns what it printed and its exit status.
+func Stasis(t testing.TB, args ...string) Result {
+	t.Helper()
+	cmd := exec.Command(Binary(t), args...)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	res := Result{Stdout: out.String(), Stderr: errb.String()}
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		res.Code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatalf("run stasis %v: %v", args, err)
+	}
+	if ru, ok := cmd.ProcessState.SysUsage().(*syscall.Rusage); ok {
+		res.MaxRSSKiB = ru.Maxrss
+	}
+	return res
+}
+
+// MustStasis runs the binary and fails the test on a non-zero exit.
+func MustStasis(t testing.TB, args ...string) string {
+	t.Helper()
+	r := Stasis(t, args...)
+	if r.Code != 0 {
+		t.Fatalf("stasis %s: exit %d\nstdout: %s\nstderr: %s", strings.Join(args, " "), r.Code, r.Stdout, r.Stderr)
+	}
+	return r.Stdout
+}
+
+// Run runs a command and fails the test if it fails.
+func Run(t testing.TB, name string, args ...string) string {
+	t.Helper()
+	out, err := exec.Command(name, args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+// LoopDevice attaches a new sparse image of size bytes to a loop device.
+func LoopDevice(t testing.TB, size int64) (dev, img string) {
+	t.Helper()
+	RequireRoot(t)
+	img = filepath.Join(t.TempDir(), "disk.img")
+	f, err := os.Create(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Truncate(size); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	dev = strings.TrimSpace(Run(t, "losetup", "-f", "--show", img))
+	t.Cleanup(func() {
+		for i := 0; i < 50; i++ { // the kernel may hold it briefly after an unmount
+			if exec.Command("losetup", "-d", dev).Run() == nil {
+				return
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		t.Errorf("could not detach %s", dev)
+	})
+	return dev, img
+}
+
+// Mkfs makes a filesystem (ext4 or xfs) on dev.
+func Mkfs(t testing.TB, fstype, dev string) {
+	t.Helper()
+	switch fstype {
+	case "ext4":
+		Run(t, "mkfs.ext4", "-q", "-F", dev)
+	case "xfs":
+		RequireTool(t, "mkfs.xfs")
+		Run(t, "mkfs.xfs", "-q", "-f", dev)
+	default:
+		t.Fatalf("unknown filesystem %s", fstype)
+	}
+}
+
+// Mount mounts dev on a new directory and unmounts it at cleanup.
+func Mount(t testing.TB, dev string, opts ...string) string {
+	t.Helper()
+	dir := t.TempDir()
+	args := append(append([]string{}, opts...), dev, dir)
+	Run(t, "mount", args...)
+	t.Cleanup(func() {
+		for i := 0; i < 50; i++ {
+			if exec.Command("umount", dir).Run() == nil {
+				return
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		t.Errorf("could not unmount %s", dir)
+	})
+	return dir
+}
+
+// HashFile returns the SHA-256 of a file or device (first size bytes if size > 0).
+func HashFile(t testing.TB, path string, size int64) string {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	h := sha256.New()
+	var r io.Reader = f
+	if size > 0 {
+		r = io.LimitReader(f, size)
+	}
+	if _, err := io.CopyBuffer(h, r, make([]byte, 1<<20)); err != nil {
+		t.Fatal(err)
+	}
+	return hex.EncodeToString(h.Sum(nil))
+}
+
+// TreeDigest summarises every file under dir (names, sizes, contents), to show that a
+// failed command left a repository unchanged.
+func TreeDigest(t testing.TB, dir string) string {
+	t.Helper()
+	h := sha256.New()
+	err := filepath.Walk(dir, func(p string, info os.FileInfo, err error) error {
+		if err != nil {
+			return err
+		}
+		rel, _ := filepath.Rel(dir, p)
+		if rel == "lock" { // the lock file's holder line is rewritten by every writer
+			return nil
+		}
+		fmt.Fprintf(h, "%s %v %d\n", rel, info.Mode(), info.Size())
+		if info.Mode().IsRegular() {
+			b, err := os.ReadFile(p)
+			if err != nil {
+				return err
+			}
+			h.Write(b)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return hex.EncodeToString(h.Sum(nil))
+}
