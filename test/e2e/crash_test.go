@@ -1,0 +1,184 @@
+package e2e
+
+import (
+	"bytes"
+	"fmt"
+	"math/rand"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stasis-project/stasis/test/testenv"
+)
+
+// TestKill9AnyMoment kills snapshot, delete and gc with SIGKILL at random moments. After
+// every kill the repository must verify with --read-data, and every committed snapshot must
+// export bit-exact.
+func TestKill9AnyMoment(t *testing.T) {
+	rounds := 50
+	if testing.Short() {
+		rounds = 10
+	}
+	rng := rand.New(rand.NewSource(time.Now().UnixNano()))
+	seed := rng.Int63()
+	rng = rand.New(rand.NewSource(seed))
+	t.Logf("seed %d", seed)
+	dir := t.TempDir()
+	src := filepath.Join(dir, "src.img")
+	const size = 40 << 20
+	f, err := os.Create(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	testenv.FillMixed(t, rng, f, size)
+	repo := newRepo(t)
+	want := map[string]string{} // snapshot name → hash of the source when it was attempted
+	killed, completed := 0, 0
+	for round := 0; round < rounds; round++ {
+		var args []string
+		snaps := list(t, repo)
+		switch op := rng.Intn(10); {
+		case op < 6 || len(snaps) == 0:
+			testenv.Scribble(t, rng, f, size, 1+rng.Intn(200))
+			if rng.Intn(4) == 0 { // sometimes lots of new data, so packs get saved mid-snapshot
+				buf := make([]byte, 8<<20)
+				rng.Read(buf)
+				f.WriteAt(buf, rng.Int63n(size-int64(len(buf))))
+			}
+			name := fmt.Sprintf("r%d", round)
+			want[name] = testenv.HashFile(t, src, 0)
+			args = []string{"snapshot", "-r", repo, "--source", src, "--volume", "v", "--name", name}
+		case op < 8:
+			args = []string{"delete", "-r", repo, "v/" + snaps[rng.Intn(len(snaps))].Name}
+		default:
+			args = []string{"gc", "-r", repo}
+		}
+		cmd := exec.Command(testenv.Binary(t), args...)
+		var stderr bytes.Buffer
+		cmd.Stderr = &stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		// Delays spread over about 1.5 times each operation's usual duration, so some
+		// complete and the rest die at every stage.
+		limit := 60
+		if args[0] == "snapshot" {
+			limit = 700
+		}
+		delay := time.Duration(rng.Intn(limit)) * time.Millisecond
+		done := make(chan error, 1)
+		go func() { done <- cmd.Wait() }()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatalf("round %d: %v failed on its own: %v\n%s", round, args, err, stderr.String())
+			}
+			completed++
+		case <-time.After(delay):
+			cmd.Process.Signal(syscall.SIGKILL)
+			<-done
+			killed++
+		}
+		if r := testenv.Stasis(t, "verify", "-r", repo, "--read-data"); r.Code != 0 {
+			t.Fatalf("round %d: after killing %v: verify failed:\n%s%s", round, args, r.Stdout, r.Stderr)
+		}
+		if round%10 == 9 || round == rounds-1 {
+			for _, s := range list(t, repo) {
+				if got := exportHash(t, repo, "v/"+s.Name); got != want[s.Name] {
+					t.Fatalf("round %d: committed snapshot %s does not export bit-exact", round, s.Name)
+				}
+			}
+		}
+		// Keep the repository small so the test stays fast.
+		if snaps := list(t, repo); len(snaps) > 6 {
+			testenv.MustStasis(t, "delete", "-r", repo, "v/"+snaps[0].Name)
+		}
+	}
+	t.Logf("%d of %d operations killed mid-way, %d completed", killed, rounds, completed)
+	if killed < rounds/5 || completed < rounds/5 {
+		t.Fatalf("the kill timing is off: %d killed, %d completed of %d", killed, completed, rounds)
+	}
+	// The kernel released every lock; the repository is writable and collectable.
+	testenv.MustStasis(t, "gc", "-r", repo)
+	testenv.MustStasis(t, "verify", "-r", repo, "--read-data")
+	if entries, _ := os.ReadDir(filepath.Join(repo, "tmp")); len(entries) != 0 {
+		t.Errorf("temporary files left after a clean gc: %d", len(entries))
+	}
+}
+
+// TestCorruptPack flips bytes in a pack: verify names the damaged snapshot (and only it),
+// export and restore of it fail loudly and leave no wrong data behind.
+func TestCorruptPack(t *testing.T) {
+	rng := rand.New(rand.NewSource(9))
+	dir := t.TempDir()
+	repo := newRepo(t)
+	packsBefore := map[string]bool{}
+	for _, vol := range []string{"good", "bad"} {
+		src := filepath.Join(dir, vol+".img")
+		f, _ := os.Create(src)
+		testenv.FillMixed(t, rng, f, 8<<20)
+		f.Close()
+		for _, p := range packFiles(t, repo) {
+			packsBefore[p] = true
+		}
+		testenv.MustStasis(t, "snapshot", "-r", repo, "--source", src, "--volume", vol, "--name", "s")
+	}
+	var badPack string
+	for _, p := range packFiles(t, repo) {
+		if !packsBefore[p] {
+			badPack = p
+		}
+	}
+	pf, err := os.OpenFile(badPack, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, _ := pf.Stat()
+	for _, off := range []int64{100, st.Size() / 2} {
+		b := make([]byte, 1)
+		pf.ReadAt(b, off)
+		b[0] ^= 0x5a
+		pf.WriteAt(b, off)
+	}
+	pf.Close()
+
+	r := testenv.Stasis(t, "verify", "-r", repo, "--read-data")
+	if r.Code != 3 || !strings.Contains(r.Stdout, "snapshot bad/s") || strings.Contains(r.Stdout, "snapshot good/s") {
+		t.Fatalf("verify --read-data: exit %d\n%s%s", r.Code, r.Stdout, r.Stderr)
+	}
+	out := filepath.Join(dir, "export.img")
+	r = testenv.Stasis(t, "export", "-r", repo, "bad/s", out)
+	if r.Code == 0 || !strings.Contains(r.Stderr, "corrupt") {
+		t.Fatalf("export of a damaged snapshot: exit %d: %s", r.Code, r.Stderr)
+	}
+	if entries, _ := os.ReadDir(dir); len(entries) != 2 {
+		t.Fatalf("export left files behind: %v", entries)
+	}
+	target := filepath.Join(dir, "good.img") // an existing file: restore must not write wrong bytes into it
+	before := testenv.HashFile(t, target, 0)
+	r = testenv.Stasis(t, "restore", "-r", repo, "bad/s", "--to", filepath.Join(dir, "new.img"))
+	if r.Code == 0 || !strings.Contains(r.Stderr, "corrupt") {
+		t.Fatalf("restore of a damaged snapshot: exit %d: %s", r.Code, r.Stderr)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "new.img")); err == nil {
+		t.Fatal("a failed restore to a new file left the file behind")
+	}
+	if testenv.HashFile(t, target, 0) != before {
+		t.Fatal("an unrelated file changed")
+	}
+	testenv.MustStasis(t, "export", "-r", repo, "good/s", out)
+	if testenv.HashFile(t, out, 0) != before {
+		t.Fatal("the intact snapshot does not export bit-exact")
+	}
+}
+
+func packFiles(t *testing.T, repo string) []string {
+	t.Helper()
+	m, _ := filepath.Glob(filepath.Join(repo, "packs", "*", "*"))
+	return m
+}
