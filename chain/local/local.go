@@ -237,6 +237,12 @@ func (b *Backend) Remove(ctx context.Context, h chain.Handle) error {
 		}
 		return err
 	}
+	if h.Type == chain.PackFile {
+		// Drop an emptied fan-out directory; fails harmlessly while it holds other packs.
+		if os.Remove(filepath.Dir(p)) == nil {
+			return syncDir(filepath.Join(b.dir, string(chain.PackFile)))
+		}
+	}
 	return syncDir(filepath.Dir(p))
 }
 
