@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs what building, testing and the demo need on Debian/Ubuntu: system tools from
+# Debian's packages, Go modules from the module proxy. Safe to run again.
+set -euo pipefail
+need=(e2fsprogs xfsprogs util-linux fuse3 kmod)
+[ "${1:-}" = "--bench" ] && need+=(restic borgbackup)
+missing=()
+for p in "${need[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "install-deps: missing Debian packages: ${missing[*]}; run as root (sudo)" >&2
+    exit 1
+  fi
+  echo "install-deps: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+if ! command -v go >/dev/null; then
+  [ -x /usr/local/go/bin/go ] && export PATH=$PATH:/usr/local/go/bin
+fi
+if ! command -v go >/dev/null; then
+  echo "install-deps: Go is not installed. Install Go 1.24 or newer (https://go.dev/doc/install) and run this again." >&2
+  exit 1
+fi
+go mod download

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: lint, unit and end-to-end tests (real loop devices,
+# filesystems and the real binary; they need root), and a short run of every fuzz target.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH=$PATH:/usr/local/go/bin:$(go env GOPATH 2>/dev/null || echo /root/go)/bin
+packaging/scripts/install-deps.sh
+
+echo "== gofmt, go vet, staticcheck"
+bad=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))
+if [ -n "$bad" ]; then echo "gofmt would change: $bad" >&2; exit 1; fi
+go vet ./...
+go run honnef.co/go/tools/cmd/staticcheck@v0.8.2 ./...
+
+echo "== tests"
+go test -count=1 -timeout 12m ./...
+
+echo "== fuzz (briefly; seeds already ran above)"
+fuzztime=${FUZZTIME:-5s}
+for pkg in $(go list ./...); do
+  for target in $(go test -list '^Fuzz' "$pkg" | grep '^Fuzz' || true); do
+    echo "-- $pkg $target"
+    go test -run '^$' -fuzz "^${target}\$" -fuzztime "$fuzztime" "$pkg" | tail -1
+  done
+done
+echo "all tests passed"
