@@ -10,9 +10,9 @@ import (
 // never panic or allocate without bound, and what they accept must re-encode identically.
 
 func seedPack() []byte {
-	p := newPackBuilder(1 << 16)
+	p := newPackBuilder()
 	raw := bytes.Repeat([]byte("chunk data "), 500)
-	stored, z := compressBlob(raw)
+	stored, z := compressBlob(raw, nil)
 	p.add(DataBlob, Hash(raw), stored, z, len(raw))
 	page := encodePage(0, []ID{Hash(raw), {}, Hash([]byte("x"))})
 	p.add(TreeBlob, Hash(page), page, false, len(page))

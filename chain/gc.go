@@ -119,7 +119,7 @@ func (r *Repository) GC(ctx context.Context) (GCStats, error) {
 
 	// Copy live blobs out of mostly-dead packs, checking each against its hash on the way.
 	var newPacks []indexedPack
-	pb := newPackBuilder(PackSize + MaxChunkSize)
+	pb := newPackBuilder()
 	flush := func() error {
 		if len(pb.entries) == 0 {
 			return nil
@@ -129,8 +129,9 @@ func (r *Repository) GC(ctx context.Context) (GCStats, error) {
 			return fmt.Errorf("gc: save pack: %w", err)
 		}
 		newPacks = append(newPacks, indexedPack{ID: id, Size: int64(len(data)), Entries: pb.entries})
+		releasePackBuffer(data)
 		st.PacksWritten++
-		pb = newPackBuilder(PackSize + MaxChunkSize)
+		pb = newPackBuilder()
 		return nil
 	}
 	copied := map[ID]bool{}

@@ -150,7 +150,7 @@ func (r *Repository) NewSnapshot(ctx context.Context, opts SnapshotOptions) (*Sn
 		return nil, fmt.Errorf("volume %s has no snapshot to build an incremental on: take a full scan", opts.Volume)
 	}
 	w.tree = newTreeBuilder(w, w.snap.Chunks(), base)
-	w.pack = newPackBuilder(PackSize + MaxChunkSize)
+	w.pack = newPackBuilder()
 	w.saved.Add(1)
 	go w.saver(ctx)
 	return w, nil
@@ -200,7 +200,9 @@ func (w *SnapshotWriter) Put(ctx context.Context, i int64, data []byte) error {
 	if !zero {
 		id = Hash(data)
 		if !w.known(id) {
-			stored, zstd = compressBlob(data)
+			buf := compressBuffers.Get().(*[]byte)
+			defer compressBuffers.Put(buf)
+			stored, zstd = compressBlob(data, *buf)
 		}
 	}
 	w.mu.Lock()
@@ -285,7 +287,7 @@ func (w *SnapshotWriter) closePack() {
 	w.packs = append(w.packs, p)
 	w.ready = append(w.ready, p)
 	w.stats.PackBytes += p.size
-	w.pack = newPackBuilder(PackSize + MaxChunkSize)
+	w.pack = newPackBuilder()
 }
 
 // saver writes closed packs in the background so hashing and compressing go on meanwhile.
@@ -299,6 +301,7 @@ func (w *SnapshotWriter) saver(ctx context.Context) {
 		}
 		p.saved = err == nil
 		if p.saved {
+			releasePackBuffer(p.data)
 			p.data = nil
 		}
 		w.mu.Unlock()
@@ -353,7 +356,7 @@ func (w *SnapshotWriter) storePage(ctx context.Context, level int, entries []ID)
 	if w.knownLocked(id) {
 		return id, nil
 	}
-	stored, zstd := compressBlob(raw)
+	stored, zstd := compressBlob(raw, nil)
 	w.stats.TreeBytes += int64(len(stored))
 	w.addBlob(TreeBlob, id, stored, zstd, len(raw))
 	return id, nil

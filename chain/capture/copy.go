@@ -59,7 +59,7 @@ type ChunkRun struct{ Start, End int64 }
 func Copy(ctx context.Context, src *Source, w ChunkWriter, runs []ChunkRun) (Stats, error) {
 	cs := int64(w.ChunkSize())
 	perRead := max(1, readSize/cs)
-	workers := runtime.GOMAXPROCS(0)
+	workers := 2 * runtime.GOMAXPROCS(0)
 
 	type job struct {
 		buf   []byte
