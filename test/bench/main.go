@@ -80,7 +80,9 @@ func main() {
 	if haveRestic {
 		os.Setenv("RESTIC_PASSWORD", "bench")
 		run("restic", "init", "-q", "-r", resticRepo)
-		resticFull = timeIt(func() { shell(fmt.Sprintf("restic backup -q -r %s --stdin --stdin-filename vol < %s", resticRepo, v.dev)) })
+		resticFull = timeIt(func() {
+			shell(fmt.Sprintf("restic backup -q -r %s --stdin --stdin-filename vol < %s", resticRepo, v.dev))
+		})
 		add("restic backup --stdin, full", resticFull, fmt.Sprintf("stasis is %.1f× faster; repository %s (stasis %s)", ratio(resticFull, stasisFull), mb(du(resticRepo)), mb(du(repo))))
 	}
 	borgRepo := filepath.Join(dir, "borg-repo")
@@ -98,7 +100,9 @@ func main() {
 	t = timeIt(func() { inc = snapshot(repo, v.dev, "after-20MiB") })
 	add("stasis second snapshot after 20 MiB changed", t, fmt.Sprintf("%.2f× dd; tracking %s, read %s, added %s", ratio(t, dd), inc.Tracking, mb(inc.BytesRead), mb(inc.NewBytes)))
 	if haveRestic {
-		rt := timeIt(func() { shell(fmt.Sprintf("restic backup -q -r %s --stdin --stdin-filename vol < %s", resticRepo, v.dev)) })
+		rt := timeIt(func() {
+			shell(fmt.Sprintf("restic backup -q -r %s --stdin --stdin-filename vol < %s", resticRepo, v.dev))
+		})
 		add("restic after 20 MiB changed", rt, fmt.Sprintf("stasis is %.1f× faster", ratio(rt, t)))
 	}
 	if haveBorg {
