@@ -60,8 +60,9 @@ type SnapshotWriter struct {
 	err     error // first save error; every later call fails with it
 	done    bool
 
-	saves chan *sessionPack
-	saved sync.WaitGroup
+	saves    chan *sessionPack
+	saved    sync.WaitGroup
+	inflight sync.WaitGroup // packs handed to the saver and not yet saved
 }
 
 type sessionBlob struct {
@@ -235,13 +236,31 @@ func (w *SnapshotWriter) put(ctx context.Context, i int64, id ID, zero bool, sto
 // about three packs. w.mu must not be held.
 func (w *SnapshotWriter) send(ctx context.Context, ready []*sessionPack) error {
 	for _, p := range ready {
+		w.inflight.Add(1)
 		select {
 		case w.saves <- p:
 		case <-ctx.Done():
+			w.inflight.Done()
 			return ctx.Err()
 		}
 	}
 	return nil
+}
+
+// WaitSaved returns once every pack closed so far is saved: after it, and until the next
+// Put, the writer does no I/O. Capture calls it before freezing filesystems, one of which
+// may hold the repository.
+func (w *SnapshotWriter) WaitSaved(ctx context.Context) error {
+	done := make(chan struct{})
+	go func() { w.inflight.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.err
 }
 
 func (w *SnapshotWriter) usable() error {
@@ -305,6 +324,7 @@ func (w *SnapshotWriter) saver(ctx context.Context) {
 			p.data = nil
 		}
 		w.mu.Unlock()
+		w.inflight.Done()
 	}
 }
 

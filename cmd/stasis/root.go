@@ -23,6 +23,8 @@ const DefaultRepo = "/var/lib/stasis/repo"
 type globals struct {
 	repo    string
 	verbose bool
+	logHold *holdHandler
+	log     *slog.Logger
 }
 
 func newRootCmd() *cobra.Command {
@@ -45,6 +47,7 @@ The repository is -r DIR, else $STASIS_REPO, else ` + DefaultRepo + `.`,
 	root.AddCommand(
 		newInitCmd(g), newSnapshotCmd(g), newListCmd(g), newDeleteCmd(g), newGCCmd(g),
 		newVerifyCmd(g), newStatsCmd(g), newExportCmd(g), newRestoreCmd(g),
+		newThawCmd(), newFreezeGuardCmd(),
 	)
 	return root
 }
@@ -59,12 +62,17 @@ func (g *globals) repoPath() string {
 	return DefaultRepo
 }
 
+// logger logs to stderr through a handler that can hold records while filesystems are frozen.
 func (g *globals) logger() *slog.Logger {
-	level := slog.LevelWarn
-	if g.verbose {
-		level = slog.LevelDebug
+	if g.log == nil {
+		level := slog.LevelWarn
+		if g.verbose {
+			level = slog.LevelDebug
+		}
+		g.logHold = newHoldHandler(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+		g.log = slog.New(g.logHold)
 	}
-	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	return g.log
 }
 
 // openRepo opens the repository for reading.
