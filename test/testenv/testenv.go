@@ -162,8 +162,8 @@ func Mount(t testing.TB, dev string, opts ...string) string {
 	Run(t, "mount", args...)
 	t.Cleanup(func() {
 		for i := 0; i < 50; i++ {
-			if exec.Command("umount", dir).Run() == nil {
-				return
+			if exec.Command("mountpoint", "-q", dir).Run() != nil || exec.Command("umount", dir).Run() == nil {
+				return // unmounted already by the test, or now
 			}
 			time.Sleep(100 * time.Millisecond)
 		}
@@ -218,4 +218,46 @@ func TreeDigest(t testing.TB, dir string) string {
 		t.Fatal(err)
 	}
 	return hex.EncodeToString(h.Sum(nil))
+}
+
+// StasisEnv runs the binary with extra environment variables.
+func StasisEnv(t testing.TB, env []string, args ...string) Result {
+	t.Helper()
+	cmd := exec.Command(Binary(t), args...)
+	cmd.Env = append(os.Environ(), env...)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	res := Result{Stdout: out.String(), Stderr: errb.String()}
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		res.Code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatalf("run stasis %v: %v", args, err)
+	}
+	return res
+}
+
+// WritableWithin reports whether a file can be created and fsynced in dir within d: a
+// frozen filesystem blocks the write.
+func WritableWithin(dir string, d time.Duration) bool {
+	done := make(chan error, 1)
+	go func() {
+		f, err := os.CreateTemp(dir, "probe-")
+		if err == nil {
+			_, err = f.WriteString("probe")
+			if err == nil {
+				err = f.Sync()
+			}
+			f.Close()
+			os.Remove(f.Name())
+		}
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		return err == nil
+	case <-time.After(d):
+		return false
+	}
 }

@@ -1,0 +1,207 @@
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"math/rand"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stasis-project/stasis/test/testenv"
+)
+
+type snapOut struct {
+	listed
+	Tracking    string  `json:"tracking"`
+	Rounds      int     `json:"rounds"`
+	FreezeMS    float64 `json:"freeze_ms"`
+	BytesRead   int64   `json:"bytes_read"`
+	FinalChunks int     `json:"final_chunks"`
+}
+
+func fsck(t *testing.T, fstype, img string) {
+	t.Helper()
+	var cmd *exec.Cmd
+	if fstype == "ext4" {
+		cmd = exec.Command("e2fsck", "-fn", img)
+	} else {
+		// A frozen XFS keeps committed changes in its log, as after a crash: mounting
+		// replays it (what any mount of the snapshot does), then repair must find nothing.
+		dir := testenv.Mount(t, img, "-o", "loop,nouuid")
+		testenv.Run(t, "umount", dir)
+		cmd = exec.Command("xfs_repair", "-n", "-f", img)
+	}
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("%s reports problems in the exported image: %v\n%s", cmd.Path, err, out)
+	}
+}
+
+// TestPointInTimeExact: with writers running on the mounted filesystem, every snapshot
+// exports exactly the device as it was while frozen (hashed by a hook inside the freeze
+// window), the export passes fsck, and every record fsynced before the snapshot is in it.
+func TestPointInTimeExact(t *testing.T) {
+	for _, fstype := range []string{"ext4", "xfs"} {
+		t.Run(fstype, func(t *testing.T) {
+			dev, _ := testenv.LoopDevice(t, 320<<20)
+			testenv.Mkfs(t, fstype, dev)
+			mnt := testenv.Mount(t, dev)
+			repo := newRepo(t)
+			w := testenv.StartWriters(t, mnt, 3, 1)
+			time.Sleep(300 * time.Millisecond)
+			tmp := t.TempDir()
+			iterations := 4
+			for i := 0; i < iterations; i++ {
+				hashFile := filepath.Join(tmp, fmt.Sprintf("frozen-%d.sha", i))
+				synced := w.Synced()
+				// O_DIRECT: the block device's page cache may hold stale pages (mkfs wrote
+				// through it; the filesystem's writes do not).
+				hook := fmt.Sprintf("dd if=%s iflag=direct bs=4M status=none | sha256sum > %s", dev, hashFile)
+				r := testenv.StasisEnv(t, []string{"STASIS_TEST_FREEZE_HOOK=" + hook},
+					"snapshot", "-r", repo, "--source", mnt, "--volume", fstype, "--name", fmt.Sprint("s", i), "--json", "--max-freeze", "30s")
+				if r.Code != 0 {
+					t.Fatalf("snapshot %d: %s", i, r.Stderr)
+				}
+				var s snapOut
+				if err := json.Unmarshal([]byte(r.Stdout), &s); err != nil {
+					t.Fatal(err)
+				}
+				if s.Consistency != "fs-frozen" || s.Rounds < 2 || s.FreezeMS <= 0 {
+					t.Fatalf("snapshot %d: %+v", i, s)
+				}
+				frozen, err := os.ReadFile(hashFile)
+				if err != nil {
+					t.Fatalf("the freeze hook did not run: %v", err)
+				}
+				img := filepath.Join(tmp, "export.img")
+				testenv.MustStasis(t, "export", "-r", repo, fmt.Sprintf("%s/s%d", fstype, i), img)
+				if got := testenv.HashFile(t, img, 0); got != strings.Fields(string(frozen))[0] {
+					t.Fatalf("snapshot %d (%d rounds, %d chunks in the final one) differs from the device at the freeze instant", i, s.Rounds, s.FinalChunks)
+				}
+				fsck(t, fstype, img)
+				checkRecords(t, fstype, img, synced)
+				os.Remove(img)
+				t.Logf("snapshot %d: %d rounds, froze %.1f ms, %d chunks in the final round, writers wrote %d MiB so far", i, s.Rounds, s.FreezeMS, s.FinalChunks, w.Written.Load()>>20)
+			}
+			if w.Written.Load() == 0 {
+				t.Fatal("the writers wrote nothing: the test proved nothing")
+			}
+		})
+	}
+}
+
+// checkRecords mounts the exported image and checks that the log holds at least the
+// records fsynced before the snapshot started, each intact.
+func checkRecords(t *testing.T, fstype, img string, synced int64) {
+	t.Helper()
+	opts := "ro,loop,noload"
+	if fstype == "xfs" {
+		opts = "ro,loop,nouuid"
+	}
+	dir := testenv.Mount(t, img, "-o", opts)
+	b, err := os.ReadFile(filepath.Join(dir, testenv.LogName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := int64(len(testenv.Record(0)))
+	n := int64(len(b)) / rec
+	if n < synced {
+		t.Fatalf("the snapshot holds %d records, but %d were fsynced before it started", n, synced)
+	}
+	for i := int64(0); i < n; i++ {
+		if string(b[i*rec:(i+1)*rec]) != testenv.Record(i+1) {
+			t.Fatalf("record %d is damaged in the snapshot", i+1)
+		}
+	}
+	exec.Command("umount", dir).Run()
+}
+
+// TestSIGKILLNeverLeavesFrozen kills snapshots at random moments, often inside a widened
+// freeze window: the filesystem must be writable again within max-freeze + 2 s, and the
+// repository must verify with no half-made snapshot.
+func TestSIGKILLNeverLeavesFrozen(t *testing.T) {
+	dev, _ := testenv.LoopDevice(t, 256<<20)
+	testenv.Mkfs(t, "ext4", dev)
+	mnt := testenv.Mount(t, dev)
+	repo := newRepo(t)
+	testenv.StartWriters(t, mnt, 2, 2)
+	rng := rand.New(rand.NewSource(time.Now().UnixNano()))
+	const maxFreeze = 2 * time.Second
+	killedFrozen := 0
+	for round := 0; round < 8; round++ {
+		cmd := exec.Command(testenv.Binary(t), "snapshot", "-r", repo, "--source", mnt, "--volume", "k",
+			"--name", fmt.Sprint("k", round), "--max-freeze", maxFreeze.String())
+		hold := "0s"
+		if round%2 == 0 {
+			hold = "1500ms" // the kill lands inside the freeze window
+		}
+		cmd.Env = append(os.Environ(), "STASIS_TEST_HOLD_FREEZE="+hold)
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(time.Duration(200+rng.Intn(900)) * time.Millisecond)
+		state := fmt.Sprintf("/run/stasis/frozen-%d.json", cmd.Process.Pid)
+		if _, err := os.Stat(state); err == nil {
+			killedFrozen++
+		}
+		cmd.Process.Signal(syscall.SIGKILL)
+		cmd.Wait()
+		if !testenv.WritableWithin(mnt, maxFreeze+2*time.Second) {
+			t.Fatalf("round %d: %s still frozen %v after SIGKILL", round, mnt, maxFreeze+2*time.Second)
+		}
+		if r := testenv.Stasis(t, "verify", "-r", repo, "--read-data"); r.Code != 0 {
+			t.Fatalf("round %d: verify after SIGKILL:\n%s%s", round, r.Stdout, r.Stderr)
+		}
+	}
+	t.Logf("%d of 8 kills landed while frozen", killedFrozen)
+	if killedFrozen == 0 {
+		t.Fatal("no kill landed inside a freeze window: the test proved nothing")
+	}
+	// A snapshot after all that still works and is exact enough to fsck.
+	testenv.MustStasis(t, "snapshot", "-r", repo, "--source", mnt, "--volume", "k", "--name", "after")
+	img := filepath.Join(t.TempDir(), "after.img")
+	testenv.MustStasis(t, "export", "-r", repo, "k/after", img)
+	fsck(t, "ext4", img)
+}
+
+// TestThawAll: when the snapshot and its guard are both killed while frozen (as a
+// cgroup-wide kill would), `stasis thaw --all` thaws what stasis froze.
+func TestThawAll(t *testing.T) {
+	dev, _ := testenv.LoopDevice(t, 128<<20)
+	testenv.Mkfs(t, "ext4", dev)
+	mnt := testenv.Mount(t, dev)
+	repo := newRepo(t)
+	cmd := exec.Command(testenv.Binary(t), "snapshot", "-r", repo, "--source", mnt, "--volume", "t", "--max-freeze", "60s")
+	cmd.Env = append(os.Environ(), "STASIS_TEST_HOLD_FREEZE=30s")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	deadline := time.Now().Add(10 * time.Second)
+	for testenv.WritableWithin(mnt, 300*time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the snapshot never froze the filesystem")
+		}
+	}
+	state := fmt.Sprintf("frozen-%d.json", cmd.Process.Pid)
+	exec.Command("pkill", "-KILL", "-f", "freeze-guard.*"+state).Run()
+	cmd.Process.Signal(syscall.SIGKILL)
+	cmd.Wait()
+	if testenv.WritableWithin(mnt, 500*time.Millisecond) {
+		t.Fatal("the filesystem thawed with both stasis and its guard killed: the test cannot show thaw --all works")
+	}
+	out := testenv.MustStasis(t, "thaw", "--all")
+	if !strings.Contains(out, "thawed "+mnt) {
+		t.Fatalf("thaw --all said: %s", out)
+	}
+	if !testenv.WritableWithin(mnt, 2*time.Second) {
+		t.Fatal("still frozen after thaw --all")
+	}
+	if out := testenv.MustStasis(t, "thaw", "--all"); !strings.Contains(out, "nothing frozen") {
+		t.Fatalf("second thaw --all: %s", out)
+	}
+}
