@@ -251,4 +251,3 @@ func (w progressWriter) Put(ctx context.Context, i int64, data []byte) error {
 	w.p.add(int64(len(data)))
 	return err
 }
-

@@ -32,7 +32,7 @@ func StartWriters(t testing.TB, dir string, n int, seed int64) *Writers {
 	w := &Writers{dir: dir, stop: make(chan struct{})}
 	w.wg.Add(n + 1)
 	for i := 0; i < n; i++ {
-		go w.random(rand.New(rand.NewSource(seed + int64(i))), i)
+		go w.random(rand.New(rand.NewSource(seed+int64(i))), i)
 	}
 	go w.log()
 	t.Cleanup(w.Stop)

@@ -68,4 +68,3 @@ func TestTracksCompletedWrites(t *testing.T) {
 		t.Fatalf("reads or old writes reported dirty: %v", dirty)
 	}
 }
-
