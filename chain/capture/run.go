@@ -58,6 +58,11 @@ type Options struct {
 	MaxHeld     int
 	// FinalReadHook, if set, runs inside the freeze window before the final read (tests).
 	FinalReadHook func()
+	// Allocated, if set, re-reads the filesystems' allocation maps. Run calls it while
+	// frozen, when the maps on disk are exact, and also reads any allocated chunk that no
+	// round has read: Full came from maps read while the filesystem was live, which may
+	// lag behind (ext4 updates bitmaps in place only at journal checkpoints).
+	Allocated func() ([]ChunkRun, error)
 }
 
 // Result says how a capture went; it goes into the snapshot manifest.
@@ -68,6 +73,7 @@ type Result struct {
 	Frozen      bool          // the final round ran under a freeze
 	Freeze      time.Duration // FIFREEZE of the first filesystem to FITHAW of the last
 	FinalChunks int           // chunks read while frozen
+	Unread      int           // allocated chunks no round had read, found by the check under the freeze
 	Gaps        []string      // why tracking fell back to a full scan
 }
 
@@ -87,7 +93,14 @@ func Run(ctx context.Context, o Options) (Result, error) {
 		o.MaxHeld = 4096
 	}
 	res := Result{Tracking: "tracked"}
+	everRead := bitset.New(uint((o.Source.Size + int64(o.Writer.ChunkSize()) - 1) / int64(o.Writer.ChunkSize())))
+	var extra []ChunkRun // allocated chunks found unread under a previous freeze
 	read := func(runs []ChunkRun) error {
+		for _, r := range runs {
+			for c := r.Start; c < r.End; c++ {
+				everRead.Set(uint(c))
+			}
+		}
 		st, err := Copy(ctx, o.Source, o.Writer, runs)
 		res.BytesRead += st.BytesRead
 		res.Rounds++
@@ -158,13 +171,21 @@ func Run(ctx context.Context, o Options) (Result, error) {
 			if err := full(gap); err != nil {
 				return res, err
 			}
-		} else if err := read(Runs(dirty)); err != nil {
-			return res, err
+		} else {
+			for _, r := range extra {
+				for c := r.Start; c < r.End; c++ {
+					dirty.Set(uint(c))
+				}
+			}
+			extra = nil
+			if err := read(Runs(dirty)); err != nil {
+				return res, err
+			}
 		}
 		if err := o.Writer.WaitSaved(ctx); err != nil {
 			return res, err
 		}
-		held, err := finalRound(ctx, o, &res)
+		held, err := finalRound(ctx, o, &res, everRead, &extra)
 		if err == nil {
 			for _, h := range held.chunks {
 				if err := o.Writer.Put(ctx, h.index, h.data); err != nil {
@@ -204,7 +225,7 @@ func (h *heldChunks) free() {
 
 // finalRound quiesces, freezes, reads the last dirty chunks into memory and thaws. Between
 // freeze and thaw it does no I/O but reading the source, and allocates nothing large.
-func finalRound(ctx context.Context, o Options, res *Result) (*heldChunks, error) {
+func finalRound(ctx context.Context, o Options, res *Result, everRead *bitset.BitSet, extra *[]ChunkRun) (*heldChunks, error) {
 	var release func()
 	if o.Quiesce != nil {
 		var err error
@@ -243,8 +264,27 @@ func finalRound(ctx context.Context, o Options, res *Result) (*heldChunks, error
 		if gap != "" {
 			return fmt.Errorf("%w: %s", errRetry, gap)
 		}
+		if o.Allocated != nil {
+			alloc, err := o.Allocated()
+			if err != nil {
+				return fmt.Errorf("read allocation maps while frozen: %w", err)
+			}
+			var missing []ChunkRun
+			for _, r := range alloc {
+				for c := r.Start; c < r.End; c++ {
+					if !everRead.Test(uint(c)) && !dirty.Test(uint(c)) {
+						dirty.Set(uint(c))
+						missing = append(missing, ChunkRun{c, c + 1})
+					}
+				}
+			}
+			res.Unread += len(missing)
+			if int(dirty.Count()) > o.MaxHeld {
+				*extra = missing // read them before the next attempt
+			}
+		}
 		if int(dirty.Count()) > o.MaxHeld {
-			return fmt.Errorf("%w: %d chunks changed since the last round (more than %d)", errRetry, dirty.Count(), o.MaxHeld)
+			return fmt.Errorf("%w: %d chunks to read while frozen (more than %d)", errRetry, dirty.Count(), o.MaxHeld)
 		}
 		off := int64(0)
 		for i, ok := dirty.NextSet(0); ok; i, ok = dirty.NextSet(i + 1) {

@@ -107,3 +107,28 @@ func (s *Source) DataRanges() ([]Range, error) {
 	}
 	return out, nil
 }
+
+// ReadAt reads at any offset and length; O_DIRECT's alignment is handled with a bounce
+// buffer. For metadata reads (allocation maps), not the bulk copy.
+func (s *Source) ReadAt(p []byte, off int64) (int, error) {
+	if !s.direct {
+		return s.f.ReadAt(p, off)
+	}
+	start := off &^ 4095
+	end := alignUp(off+int64(len(p)), 4096)
+	buf, err := alignedBuffer(int(end - start))
+	if err != nil {
+		return 0, err
+	}
+	defer unix.Munmap(buf)
+	n, err := s.f.ReadAt(buf[:end-start], start)
+	got := max(0, min(int64(n)-(off-start), int64(len(p))))
+	copy(p, buf[off-start:off-start+got])
+	if got < int64(len(p)) && err == nil {
+		err = io.EOF
+	}
+	if got == int64(len(p)) {
+		err = nil
+	}
+	return int(got), err
+}

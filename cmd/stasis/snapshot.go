@@ -13,6 +13,7 @@ import (
 
 	"github.com/stasis-project/stasis/chain"
 	"github.com/stasis-project/stasis/chain/capture"
+	"github.com/stasis-project/stasis/chain/capture/allocmap"
 	"github.com/stasis-project/stasis/chain/capture/blocktrace"
 	"github.com/stasis-project/stasis/fsfreeze"
 )
@@ -133,8 +134,34 @@ func runSnapshot(cmd *cobra.Command, g *globals, f snapshotFlags) error {
 	if err != nil {
 		return err
 	}
+	// Free space is neither read nor stored when the filesystem's allocation map is known.
+	var allocated func() ([]capture.ChunkRun, error)
+	if !vol.IsFile {
+		allocated = func() ([]capture.ChunkRun, error) {
+			ext, _, err := allocmap.Allocated(src, src.Size)
+			if err != nil {
+				return nil, err
+			}
+			r := make([]capture.Range, len(ext))
+			for i, e := range ext {
+				r[i] = capture.Range{Start: e.Start, End: e.End}
+			}
+			return capture.Chunks(r, w.ChunkSize(), src.Size), nil
+		}
+	}
+	full := capture.Chunks(ranges, w.ChunkSize(), src.Size)
+	if allocated != nil {
+		if runs, err := allocated(); err == nil {
+			full = runs
+		} else {
+			if !errors.Is(err, allocmap.ErrUnknown) {
+				warn("cannot read the filesystem's allocation map (%v): reading the whole device", err)
+			}
+			allocated = nil
+		}
+	}
 	prog := newProgress(cmd.ErrOrStderr(), "reading "+f.source, src.Size)
-	opts := capture.Options{Source: src, Writer: progressWriter{w, prog}, Full: capture.Chunks(ranges, w.ChunkSize(), src.Size), FullScan: true}
+	opts := capture.Options{Source: src, Writer: progressWriter{w, prog}, Full: full, FullScan: true, Allocated: allocated}
 
 	var tracker *blocktrace.Tracker
 	if freeze {
@@ -169,7 +196,7 @@ func runSnapshot(cmd *cobra.Command, g *globals, f snapshotFlags) error {
 	w.Snapshot().Consistency = consistency
 	ws := w.Stats()
 	info := map[string]any{"tracking": res.Tracking, "rounds": res.Rounds, "bytes_read": res.BytesRead,
-		"freeze_ms": ms(res.Freeze), "final_chunks": res.FinalChunks, "duration_ms": time.Since(start).Milliseconds()}
+		"freeze_ms": ms(res.Freeze), "final_chunks": res.FinalChunks, "unread_allocated_chunks": res.Unread, "duration_ms": time.Since(start).Milliseconds()}
 	if len(res.Gaps) > 0 {
 		info["tracking_gaps"] = res.Gaps
 	}
