@@ -18,7 +18,8 @@ func codecs() (*zstd.Encoder, *zstd.Decoder) {
 		var err error
 		// EncodeAll/DecodeAll are safe for concurrent use; concurrency bounds the pool.
 		encoder, err = zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest),
-			zstd.WithEncoderConcurrency(2*runtime.GOMAXPROCS(0)), zstd.WithEncoderCRC(false))
+			zstd.WithEncoderConcurrency(2*runtime.GOMAXPROCS(0)), zstd.WithEncoderCRC(false),
+			zstd.WithWindowSize(MaxChunkSize), zstd.WithLowerEncoderMem(true))
 		if err != nil {
 			panic(err) // only on invalid options, which are constants here
 		}

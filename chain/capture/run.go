@@ -58,10 +58,12 @@ type Options struct {
 	MaxHeld     int
 	// FinalReadHook, if set, runs inside the freeze window before the final read (tests).
 	FinalReadHook func()
-	// Allocated, if set, re-reads the filesystems' allocation maps. Run calls it while
-	// frozen, when the maps on disk are exact, and also reads any allocated chunk that no
-	// round has read: Full came from maps read while the filesystem was live, which may
-	// lag behind (ext4 updates bitmaps in place only at journal checkpoints).
+	// Allocated, if set, re-reads the filesystems' allocation maps. After a full scan Run
+	// calls it while frozen, when the maps on disk are exact, and also reads any allocated
+	// chunk that no round has read: Full came from maps read while the filesystem was live,
+	// which may lag behind (ext4 updates bitmaps in place only at journal checkpoints). A
+	// tracked incremental without gaps needs no check: every write since the previous
+	// freeze, when the maps were exact, is in the dirty sets.
 	Allocated func() ([]ChunkRun, error)
 }
 
@@ -264,7 +266,7 @@ func finalRound(ctx context.Context, o Options, res *Result, everRead *bitset.Bi
 		if gap != "" {
 			return fmt.Errorf("%w: %s", errRetry, gap)
 		}
-		if o.Allocated != nil {
+		if o.Allocated != nil && res.Tracking == "full-scan" {
 			alloc, err := o.Allocated()
 			if err != nil {
 				return fmt.Errorf("read allocation maps while frozen: %w", err)

@@ -51,7 +51,8 @@ func (h *holdHandler) WithGroup(name string) slog.Handler {
 	return &holdHandler{next: h.next.WithGroup(name), state: h.state}
 }
 
-func (h *holdHandler) hold() {
+// Hold starts keeping records in memory.
+func (h *holdHandler) Hold() {
 	if h == nil {
 		return
 	}
@@ -60,7 +61,8 @@ func (h *holdHandler) hold() {
 	h.state.mu.Unlock()
 }
 
-func (h *holdHandler) release() {
+// Release writes the kept records and stops keeping them.
+func (h *holdHandler) Release() {
 	if h == nil {
 		return
 	}

@@ -65,8 +65,12 @@ func (p *progress) show(final bool) {
 	if rate > 0 && p.total > p.n {
 		eta = time.Duration(float64(p.total-p.n) / rate * float64(time.Second)).Round(time.Second).String()
 	}
-	fmt.Fprintf(p.w, "\r\033[K%s: %s / %s  %s/s  ETA %s", p.label, humanize.IBytes(uint64(p.n)),
-		humanize.IBytes(uint64(p.total)), humanize.IBytes(uint64(rate)), eta)
+	if p.total <= 0 { // size unknown up front: bytes and rate only
+		fmt.Fprintf(p.w, "\r\033[K%s: %s  %s/s", p.label, humanize.IBytes(uint64(p.n)), humanize.IBytes(uint64(rate)))
+	} else {
+		fmt.Fprintf(p.w, "\r\033[K%s: %s / %s  %s/s  ETA %s", p.label, humanize.IBytes(uint64(p.n)),
+			humanize.IBytes(uint64(p.total)), humanize.IBytes(uint64(rate)), eta)
+	}
 	p.shown = true
 }
 
