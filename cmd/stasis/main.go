@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"runtime/pprof"
 	"runtime/trace"
 	"syscall"
@@ -16,6 +17,11 @@ import (
 var version = "dev"
 
 func main() {
+	if os.Getenv("GOMEMLIMIT") == "" {
+		// Snapshots of any size need tens of MB; a soft limit keeps the garbage collector
+		// from letting the heap balloon when the machine is busy and it runs late.
+		debug.SetMemoryLimit(192 << 20)
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if path := os.Getenv("STASIS_CPUPROFILE"); path != "" { // for developers: go tool pprof

@@ -12,7 +12,7 @@ import (
 	"github.com/stasis-project/stasis/agent"
 	"github.com/stasis-project/stasis/chain"
 	"github.com/stasis-project/stasis/chain/capture"
-			)
+)
 
 // snapshotJSON is what `snapshot --json` prints: the list fields plus how it was captured.
 type snapshotJSON struct {
@@ -141,4 +141,3 @@ func testFreezeHook() func() {
 		time.Sleep(hold)
 	}
 }
-

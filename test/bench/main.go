@@ -19,14 +19,17 @@ import (
 	"sort"
 	"strings"
 	"time"
+
+	"github.com/stasis-project/stasis/agent"
 )
 
 var (
-	stasis     = flag.String("stasis", "bin/stasis", "stasis binary")
-	work       = flag.String("work", "", "scratch directory (default: a new one under /var/tmp)")
-	volSize    = flag.Int64("size", 2<<30, "volume size in bytes")
-	chunkStudy = flag.Bool("chunk-study", false, "also compare chunk sizes (16K..1M)")
-	keep       = flag.Bool("keep", false, "keep the scratch directory")
+	stasis      = flag.String("stasis", "bin/stasis", "stasis binary")
+	work        = flag.String("work", "", "scratch directory (default: a new one under /var/tmp)")
+	volSize     = flag.Int64("size", 2<<30, "volume size in bytes")
+	chunkStudy  = flag.Bool("chunk-study", false, "also compare chunk sizes (16K..1M)")
+	keep        = flag.Bool("keep", false, "keep the scratch directory")
+	freezeBench = flag.Bool("freeze", true, "measure freeze windows on 2 and 8 GiB volumes")
 )
 
 func main() {
@@ -96,6 +99,7 @@ func main() {
 	}
 
 	v.change(20 << 20)
+	var resticInc, borgInc time.Duration
 	var inc snapResult
 	t = timeIt(func() { inc = snapshot(repo, v.dev, "after-20MiB") })
 	add("stasis second snapshot after 20 MiB changed", t, fmt.Sprintf("%.2f× dd; tracking %s, read %s, added %s", ratio(t, dd), inc.Tracking, mb(inc.BytesRead), mb(inc.NewBytes)))
@@ -103,11 +107,25 @@ func main() {
 		rt := timeIt(func() {
 			shell(fmt.Sprintf("restic backup -q -r %s --stdin --stdin-filename vol < %s", resticRepo, v.dev))
 		})
+		resticInc = rt
 		add("restic after 20 MiB changed", rt, fmt.Sprintf("stasis is %.1f× faster", ratio(rt, t)))
 	}
 	if haveBorg {
 		bt := timeIt(func() { run("borg", "create", "-C", "lz4", "--read-special", borgRepo+"::inc", v.dev) })
+		borgInc = bt
 		add("borg after 20 MiB changed", bt, fmt.Sprintf("stasis is %.1f× faster", ratio(bt, t)))
+	}
+
+	tt, tout := trackedIncremental(dir, v)
+	add("stasis tracked incremental after 20 MiB changed (agent path)", tt, fmt.Sprintf("tracking %s, read %s, freeze %.1f ms; %.0f× faster than restic, %.0f× than borg",
+		tout.Capture.Tracking, mb(tout.Capture.BytesRead), agent.Millis(tout.Capture.Freeze), ratio(resticInc, tt), ratio(borgInc, tt)))
+
+	if *freezeBench {
+		for _, size := range []int64{2 << 30, 8 << 30} {
+			med, worst, runs := freezeWindows(dir, size, 8)
+			add(fmt.Sprintf("freeze window, %d GiB volume, writer at ~20 MB/s (7 tracked snapshots)", size>>30), med,
+				fmt.Sprintf("median %.1f ms, max %.1f ms; all %v", agent.Millis(med), agent.Millis(worst), runs))
+		}
 	}
 
 	img := filepath.Join(dir, "export.img")
@@ -137,11 +155,11 @@ func main() {
 }
 
 type snapResult struct {
-	BytesRead     int64  `json:"bytes_read"`
-	NewBytes      int64  `json:"new_bytes"`
-	MetadataBytes int64  `json:"metadata_bytes"`
-	Tracking      string `json:"tracking"`
-	FreezeMS      int64  `json:"freeze_ms"`
+	BytesRead     int64   `json:"bytes_read"`
+	NewBytes      int64   `json:"new_bytes"`
+	MetadataBytes int64   `json:"metadata_bytes"`
+	Tracking      string  `json:"tracking"`
+	FreezeMS      float64 `json:"freeze_ms"`
 }
 
 func snapshot(repo, dev, name string, extra ...string) snapResult {

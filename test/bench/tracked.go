@@ -1,0 +1,119 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"math/rand"
+	"os"
+	"path/filepath"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/stasis-project/stasis/agent"
+	"github.com/stasis-project/stasis/chain"
+	"github.com/stasis-project/stasis/chain/local"
+)
+
+// openLocked opens (creating) a repository and takes its writer lock, as the agent does.
+func openLocked(dir string) (*chain.Repository, func()) {
+	ctx := context.Background()
+	if _, err := os.Stat(filepath.Join(dir, "config")); err != nil {
+		run(*stasis, "init", "-r", dir)
+	}
+	be, err := local.Open(dir)
+	if err != nil {
+		fatal(err.Error())
+	}
+	r, err := chain.Open(ctx, be, nil)
+	if err != nil {
+		fatal(err.Error())
+	}
+	unlock, err := r.Lock(ctx, "stasis bench")
+	if err != nil {
+		fatal(err.Error())
+	}
+	return r, unlock
+}
+
+// newTrackedVolume is a volume as the agent keeps it: its tracker runs between snapshots.
+func newTrackedVolume(source string) *agent.Volume {
+	return agent.NewVolume(agent.VolumeSpec{Name: "vol", Source: source, MaxFreeze: 5 * time.Second},
+		agent.Options{GuardCommand: []string{*stasis, "freeze-guard"}, KeepTracking: true})
+}
+
+// trackedIncremental times a tracked incremental after 20 MiB of changes: the agent's
+// steady state, where the tracker has run since the previous snapshot's freeze.
+func trackedIncremental(dir string, v *volume) (time.Duration, *agent.Outcome) {
+	r, unlock := openLocked(filepath.Join(dir, "tracked-repo"))
+	defer unlock()
+	vol := newTrackedVolume(v.mnt)
+	defer vol.Close()
+	if _, err := vol.Snapshot(context.Background(), r, agent.Request{Name: "base"}); err != nil {
+		fatal(err.Error())
+	}
+	v.change(20 << 20)
+	var out *agent.Outcome
+	t := timeIt(func() {
+		var err error
+		if out, err = vol.Snapshot(context.Background(), r, agent.Request{Name: "tracked"}); err != nil {
+			fatal(err.Error())
+		}
+	})
+	return t, out
+}
+
+// freezeWindows measures freeze times of tracked snapshots on a volume of size bytes while a
+// writer does about 20 MB/s of random writes.
+func freezeWindows(dir string, size int64, count int) (median, worst time.Duration, runs []time.Duration) {
+	sub := filepath.Join(dir, fmt.Sprintf("freeze-%d", size>>30))
+	os.MkdirAll(sub, 0o755)
+	v := newVolume(sub, size)
+	defer v.close()
+	r, unlock := openLocked(filepath.Join(sub, "repo"))
+	defer unlock()
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { // ~20 MB/s: 200 KiB every 10 ms, fsync every 100 ms
+		defer wg.Done()
+		f, err := os.OpenFile(filepath.Join(v.mnt, "busy"), os.O_RDWR|os.O_CREATE, 0o644)
+		if err != nil {
+			return
+		}
+		defer f.Close()
+		rng := rand.New(rand.NewSource(2))
+		buf := make([]byte, 200<<10)
+		tick := time.NewTicker(10 * time.Millisecond)
+		defer tick.Stop()
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			case <-tick.C:
+			}
+			rng.Read(buf)
+			f.WriteAt(buf, rng.Int63n(512)*(1<<20))
+			if i%10 == 0 {
+				f.Sync()
+			}
+		}
+	}()
+	vol := newTrackedVolume(v.mnt)
+	for i := 0; i < count; i++ {
+		out, err := vol.Snapshot(context.Background(), r, agent.Request{Name: fmt.Sprint("f", i)})
+		if err != nil {
+			fatal(err.Error())
+		}
+		if i > 0 { // the first is a full scan; the steady state is what matters
+			runs = append(runs, out.Capture.Freeze)
+		}
+		time.Sleep(time.Second)
+	}
+	vol.Close()
+	close(stop)
+	wg.Wait()
+	s := append([]time.Duration(nil), runs...)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	return s[len(s)/2], s[len(s)-1], runs
+}
