@@ -45,9 +45,16 @@ func fsck(t *testing.T, fstype, img string) {
 // exports exactly the device as it was while frozen (hashed by a hook inside the freeze
 // window), the export passes fsck, and every record fsynced before the snapshot is in it.
 func TestPointInTimeExact(t *testing.T) {
-	for _, fstype := range []string{"ext4", "xfs"} {
-		t.Run(fstype, func(t *testing.T) {
-			dev, _ := testenv.LoopDevice(t, 320<<20)
+	for _, variant := range []string{"ext4", "xfs", "ext4-partition"} {
+		t.Run(variant, func(t *testing.T) {
+			fstype, _, partitioned := strings.Cut(variant, "-")
+			var dev string
+			if partitioned {
+				// Block events arrive for the whole disk with absolute sectors.
+				dev, _ = testenv.PartitionedLoop(t, 352<<20)
+			} else {
+				dev, _ = testenv.LoopDevice(t, 320<<20)
+			}
 			testenv.Mkfs(t, fstype, dev)
 			mnt := testenv.Mount(t, dev)
 			repo := newRepo(t)

@@ -34,7 +34,7 @@ func TestSparseTerabyte(t *testing.T) {
 	}
 	f.Sync()
 	repo := newRepo(t)
-	r := testenv.Stasis(t, "snapshot", "-r", repo, "--source", src, "--volume", "tera", "--json")
+	r := testenv.StasisPeakRSS(t, "snapshot", "-r", repo, "--source", src, "--volume", "tera", "--json")
 	if r.Code != 0 {
 		t.Fatalf("snapshot: %s", r.Stderr)
 	}
@@ -59,7 +59,7 @@ func TestSparseTerabyte(t *testing.T) {
 		f.WriteAt(buf[:100], c*65536)
 	}
 	f.Sync()
-	r = testenv.Stasis(t, "snapshot", "-r", repo, "--source", src, "--volume", "tera", "--json")
+	r = testenv.StasisPeakRSS(t, "snapshot", "-r", repo, "--source", src, "--volume", "tera", "--json")
 	if r.Code != 0 {
 		t.Fatalf("incremental: %s", r.Stderr)
 	}

@@ -16,7 +16,6 @@ import (
 	"runtime"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 )
@@ -88,9 +87,34 @@ func Stasis(t testing.TB, args ...string) Result {
 	} else if err != nil {
 		t.Fatalf("run stasis %v: %v", args, err)
 	}
-	if ru, ok := cmd.ProcessState.SysUsage().(*syscall.Rusage); ok {
-		res.MaxRSSKiB = ru.Maxrss
+	return res
+}
+
+// StasisPeakRSS runs the binary under /usr/bin/time and returns its peak RSS too. The
+// rusage of a child started straight from the test would not do: Linux carries the
+// parent's high-water RSS into a vfork-exec'd child's ru_maxrss, and this test process is
+// large. time(1) is a small parent.
+func StasisPeakRSS(t testing.TB, args ...string) Result {
+	t.Helper()
+	RequireTool(t, "/usr/bin/time")
+	out := filepath.Join(t.TempDir(), "rss")
+	cmd := exec.Command("/usr/bin/time", append([]string{"-f", "%M", "-o", out, Binary(t)}, args...)...)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	res := Result{Stdout: stdout.String(), Stderr: stderr.String()}
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		res.Code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatalf("run stasis %v: %v", args, err)
 	}
+	b, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatalf("time(1) wrote no report: %v", err)
+	}
+	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+	fmt.Sscan(lines[len(lines)-1], &res.MaxRSSKiB)
 	return res
 }
 
@@ -260,4 +284,44 @@ func WritableWithin(dir string, d time.Duration) bool {
 	case <-time.After(d):
 		return false
 	}
+}
+
+// PartitionedLoop attaches a new image with an MBR partition table holding one partition
+// that starts 17 MiB in (so partition and disk sectors differ), and returns the partition's
+// device.
+func PartitionedLoop(t testing.TB, size int64) (part, disk string) {
+	t.Helper()
+	RequireRoot(t)
+	RequireTool(t, "sfdisk")
+	img := filepath.Join(t.TempDir(), "disk.img")
+	f, err := os.Create(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.Truncate(size)
+	f.Close()
+	cmd := exec.Command("sfdisk", "-q", img)
+	cmd.Stdin = strings.NewReader("start=34816, type=83\n")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("sfdisk: %v\n%s", err, out)
+	}
+	disk = strings.TrimSpace(Run(t, "losetup", "-f", "-P", "--show", img))
+	t.Cleanup(func() {
+		for i := 0; i < 50; i++ {
+			if exec.Command("losetup", "-d", disk).Run() == nil {
+				return
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		t.Errorf("could not detach %s", disk)
+	})
+	part = disk + "p1"
+	for i := 0; i < 50; i++ {
+		if _, err := os.Stat(part); err == nil {
+			return part, disk
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Fatalf("partition %s did not appear", part)
+	return "", ""
 }
