@@ -81,6 +81,10 @@ func Resolve(source string) (*Volume, error) {
 	v := &Volume{Device: source, Dev: dev, Disk: dev}
 	// A partition: find its disk and offset in /sys/dev/block/M:m/{partition,start,..}.
 	sys := fmt.Sprintf("/sys/dev/block/%d:%d", unix.Major(dev), unix.Minor(dev))
+	// A symlink into /sys/devices: resolve it, or ".." below would be taken lexically.
+	if real, err := filepath.EvalSymlinks(sys); err == nil {
+		sys = real
+	}
 	if _, err := os.Stat(filepath.Join(sys, "partition")); err == nil {
 		start, err := readInt(filepath.Join(sys, "start"))
 		if err != nil {

@@ -316,6 +316,9 @@ func PartitionedLoop(t testing.TB, size int64) (part, disk string) {
 		t.Errorf("could not detach %s", disk)
 	})
 	part = disk + "p1"
+	if _, err := os.Stat(part); err != nil {
+		exec.Command("partx", "-a", disk).Run() // where the kernel's scan did not add it
+	}
 	for i := 0; i < 50; i++ {
 		if _, err := os.Stat(part); err == nil {
 			return part, disk
