@@ -76,18 +76,7 @@ type Result struct {
 // Stasis runs the binary with args and returns what it printed and its exit status.
 func Stasis(t testing.TB, args ...string) Result {
 	t.Helper()
-	cmd := exec.Command(Binary(t), args...)
-	var out, errb bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	err := cmd.Run()
-	res := Result{Stdout: out.String(), Stderr: errb.String()}
-	var ee *exec.ExitError
-	if errors.As(err, &ee) {
-		res.Code = ee.ExitCode()
-	} else if err != nil {
-		t.Fatalf("run stasis %v: %v", args, err)
-	}
-	return res
+	return StasisEnv(t, nil, args...)
 }
 
 // StasisPeakRSS runs the binary under /usr/bin/time and returns its peak RSS too. The
@@ -98,23 +87,30 @@ func StasisPeakRSS(t testing.TB, args ...string) Result {
 	t.Helper()
 	RequireTool(t, "/usr/bin/time")
 	out := filepath.Join(t.TempDir(), "rss")
-	cmd := exec.Command("/usr/bin/time", append([]string{"-f", "%M", "-o", out, Binary(t)}, args...)...)
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	err := cmd.Run()
-	res := Result{Stdout: stdout.String(), Stderr: stderr.String()}
-	var ee *exec.ExitError
-	if errors.As(err, &ee) {
-		res.Code = ee.ExitCode()
-	} else if err != nil {
-		t.Fatalf("run stasis %v: %v", args, err)
-	}
+	res := run(t, exec.Command("/usr/bin/time", append([]string{"-f", "%M", "-o", out, Binary(t)}, args...)...))
 	b, err := os.ReadFile(out)
 	if err != nil {
 		t.Fatalf("time(1) wrote no report: %v", err)
 	}
 	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
 	fmt.Sscan(lines[len(lines)-1], &res.MaxRSSKiB)
+	return res
+}
+
+// run runs cmd, capturing its output and exit status; it fails the test only if the
+// command could not run at all.
+func run(t testing.TB, cmd *exec.Cmd) Result {
+	t.Helper()
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	res := Result{Stdout: out.String(), Stderr: errb.String()}
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		res.Code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatalf("run %v: %v", cmd.Args, err)
+	}
 	return res
 }
 
@@ -248,18 +244,10 @@ func TreeDigest(t testing.TB, dir string) string {
 func StasisEnv(t testing.TB, env []string, args ...string) Result {
 	t.Helper()
 	cmd := exec.Command(Binary(t), args...)
-	cmd.Env = append(os.Environ(), env...)
-	var out, errb bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	err := cmd.Run()
-	res := Result{Stdout: out.String(), Stderr: errb.String()}
-	var ee *exec.ExitError
-	if errors.As(err, &ee) {
-		res.Code = ee.ExitCode()
-	} else if err != nil {
-		t.Fatalf("run stasis %v: %v", args, err)
+	if env != nil {
+		cmd.Env = append(os.Environ(), env...)
 	}
-	return res
+	return run(t, cmd)
 }
 
 // WritableWithin reports whether a file can be created and fsynced in dir within d: a
