@@ -51,6 +51,7 @@ func main() {
 	}
 	if !*keep {
 		defer os.RemoveAll(dir)
+		cleanups = append(cleanups, func() { os.RemoveAll(dir) })
 	}
 	v := newVolume(dir, *volSize)
 	defer v.close()
@@ -203,6 +204,7 @@ func newVolume(dir string, size int64) *volume {
 	f.Truncate(size)
 	f.Close()
 	v.dev = strings.TrimSpace(run("losetup", "-f", "--show", v.img))
+	cleanups = append(cleanups, v.close)
 	run("mkfs.ext4", "-q", v.dev)
 	os.Mkdir(v.mnt, 0o755)
 	run("mount", v.dev, v.mnt)
@@ -326,7 +328,13 @@ func ratio(a, b time.Duration) float64 { return a.Seconds() / b.Seconds() }
 
 func mb(n int64) string { return fmt.Sprintf("%.0f MiB", float64(n)/(1<<20)) }
 
+// cleanups run on fatal errors too, so a failed bench leaves no loop device or mount.
+var cleanups []func()
+
 func fatal(msg string) {
 	fmt.Fprintln(os.Stderr, "bench:", msg)
+	for i := len(cleanups) - 1; i >= 0; i-- {
+		cleanups[i]()
+	}
 	os.Exit(1)
 }
