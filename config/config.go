@@ -1,0 +1,348 @@
+// Package config reads and validates stasis's YAML configuration. Every problem is reported
+// with the file, the line and what to do; nothing is half-applied.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"time"
+
+	"github.com/robfig/cron/v3"
+	"gopkg.in/yaml.v3"
+)
+
+// DefaultPath is where the agent and the CLI look without --config.
+const DefaultPath = "/etc/stasis/stasis.yaml"
+
+// Config is a validated configuration.
+type Config struct {
+	Path          string   `yaml:"-"`
+	Repository    string   `yaml:"repository"`
+	Mount         *string  `yaml:"mount"` // nil: default; "": disabled
+	StateDir      string   `yaml:"state_dir"`
+	Socket        string   `yaml:"socket"`
+	SocketGroup   string   `yaml:"socket_group"`
+	MetricsListen string   `yaml:"metrics_listen"`
+	Volumes       []Volume `yaml:"volumes"`
+	GCAfterPrune  *bool    `yaml:"gc_after_prune"`
+	CatchUp       *bool    `yaml:"catch_up"`
+	lines         map[string]int
+}
+
+// Volume is one volume to snapshot.
+type Volume struct {
+	Name      string    `yaml:"name"`
+	Source    string    `yaml:"source"`
+	Schedules []string  `yaml:"schedules"`
+	MaxFreeze Duration  `yaml:"max_freeze"`
+	NoFreeze  bool      `yaml:"no_freeze"`
+	ChunkSize int       `yaml:"chunk_size"`
+	Retention Retention `yaml:"retention"`
+
+	// Parsed schedules, in the order given.
+	Parsed []cron.Schedule `yaml:"-"`
+}
+
+// Retention is a volume's policy for automatic snapshots. Manual snapshots are never pruned.
+type Retention struct {
+	KeepAuto    *int `yaml:"keep_auto"`    // at most this many auto snapshots; the oldest go first
+	KeepDays    *int `yaml:"keep_days"`    // auto snapshots older than this many days go; -1 keeps forever
+	KeepDaily   *int `yaml:"keep_daily"`   // also keep the newest of each of the last N days with snapshots
+	KeepWeekly  *int `yaml:"keep_weekly"`  // ... of the last N ISO weeks
+	KeepMonthly *int `yaml:"keep_monthly"` // ... of the last N months
+}
+
+// Defaults.
+const (
+	DefaultRepository = "/var/lib/stasis/repo"
+	DefaultMount      = "/run/stasis/snapshots"
+	DefaultStateDir   = "/var/lib/stasis"
+	DefaultSocket     = "/run/stasis/stasis.sock"
+	DefaultMaxFreeze  = 5 * time.Second
+	DefaultSchedule   = "@daily"
+)
+
+// Default retention: about a month of automatic snapshots, cloud-console style.
+var (
+	DefaultKeepAuto    = 64
+	DefaultKeepDays    = 30
+	DefaultKeepDaily   = 7
+	DefaultKeepWeekly  = 4
+	DefaultKeepMonthly = 6
+)
+
+// Duration is a time.Duration written as "5s", "1m30s".
+type Duration time.Duration
+
+// UnmarshalYAML parses a Go duration string.
+func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
+	var s string
+	if err := n.Decode(&s); err != nil {
+		return err
+	}
+	v, err := time.ParseDuration(s)
+	if err != nil {
+		return fmt.Errorf("line %d: %q is not a duration: write it like 5s, 500ms or 1m30s", n.Line, s)
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// Error is one problem in a configuration file.
+type Error struct {
+	File string
+	Line int
+	Msg  string
+}
+
+func (e *Error) Error() string {
+	if e.Line > 0 {
+		return fmt.Sprintf("%s:%d: %s", e.File, e.Line, e.Msg)
+	}
+	return fmt.Sprintf("%s: %s", e.File, e.Msg)
+}
+
+// Errors is every problem found, so a user fixes them in one go.
+type Errors []*Error
+
+func (es Errors) Error() string {
+	msgs := make([]string, len(es))
+	for i, e := range es {
+		msgs[i] = e.Error()
+	}
+	return strings.Join(msgs, "\n")
+}
+
+// Prober checks sources against the running system: that they exist and which block
+// devices they occupy (a partition also occupies its disk). The agent supplies one built
+// on capture.Resolve; tests supply fakes.
+type Prober interface {
+	Devices(source string) ([]string, error)
+}
+
+// Load reads and validates path. probe may be nil to skip the checks against the system.
+func Load(path string, probe Prober) (*Config, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("config file %s does not exist: create it (see docs/CONFIG.md) or pass --config", path)
+		}
+		return nil, fmt.Errorf("read config: %w", err)
+	}
+	return Parse(path, b, probe)
+}
+
+var lineRE = regexp.MustCompile(`^(?:yaml: )?line (\d+): (.*)$`)
+
+// Parse validates a configuration held in memory; path is used in messages.
+func Parse(path string, data []byte, probe Prober) (*Config, error) {
+	c := &Config{Path: path, lines: map[string]int{}}
+	var root yaml.Node
+	if err := yaml.Unmarshal(data, &root); err != nil {
+		return nil, Errors{yamlError(path, err)}
+	}
+	if root.Kind == 0 || len(root.Content) == 0 {
+		return nil, Errors{{File: path, Msg: "the file is empty: it needs at least a volumes list (see docs/CONFIG.md)"}}
+	}
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	if err := dec.Decode(c); err != nil && !errors.Is(err, io.EOF) {
+		var te *yaml.TypeError
+		if errors.As(err, &te) {
+			var es Errors
+			for _, m := range te.Errors {
+				es = append(es, yamlError(path, errors.New(m)))
+			}
+			return nil, es
+		}
+		return nil, Errors{yamlError(path, err)}
+	}
+	indexLines(root.Content[0], "", c.lines)
+	es := c.validate(probe)
+	if len(es) > 0 {
+		return nil, es
+	}
+	return c, nil
+}
+
+// yamlError turns "yaml: line 3: field foo not found in type config.Volume" into a
+// message with the line and a fix.
+func yamlError(path string, err error) *Error {
+	msg := err.Error()
+	line := 0
+	if m := lineRE.FindStringSubmatch(msg); m != nil {
+		fmt.Sscan(m[1], &line)
+		msg = m[2]
+	}
+	switch {
+	case strings.Contains(msg, "not found in type"):
+		field := strings.TrimPrefix(strings.SplitN(msg, " not found", 2)[0], "field ")
+		msg = fmt.Sprintf("unknown key %q: check its spelling and indentation (docs/CONFIG.md lists every key)", field)
+	case strings.Contains(msg, "cannot unmarshal"):
+		msg = "wrong type: " + msg
+	}
+	return &Error{File: path, Line: line, Msg: msg}
+}
+
+// indexLines records the line of every key, as "volumes[0].schedules[1]".
+func indexLines(n *yaml.Node, prefix string, out map[string]int) {
+	switch n.Kind {
+	case yaml.MappingNode:
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			k := n.Content[i].Value
+			p := k
+			if prefix != "" {
+				p = prefix + "." + k
+			}
+			out[p] = n.Content[i].Line
+			indexLines(n.Content[i+1], p, out)
+		}
+	case yaml.SequenceNode:
+		for i, c := range n.Content {
+			p := fmt.Sprintf("%s[%d]", prefix, i)
+			out[p] = c.Line
+			indexLines(c, p, out)
+		}
+	}
+}
+
+func (c *Config) errf(es *Errors, key, format string, args ...any) {
+	*es = append(*es, &Error{File: c.Path, Line: c.lines[key], Msg: key + ": " + fmt.Sprintf(format, args...)})
+}
+
+var volumeNameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$`)
+
+// cronParser accepts 5-field expressions, descriptors (@daily, @every 1h) and CRON_TZ=/TZ=.
+var cronParser = cron.NewParser(cron.Minute | cron.Hour | cron.Dom | cron.Month | cron.Dow | cron.Descriptor)
+
+func (c *Config) validate(probe Prober) Errors {
+	var es Errors
+	if c.Repository == "" {
+		c.Repository = DefaultRepository
+	}
+	if !filepath.IsAbs(c.Repository) {
+		c.errf(&es, "repository", "%q is not an absolute path", c.Repository)
+	}
+	if c.Mount == nil {
+		m := DefaultMount
+		c.Mount = &m
+	}
+	if *c.Mount != "" && !filepath.IsAbs(*c.Mount) {
+		c.errf(&es, "mount", "%q is not an absolute path (use \"\" to disable the view)", *c.Mount)
+	}
+	if *c.Mount != "" && (*c.Mount == c.Repository || strings.HasPrefix(*c.Mount, c.Repository+"/")) {
+		c.errf(&es, "mount", "%q is inside the repository %s: choose a directory outside it", *c.Mount, c.Repository)
+	}
+	if c.StateDir == "" {
+		c.StateDir = DefaultStateDir
+	}
+	if c.Socket == "" {
+		c.Socket = DefaultSocket
+	}
+	if c.GCAfterPrune == nil {
+		t := true
+		c.GCAfterPrune = &t
+	}
+	if c.CatchUp == nil {
+		t := true
+		c.CatchUp = &t
+	}
+	if len(c.Volumes) == 0 {
+		es = append(es, &Error{File: c.Path, Line: c.lines["volumes"], Msg: "no volumes: add at least one under volumes: with a name and a source"})
+	}
+	names := map[string]int{}
+	devices := map[string]string{} // device → volume using it
+	for i := range c.Volumes {
+		v := &c.Volumes[i]
+		key := fmt.Sprintf("volumes[%d]", i)
+		switch {
+		case v.Name == "":
+			c.errf(&es, key, "name is missing: give the volume a name (letters, digits, . _ - @ +)")
+		case !volumeNameRE.MatchString(v.Name):
+			c.errf(&es, key+".name", "%q is not a valid volume name: use letters, digits, '.', '_', '@', '+' or '-', starting with a letter or digit", v.Name)
+		default:
+			if j, dup := names[v.Name]; dup {
+				c.errf(&es, key+".name", "volume %q is already defined at line %d: names must be unique", v.Name, c.lines[fmt.Sprintf("volumes[%d]", j)])
+			}
+			names[v.Name] = i
+		}
+		if v.Source == "" {
+			c.errf(&es, key, "source is missing: give a block device, partition, mount point or image file")
+		} else if probe != nil {
+			devs, err := probe.Devices(v.Source)
+			if err != nil {
+				c.errf(&es, key+".source", "%v", err)
+			}
+			for _, d := range devs {
+				if other, ok := devices[d]; ok && other != v.Name {
+					c.errf(&es, key+".source", "%s overlaps volume %q (both use %s): a device may belong to one volume only", v.Source, other, d)
+					break
+				}
+			}
+			for _, d := range devs {
+				devices[d] = v.Name
+			}
+		}
+		if len(v.Schedules) == 0 && c.lines[key+".schedules"] == 0 {
+			v.Schedules = []string{DefaultSchedule}
+		}
+		v.Parsed = nil
+		for j, s := range v.Schedules {
+			sched, err := cronParser.Parse(s)
+			if err != nil {
+				msg := err.Error()
+				if strings.Contains(msg, "provided bad location") {
+					msg = "unknown time zone in " + strings.Fields(s)[0] + ": use an IANA name such as Asia/Shanghai or UTC"
+				} else {
+					msg += `: use 5 fields (minute hour day-of-month month day-of-week), a descriptor (@hourly, @daily, @weekly, @monthly) or "@every 4h"`
+				}
+				c.errf(&es, fmt.Sprintf("%s.schedules[%d]", key, j), "bad schedule %q: %s", s, msg)
+				continue
+			}
+			v.Parsed = append(v.Parsed, sched)
+		}
+		if v.MaxFreeze == 0 {
+			v.MaxFreeze = Duration(DefaultMaxFreeze)
+		}
+		if v.MaxFreeze < Duration(10*time.Millisecond) || v.MaxFreeze > Duration(time.Minute) {
+			c.errf(&es, key+".max_freeze", "%s is out of range: use 10ms to 1m (5s is the default)", time.Duration(v.MaxFreeze))
+		}
+		if cs := v.ChunkSize; cs != 0 && (cs < 4096 || cs > 4<<20 || cs&(cs-1) != 0) {
+			c.errf(&es, key+".chunk_size", "%d is not a power of two from 4096 to 4194304", cs)
+		}
+		r := &v.Retention
+		for _, f := range []struct {
+			name string
+			p    **int
+			def  int
+			min  int
+		}{{"keep_auto", &r.KeepAuto, DefaultKeepAuto, 1}, {"keep_days", &r.KeepDays, DefaultKeepDays, -1},
+			{"keep_daily", &r.KeepDaily, DefaultKeepDaily, 0}, {"keep_weekly", &r.KeepWeekly, DefaultKeepWeekly, 0},
+			{"keep_monthly", &r.KeepMonthly, DefaultKeepMonthly, 0}} {
+			if *f.p == nil {
+				d := f.def
+				*f.p = &d
+			}
+			if **f.p < f.min {
+				c.errf(&es, key+".retention."+f.name, "%d is below the minimum %d", **f.p, f.min)
+			}
+		}
+	}
+	return es
+}
+
+// VolumeByName returns the named volume, or nil.
+func (c *Config) VolumeByName(name string) *Volume {
+	for i := range c.Volumes {
+		if c.Volumes[i].Name == name {
+			return &c.Volumes[i]
+		}
+	}
+	return nil
+}

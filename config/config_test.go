@@ -1,0 +1,112 @@
+package config
+
+import (
+	"errors"
+	"strings"
+	"testing"
+	"time"
+)
+
+// fakeProber maps sources to devices; anything else does not exist.
+type fakeProber map[string][]string
+
+func (f fakeProber) Devices(source string) ([]string, error) {
+	if d, ok := f[source]; ok {
+		return d, nil
+	}
+	return nil, errors.New(source + " does not exist: give an existing block device, mount point or image file")
+}
+
+var probe = fakeProber{
+	"/dev/vdb":  {"/dev/vdb"},
+	"/dev/vdc":  {"/dev/vdc"},
+	"/dev/vdc1": {"/dev/vdc1", "/dev/vdc"}, // a partition occupies its disk too
+	"/srv/db":   {"/dev/vdd"},
+	"/dev/vdd":  {"/dev/vdd"},
+}
+
+func TestMinimalConfigGetsDefaults(t *testing.T) {
+	c, err := Parse("stasis.yaml", []byte("volumes:\n  - name: data\n    source: /dev/vdb\n"), probe)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := c.Volumes[0]
+	if c.Repository != DefaultRepository || *c.Mount != DefaultMount || c.Socket != DefaultSocket {
+		t.Fatalf("defaults: %+v", c)
+	}
+	if len(v.Schedules) != 1 || v.Schedules[0] != "@daily" || len(v.Parsed) != 1 || time.Duration(v.MaxFreeze) != 5*time.Second {
+		t.Fatalf("volume defaults: %+v", v)
+	}
+	if *v.Retention.KeepAuto != 64 || *v.Retention.KeepDays != 30 || *v.Retention.KeepDaily != 7 {
+		t.Fatalf("retention defaults: %+v", v.Retention)
+	}
+}
+
+func TestFullConfig(t *testing.T) {
+	c, err := Parse("stasis.yaml", []byte(`
+repository: /var/lib/stasis/repo
+mount: ""
+metrics_listen: 127.0.0.1:9412
+volumes:
+  - name: data
+    source: /dev/vdb
+    schedules: ["0 */4 * * *", "CRON_TZ=Asia/Shanghai 30 2 * * 1-5", "@daily", "@every 3s"]
+    max_freeze: 2s
+    retention:
+      keep_auto: 10
+      keep_days: -1
+      keep_daily: 0
+`), probe)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := c.Volumes[0]
+	if *c.Mount != "" || len(v.Parsed) != 4 || *v.Retention.KeepDays != -1 || *v.Retention.KeepDaily != 0 || *v.Retention.KeepWeekly != 4 {
+		t.Fatalf("parsed: %+v %+v", c, v.Retention)
+	}
+	// The time zone applies: 02:30 Shanghai is 18:30 UTC the day before.
+	next := v.Parsed[1].Next(time.Date(2026, 11, 23, 0, 0, 0, 0, time.UTC))
+	if next.UTC().Hour() != 18 || next.UTC().Minute() != 30 {
+		t.Fatalf("CRON_TZ ignored: next run %v", next.UTC())
+	}
+}
+
+// TestBadConfigs: each mistake gets its own message, naming the line.
+func TestBadConfigs(t *testing.T) {
+	cases := []struct {
+		name, yaml, want string
+	}{
+		{"empty", "", "the file is empty"},
+		{"not yaml", "volumes: [", "stasis.yaml:1:"},
+		{"unknown top key", "volumes:\n  - name: a\n    source: /dev/vdb\nrepositry: /x\n", `stasis.yaml:4: unknown key "repositry"`},
+		{"unknown volume key", "volumes:\n  - name: a\n    source: /dev/vdb\n    schedule: \"@daily\"\n", `stasis.yaml:4: unknown key "schedule"`},
+		{"wrong type", "volumes:\n  - name: a\n    source: /dev/vdb\n    schedules: 5\n", "stasis.yaml:4: wrong type"},
+		{"wrong type retention", "volumes:\n  - name: a\n    source: /dev/vdb\n    retention:\n      keep_auto: many\n", "stasis.yaml:5: wrong type"},
+		{"bad cron", "volumes:\n  - name: a\n    source: /dev/vdb\n    schedules: [\"61 * * * *\"]\n", `stasis.yaml:4: volumes[0].schedules[0]: bad schedule "61 * * * *"`},
+		{"bad time zone", "volumes:\n  - name: a\n    source: /dev/vdb\n    schedules:\n      - CRON_TZ=Mars/Olympus 0 3 * * *\n", "stasis.yaml:5: volumes[0].schedules[0]: bad schedule \"CRON_TZ=Mars/Olympus 0 3 * * *\": unknown time zone"},
+		{"duplicate names", "volumes:\n  - name: a\n    source: /dev/vdb\n  - name: a\n    source: /dev/vdc\n", `stasis.yaml:4: volumes[1].name: volume "a" is already defined at line 2`},
+		{"missing source", "volumes:\n  - name: a\n", "stasis.yaml:2: volumes[0]: source is missing"},
+		{"source does not exist", "volumes:\n  - name: a\n    source: /dev/nope\n", "stasis.yaml:3: volumes[0].source: /dev/nope does not exist"},
+		{"same device twice", "volumes:\n  - name: a\n    source: /dev/vdd\n  - name: b\n    source: /srv/db\n", `stasis.yaml:5: volumes[1].source: /srv/db overlaps volume "a"`},
+		{"partition of a volume's disk", "volumes:\n  - name: a\n    source: /dev/vdc\n  - name: b\n    source: /dev/vdc1\n", `overlaps volume "a"`},
+		{"bad name", "volumes:\n  - name: ../x\n    source: /dev/vdb\n", `stasis.yaml:2: volumes[0].name: "../x" is not a valid volume name`},
+		{"bad duration", "volumes:\n  - name: a\n    source: /dev/vdb\n    max_freeze: 5 seconds\n", `stasis.yaml:4: "5 seconds" is not a duration`},
+		{"freeze too long", "volumes:\n  - name: a\n    source: /dev/vdb\n    max_freeze: 10m\n", "stasis.yaml:4: volumes[0].max_freeze: 10m0s is out of range"},
+		{"bad keep_days", "volumes:\n  - name: a\n    source: /dev/vdb\n    retention: {keep_days: -2}\n", "volumes[0].retention.keep_days: -2 is below the minimum -1"},
+		{"no volumes", "repository: /var/lib/stasis/repo\n", "no volumes"},
+		{"relative repository", "repository: repo\nvolumes:\n  - name: a\n    source: /dev/vdb\n", `stasis.yaml:1: repository: "repo" is not an absolute path`},
+		{"mount inside repository", "repository: /r\nmount: /r/view\nvolumes:\n  - name: a\n    source: /dev/vdb\n", "stasis.yaml:2: mount: \"/r/view\" is inside the repository"},
+		{"bad chunk size", "volumes:\n  - name: a\n    source: /dev/vdb\n    chunk_size: 1000\n", "volumes[0].chunk_size: 1000 is not a power of two"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			_, err := Parse("stasis.yaml", []byte(c.yaml), probe)
+			if err == nil {
+				t.Fatalf("accepted:\n%s", c.yaml)
+			}
+			if !strings.Contains(err.Error(), c.want) {
+				t.Fatalf("error %q does not contain %q", err, c.want)
+			}
+		})
+	}
+}
