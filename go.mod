@@ -14,6 +14,7 @@ require (
 
 require (
 	github.com/bits-and-blooms/bitset v1.29.0 // indirect
+	github.com/coreos/go-systemd/v22 v22.7.0 // indirect
 	github.com/inconshreveable/mousetrap v1.1.0 // indirect
 	github.com/klauspost/cpuid/v2 v2.0.12 // indirect
 	github.com/robfig/cron/v3 v3.0.1 // indirect

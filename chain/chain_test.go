@@ -372,3 +372,38 @@ func TestCreatedOrder(t *testing.T) {
 		t.Fatalf("order %s %s %s", s[0].ID, s[1].ID, s[2].ID)
 	}
 }
+
+// TestGCInTheSameSessionAsASnapshot: a long-lived process (the agent) snapshots and then
+// collects garbage under one lock; the packs the snapshot just wrote are not orphans.
+func TestGCInTheSameSessionAsASnapshot(t *testing.T) {
+	ctx := context.Background()
+	rng := rand.New(rand.NewSource(12))
+	r, _ := newRepo(t)
+	v := newVolume(rng, 2<<20, 16<<10)
+	v.snapshot(t, r, "a", false, nil)
+	unlock, _ := r.Lock(ctx, "agent")
+	defer unlock()
+	for i := 0; i < 3; i++ {
+		v.scribble(rng, 20)
+		w, err := r.NewSnapshot(ctx, chain.SnapshotOptions{Volume: "vol", Size: int64(len(v.data)), ChunkSize: v.chunkSize})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for c := 0; c < len(v.data)/v.chunkSize; c++ {
+			w.Put(ctx, int64(c), v.data[c*v.chunkSize:(c+1)*v.chunkSize])
+		}
+		s, err := w.Commit(ctx, nil, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := r.GC(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(readAll(t, r, s), v.data) {
+			t.Fatalf("round %d: the snapshot just taken is unreadable after gc in the same session", i)
+		}
+		if rep, err := r.Verify(ctx, true, nil); err != nil || !rep.OK() {
+			t.Fatalf("round %d: verify after gc in the same session: %v %v", i, err, rep.Problems)
+		}
+	}
+}

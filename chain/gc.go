@@ -29,6 +29,11 @@ func (r *Repository) GC(ctx context.Context) (GCStats, error) {
 	if err := r.checkLocked(); err != nil {
 		return st, err
 	}
+	// Start from what the backend holds now, not from what this process read earlier: a
+	// pack is an orphan only if no index file on disk names it.
+	if err := r.loadIndex(ctx); err != nil {
+		return st, err
+	}
 	snaps, bad, err := r.Snapshots(ctx)
 	if err != nil {
 		return st, err

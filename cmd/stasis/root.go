@@ -15,6 +15,7 @@ import (
 
 	"github.com/stasis-project/stasis/chain"
 	"github.com/stasis-project/stasis/chain/local"
+	"github.com/stasis-project/stasis/config"
 )
 
 // DefaultRepo is where stasis keeps snapshots when neither -r nor STASIS_REPO says otherwise.
@@ -22,6 +23,7 @@ const DefaultRepo = "/var/lib/stasis/repo"
 
 type globals struct {
 	repo    string
+	config  string
 	verbose bool
 	logHold *holdHandler
 	log     *slog.Logger
@@ -44,20 +46,34 @@ The repository is -r DIR, else $STASIS_REPO, else ` + DefaultRepo + `.`,
 	}
 	root.PersistentFlags().StringVarP(&g.repo, "repo", "r", "", "repository directory (default $STASIS_REPO or "+DefaultRepo+")")
 	root.PersistentFlags().BoolVarP(&g.verbose, "verbose", "v", false, "log details to stderr")
+	root.PersistentFlags().StringVar(&g.config, "config", "", "configuration file (default "+config.DefaultPath+" when it exists); gives the repository and the volumes")
 	root.AddCommand(
 		newInitCmd(g), newSnapshotCmd(g), newListCmd(g), newDeleteCmd(g), newGCCmd(g),
 		newVerifyCmd(g), newStatsCmd(g), newExportCmd(g), newRestoreCmd(g),
-		newThawCmd(), newFreezeGuardCmd(),
+		newThawCmd(), newFreezeGuardCmd(), newAgentCmd(g), newStatusCmd(g), newPruneCmd(g), newConfigCmd(g),
 	)
 	return root
 }
 
+// repoPath is -r, else the repository of an explicit --config, else $STASIS_REPO, else
+// that of the default configuration file if there is one, else DefaultRepo.
 func (g *globals) repoPath() string {
 	if g.repo != "" {
 		return g.repo
 	}
+	if g.config != "" {
+		if c, err := config.Load(g.config, nil); err == nil {
+			return c.Repository
+		}
+		return "" // openRepo reports the configuration's error
+	}
 	if env := os.Getenv("STASIS_REPO"); env != "" {
 		return env
+	}
+	if g.haveConfig() {
+		if c, err := config.Load(config.DefaultPath, nil); err == nil {
+			return c.Repository
+		}
 	}
 	return DefaultRepo
 }
@@ -78,6 +94,11 @@ func (g *globals) logger() *slog.Logger {
 // openRepo opens the repository for reading.
 func (g *globals) openRepo(ctx context.Context) (*chain.Repository, error) {
 	path := g.repoPath()
+	if path == "" {
+		if _, err := config.Load(g.config, nil); err != nil {
+			return nil, err
+		}
+	}
 	be, err := local.Open(path)
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {

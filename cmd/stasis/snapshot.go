@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -39,7 +40,7 @@ type snapshotFlags struct {
 func newSnapshotCmd(g *globals) *cobra.Command {
 	var f snapshotFlags
 	cmd := &cobra.Command{
-		Use:   "snapshot --source DEV|MOUNTPOINT|IMAGE --volume NAME [--name NAME]",
+		Use:   "snapshot {VOLUME | --source DEV|MOUNTPOINT|IMAGE --volume NAME} [--name NAME]",
 		Short: "Take a snapshot of a block device, partition, mount point or image file",
 		Long: `Take a snapshot of --source as the next link of volume --volume's chain. The
 volume's first snapshot stores every non-empty chunk; later snapshots store only chunks the
@@ -55,11 +56,20 @@ thaws whatever stasis froze.
 A device with no mounted filesystem, an image file, --no-freeze, or a filesystem that cannot
 freeze gives a snapshot read as it is, labelled "crash".
 
-Without --name the snapshot is named manual_YYYYMMDD_HHMMSS (UTC). Names are unique per volume.`,
-		Example: `  stasis snapshot --source /dev/vdb --volume data --name before-upgrade
+Without --name the snapshot is named manual_YYYYMMDD_HHMMSS (UTC). Names are unique per volume.
+
+With a configuration file, "stasis snapshot VOLUME" snapshots a configured volume with its
+settings; when the agent runs, it takes the snapshot (waiting for a running one).`,
+		Example: `  stasis snapshot data --name before-upgrade          # a volume of /etc/stasis/stasis.yaml
+  stasis snapshot --source /dev/vdb --volume data --name before-upgrade
   stasis snapshot --source /var/lib/mysql --volume db --json`,
-		Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error { return runSnapshot(cmd, g, f) },
+		Args: cobra.MaximumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if len(args) == 1 {
+				return runConfiguredSnapshot(cmd, g, args[0], f)
+			}
+			return runSnapshot(cmd, g, f)
+		},
 	}
 	fl := cmd.Flags()
 	fl.StringVar(&f.source, "source", "", "block device, partition, mount point or image file to snapshot")
@@ -70,6 +80,38 @@ Without --name the snapshot is named manual_YYYYMMDD_HHMMSS (UTC). Names are uni
 	fl.DurationVar(&f.maxFreeze, "max-freeze", 5*time.Second, "longest time filesystems may stay frozen")
 	fl.IntVar(&f.chunkSize, "chunk-size", 0, "chunk size in bytes for a new volume (default 65536); fixed afterwards")
 	return cmd
+}
+
+// runConfiguredSnapshot snapshots a configured volume, through the agent when it runs.
+func runConfiguredSnapshot(cmd *cobra.Command, g *globals, volume string, f snapshotFlags) error {
+	if f.source != "" || f.volume != "" {
+		return fmt.Errorf("give either a configured VOLUME or --source and --volume, not both")
+	}
+	cfg, err := g.loadConfig()
+	if err != nil {
+		return err
+	}
+	v := cfg.VolumeByName(volume)
+	if v == nil {
+		return fmt.Errorf("no volume %q in %s", volume, cfg.Path)
+	}
+	resp, err := agent.Call(cfg.Socket, agent.ControlRequest{Op: "snapshot", Volume: volume, Name: f.name},
+		func(note string) { fmt.Fprintln(cmd.ErrOrStderr(), note) })
+	if err == nil {
+		resp.Snapshot.Snapshot.ID = resp.Snapshot.ID // manifests carry their ID in their name, not their JSON
+		return printSnapshot(cmd, f.asJSON, resp.Snapshot)
+	}
+	if !errors.Is(err, agent.ErrNoAgent) {
+		return err
+	}
+	g.repo = cfg.Repository
+	f.source, f.volume = v.Source, v.Name
+	if !cmd.Flags().Changed("max-freeze") {
+		f.maxFreeze = time.Duration(v.MaxFreeze)
+	}
+	f.noFreeze = f.noFreeze || v.NoFreeze
+	f.chunkSize = v.ChunkSize
+	return runSnapshot(cmd, g, f)
 }
 
 func runSnapshot(cmd *cobra.Command, g *globals, f snapshotFlags) error {
@@ -107,20 +149,24 @@ func runSnapshot(cmd *cobra.Command, g *globals, f snapshotFlags) error {
 	if err != nil {
 		return err
 	}
-	s, res, ws := out.Snapshot, out.Capture, out.Write
-	if f.asJSON {
-		return printJSON(cmd, snapshotJSON{listEntry: toListEntry(s), Tracking: res.Tracking, Rounds: res.Rounds,
-			FreezeMS: agent.Millis(res.Freeze), BytesRead: res.BytesRead, BytesStored: ws.DataBytes + ws.TreeBytes,
-			MetadataBytes: ws.MetadataBytes, ChunksStored: ws.ChunksStored, FinalChunks: res.FinalChunks,
-			DurationMS: out.Duration.Milliseconds(), Warnings: out.Warnings})
+	return printSnapshot(cmd, f.asJSON, agent.Report(out))
+}
+
+func printSnapshot(cmd *cobra.Command, asJSON bool, r *agent.SnapshotReport) error {
+	s := r.Snapshot
+	if asJSON {
+		return printJSON(cmd, snapshotJSON{listEntry: toListEntry(s), Tracking: r.Tracking, Rounds: r.Rounds,
+			FreezeMS: r.FreezeMS, BytesRead: r.BytesRead, BytesStored: r.BytesStored,
+			MetadataBytes: r.MetadataBytes, ChunksStored: r.ChunksStored, FinalChunks: r.FinalChunks,
+			DurationMS: r.DurationMS, Warnings: r.Warnings})
 	}
 	frozen := ""
-	if res.Frozen {
-		frozen = fmt.Sprintf(", frozen %.1f ms", agent.Millis(res.Freeze))
+	if r.FreezeMS > 0 {
+		frozen = fmt.Sprintf(", frozen %.1f ms", r.FreezeMS)
 	}
 	fmt.Fprintf(cmd.OutOrStdout(), "snapshot %s/%s (%s, %s): %s volume, read %s in %d rounds, %s new in %s%s\n",
-		s.Volume, s.Name, s.ID[:12], s.Consistency, humanize.IBytes(uint64(s.SizeBytes)), humanize.IBytes(uint64(res.BytesRead)),
-		res.Rounds, humanize.IBytes(uint64(s.NewBytes)), out.Duration.Round(time.Millisecond), frozen)
+		s.Volume, s.Name, s.ID[:12], s.Consistency, humanize.IBytes(uint64(s.SizeBytes)), humanize.IBytes(uint64(r.BytesRead)),
+		r.Rounds, humanize.IBytes(uint64(s.NewBytes)), (time.Duration(r.DurationMS) * time.Millisecond).String(), frozen)
 	return nil
 }
 

@@ -1,0 +1,328 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"github.com/dustin/go-humanize"
+	"github.com/spf13/cobra"
+	"golang.org/x/sys/unix"
+
+	"github.com/stasis-project/stasis/agent"
+	"github.com/stasis-project/stasis/chain"
+	"github.com/stasis-project/stasis/chain/capture"
+	"github.com/stasis-project/stasis/chain/local"
+	"github.com/stasis-project/stasis/config"
+)
+
+// sourceProber checks configured sources against this machine for config validation.
+type sourceProber struct{}
+
+func (sourceProber) Devices(source string) ([]string, error) {
+	v, err := capture.Resolve(source)
+	if err != nil {
+		return nil, err
+	}
+	if v.IsFile {
+		p, err := filepath.EvalSymlinks(source)
+		if err != nil {
+			return nil, err
+		}
+		return []string{"file " + p}, nil
+	}
+	devs := []string{fmt.Sprintf("device %d:%d", unix.Major(v.Dev), unix.Minor(v.Dev))}
+	if v.Disk != v.Dev {
+		devs = append(devs, fmt.Sprintf("device %d:%d", unix.Major(v.Disk), unix.Minor(v.Disk)))
+	}
+	return devs, nil
+}
+
+// loadConfig reads the configuration named by --config (or the default file).
+func (g *globals) loadConfig() (*config.Config, error) {
+	path := g.config
+	if path == "" {
+		path = config.DefaultPath
+	}
+	return config.Load(path, sourceProber{})
+}
+
+// haveConfig reports whether commands should use a configuration file.
+func (g *globals) haveConfig() bool {
+	if g.config != "" {
+		return true
+	}
+	_, err := os.Stat(config.DefaultPath)
+	return err == nil && g.repo == "" && os.Getenv("STASIS_REPO") == ""
+}
+
+func newConfigCmd(g *globals) *cobra.Command {
+	cmd := &cobra.Command{Use: "config", Short: "Work with the configuration file"}
+	cmd.AddCommand(&cobra.Command{
+		Use:   "check [FILE]",
+		Short: "Validate a configuration file as the agent would at start",
+		Long: `Validate FILE (default --config or ` + config.DefaultPath + `): keys, types, schedules, time
+zones, volume names, and against this machine: sources exist and no two volumes overlap.
+Every problem is listed with its line.`,
+		Args: cobra.MaximumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if len(args) == 1 {
+				g.config = args[0]
+			}
+			c, err := g.loadConfig()
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "%s is valid: repository %s, %d volumes\n", c.Path, c.Repository, len(c.Volumes))
+			for _, v := range c.Volumes {
+				next := time.Time{}
+				for _, s := range v.Parsed {
+					if n := s.Next(time.Now()); next.IsZero() || n.Before(next) {
+						next = n
+					}
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "  %s: %s, next snapshot %s\n", v.Name, v.Source, next.Local().Format(time.RFC3339))
+			}
+			return nil
+		},
+	})
+	return cmd
+}
+
+// openOrCreateRepo opens the agent's repository, creating it on first start.
+func openOrCreateRepo(log *slog.Logger) func(string) (*chain.Repository, error) {
+	return func(path string) (*chain.Repository, error) {
+		if _, err := os.Stat(filepath.Join(path, "config")); errors.Is(err, os.ErrNotExist) {
+			be, err := local.Create(path)
+			if err != nil {
+				return nil, err
+			}
+			if err := chain.Init(context.Background(), be); err != nil {
+				return nil, err
+			}
+			log.Info("created repository", "path", path)
+		}
+		be, err := local.Open(path)
+		if err != nil {
+			return nil, err
+		}
+		return chain.Open(context.Background(), be, log)
+	}
+}
+
+func newAgentCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "agent [--config FILE]",
+		Short: "Run the snapshot service (schedules, retention, live tracking, control socket)",
+		Long: `Run as a service (systemd Type=notify): snapshot each configured volume on its schedules,
+apply retention after each snapshot, keep a changed-block tracker running between snapshots
+so incrementals read only what changed, and answer the CLI on the control socket.
+SIGHUP reloads the configuration (an invalid one is refused and the old one kept); SIGTERM
+finishes or aborts the running snapshot (never leaving anything frozen) and exits.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx := cmd.Context()
+			cfg, err := g.loadConfig()
+			if err != nil {
+				return err
+			}
+			log := g.logger()
+			exe, err := os.Executable()
+			if err != nil {
+				return err
+			}
+			svc, err := agent.NewService(ctx, cfg, g.loadConfig, openOrCreateRepo(log),
+				agent.Options{Log: log, GuardCommand: []string{exe, "freeze-guard"}, Hold: g.logHold, FreezeHook: testFreezeHook()})
+			if err != nil {
+				return err
+			}
+			if cfg.Mount != nil && *cfg.Mount != "" {
+				log.Warn("the FUSE view is not available in this version; set mount: \"\" to silence this", "mount", *cfg.Mount)
+			}
+			ctx, cancel := context.WithCancel(ctx)
+			defer cancel()
+			errc := make(chan error, 1)
+			go func() { errc <- svc.ServeControl(ctx, cfg.Socket, cfg.SocketGroup) }()
+			hup := make(chan os.Signal, 1)
+			signal.Notify(hup, syscall.SIGHUP)
+			reload := make(chan struct{}, 1)
+			go func() {
+				for range hup {
+					select {
+					case reload <- struct{}{}:
+					default:
+					}
+				}
+			}()
+			runErr := make(chan error, 1)
+			go func() { runErr <- svc.Run(ctx, reload) }()
+			select {
+			case err := <-errc:
+				cancel()
+				<-runErr
+				return err
+			case err := <-runErr:
+				return err
+			}
+		},
+	}
+}
+
+func newStatusCmd(g *globals) *cobra.Command {
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "status [--json]",
+		Short: "Show each volume's last snapshot, next run, tracking and last failure",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := g.loadConfig()
+			if err != nil {
+				return err
+			}
+			resp, err := agent.Call(cfg.Socket, agent.ControlRequest{Op: "status"}, nil)
+			if err != nil {
+				if errors.Is(err, agent.ErrNoAgent) {
+					return fmt.Errorf("the agent is not running (no answer on %s): start it with `systemctl start stasis`", cfg.Socket)
+				}
+				return err
+			}
+			if asJSON {
+				return printJSON(cmd, resp.Status)
+			}
+			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 0, 2, ' ', 0)
+			fmt.Fprintln(tw, "VOLUME\tLAST SNAPSHOT\tRESULT\tFREEZE\tNEXT RUN\tSNAPSHOTS\tTRACKING")
+			for _, s := range resp.Status {
+				result := s.LastResult
+				if s.Running {
+					result = "running"
+				}
+				next := "-"
+				if !s.NextRun.IsZero() {
+					next = humanize.Time(s.NextRun)
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%.1f ms\t%s\t%d\t%s\n", s.Volume, s.LastSnapshot, trim(result, 40), s.LastFreezeMS, next, s.Snapshots, s.Tracking)
+			}
+			tw.Flush()
+			for _, s := range resp.Status {
+				if s.LastFailure != "" {
+					fmt.Fprintf(cmd.OutOrStdout(), "\n%s: last failure: %s\n", s.Volume, s.LastFailure)
+				}
+			}
+			return nil
+		},
+	}
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	return cmd
+}
+
+func trim(s string, n int) string {
+	if len(s) > n {
+		return s[:n-1] + "…"
+	}
+	return s
+}
+
+func newPruneCmd(g *globals) *cobra.Command {
+	var dryRun, asJSON bool
+	cmd := &cobra.Command{
+		Use:   "prune [VOLUME] [--dry-run]",
+		Short: "Apply retention: delete automatic snapshots the policy does not keep, then gc",
+		Long: `Apply each volume's retention policy (or one volume's). Manual snapshots are never
+deleted; neither is a volume's newest snapshot. With --dry-run, show every snapshot with the
+reason it would be kept or deleted, and change nothing. Goes through the agent when it runs.`,
+		Args: cobra.MaximumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cfg, err := g.loadConfig()
+			if err != nil {
+				return err
+			}
+			volume := ""
+			if len(args) == 1 {
+				volume = args[0]
+				if cfg.VolumeByName(volume) == nil {
+					return fmt.Errorf("no volume %q in %s", volume, cfg.Path)
+				}
+			}
+			var decisions []agent.PruneDecision
+			resp, err := agent.Call(cfg.Socket, agent.ControlRequest{Op: "prune", Volume: volume, DryRun: dryRun}, nil)
+			switch {
+			case err == nil:
+				decisions = resp.Decisions
+			case errors.Is(err, agent.ErrNoAgent):
+				decisions, err = pruneDirect(cmd.Context(), g, cfg, volume, dryRun)
+				if err != nil {
+					return err
+				}
+			default:
+				return err
+			}
+			if asJSON {
+				return printJSON(cmd, decisions)
+			}
+			verb := "deleted"
+			if dryRun {
+				verb = "would delete"
+			}
+			for _, d := range decisions {
+				what := "keep"
+				if !d.Keep {
+					what = verb
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "%-12s %s/%s (%s): %s\n", what, d.Volume, d.Name, d.Created.Local().Format("2006-01-02 15:04"), d.Reason)
+			}
+			return nil
+		},
+	}
+	cmd.Flags().BoolVar(&dryRun, "dry-run", false, "show what would be deleted, delete nothing")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	return cmd
+}
+
+// pruneDirect applies retention without an agent.
+func pruneDirect(ctx context.Context, g *globals, cfg *config.Config, volume string, dryRun bool) ([]agent.PruneDecision, error) {
+	g.repo = cfg.Repository
+	var r *chain.Repository
+	unlock := func() {}
+	var err error
+	if dryRun {
+		r, err = g.openRepo(ctx)
+	} else {
+		r, unlock, err = g.lockRepo(ctx)
+	}
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	snaps, _, err := r.Snapshots(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var all []agent.PruneDecision
+	deleted := false
+	for _, v := range cfg.Volumes {
+		if volume != "" && v.Name != volume {
+			continue
+		}
+		d, victims := agent.Plan(snaps, v, time.Now())
+		all = append(all, d...)
+		if !dryRun && len(victims) > 0 {
+			if err := r.Delete(ctx, victims...); err != nil {
+				return nil, err
+			}
+			deleted = true
+		}
+	}
+	if deleted && *cfg.GCAfterPrune {
+		if _, err := r.GC(ctx); err != nil {
+			return all, err
+		}
+	}
+	return all, nil
+}

@@ -1,0 +1,220 @@
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stasis-project/stasis/test/testenv"
+)
+
+type agentEnv struct {
+	cfg, repo, socket, notify string
+	mnts                      []string
+	notes                     chan string
+}
+
+// newAgentEnv writes a configuration with two loop volumes (ext4, mounted, writers running).
+func newAgentEnv(t *testing.T, schedules string, retention string) *agentEnv {
+	dir := t.TempDir()
+	e := &agentEnv{cfg: filepath.Join(dir, "stasis.yaml"), repo: filepath.Join(dir, "repo"), socket: filepath.Join(dir, "stasis.sock")}
+	var vols strings.Builder
+	for i := 0; i < 2; i++ {
+		dev, _ := testenv.LoopDevice(t, 128<<20)
+		testenv.Mkfs(t, "ext4", dev)
+		mnt := testenv.Mount(t, dev)
+		testenv.StartWriters(t, mnt, 1, int64(i))
+		e.mnts = append(e.mnts, mnt)
+		fmt.Fprintf(&vols, "  - name: vol%d\n    source: %s\n    schedules: [%q]\n    retention: %s\n", i, mnt, schedules, retention)
+	}
+	cfg := fmt.Sprintf("repository: %s\nmount: \"\"\nstate_dir: %s\nsocket: %s\nvolumes:\n%s", e.repo, filepath.Join(dir, "state"), e.socket, vols.String())
+	if err := os.WriteFile(e.cfg, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// A datagram socket standing in for systemd's NOTIFY_SOCKET.
+	e.notify = filepath.Join(dir, "notify.sock")
+	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: e.notify, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	e.notes = make(chan string, 1000)
+	go func() {
+		buf := make([]byte, 4096)
+		for {
+			n, err := conn.Read(buf)
+			if err != nil {
+				return
+			}
+			e.notes <- string(buf[:n])
+		}
+	}()
+	return e
+}
+
+func (e *agentEnv) start(t *testing.T, env ...string) *exec.Cmd {
+	cmd := exec.Command(testenv.Binary(t), "agent", "--config", e.cfg)
+	cmd.Env = append(append(os.Environ(), "NOTIFY_SOCKET="+e.notify), env...)
+	cmd.Stderr = &testLog{t: t}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	return cmd
+}
+
+// waitNote waits for a notification containing want.
+func (e *agentEnv) waitNote(t *testing.T, want string, d time.Duration) {
+	t.Helper()
+	deadline := time.After(d)
+	for {
+		select {
+		case n := <-e.notes:
+			if strings.Contains(n, want) {
+				return
+			}
+		case <-deadline:
+			t.Fatalf("no %q notification within %v", want, d)
+		}
+	}
+}
+
+type testLog struct{ t *testing.T }
+
+func (l *testLog) Write(p []byte) (int, error) {
+	l.t.Logf("agent: %s", strings.TrimRight(string(p), "\n"))
+	return len(p), nil
+}
+
+func listJSON(t *testing.T, args ...string) []map[string]any {
+	var out []map[string]any
+	if err := json.Unmarshal([]byte(testenv.MustStasis(t, append([]string{"list", "--json"}, args...)...)), &out); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// TestAgentSchedulesAndRetention runs the real agent with @every 3s schedules on two busy
+// volumes: auto snapshots appear with their names, retention keeps exactly the quota, manual
+// snapshots taken through the socket stay, incrementals are tracked, and systemd hears
+// READY=1 and STOPPING=1.
+func TestAgentSchedulesAndRetention(t *testing.T) {
+	e := newAgentEnv(t, "@every 3s", "{keep_auto: 3, keep_days: 30, keep_daily: 0, keep_weekly: 0, keep_monthly: 0}")
+	agentCmd := e.start(t)
+	e.waitNote(t, "READY=1", 10*time.Second)
+	time.Sleep(4 * time.Second)
+	out := testenv.MustStasis(t, "--config", e.cfg, "snapshot", "vol0", "--name", "keepme", "--json")
+	if !strings.Contains(out, `"name": "keepme"`) {
+		t.Fatalf("manual snapshot through the agent: %s", out)
+	}
+	time.Sleep(16 * time.Second)
+	status := testenv.MustStasis(t, "--config", e.cfg, "status", "--json")
+	if !strings.Contains(status, `"volume": "vol1"`) || !strings.Contains(status, `"next_run"`) {
+		t.Fatalf("status: %s", status)
+	}
+	dry := testenv.MustStasis(t, "--config", e.cfg, "prune", "--dry-run")
+	if !strings.Contains(dry, "keepme") || !strings.Contains(dry, "manual snapshots are never pruned") {
+		t.Fatalf("prune --dry-run: %s", dry)
+	}
+	agentCmd.Process.Signal(syscall.SIGTERM)
+	e.waitNote(t, "STOPPING=1", 30*time.Second)
+	done := make(chan error, 1)
+	go func() { done <- agentCmd.Wait() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("agent exit after SIGTERM: %v", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("agent did not exit within 30 s of SIGTERM")
+	}
+	today := time.Now().Format("20060102")
+	for _, vol := range []string{"vol0", "vol1"} {
+		snaps := listJSON(t, "-r", e.repo, "--volume", vol)
+		auto := 0
+		tracked := 0
+		for _, s := range snaps {
+			name := s["name"].(string)
+			if s["kind"] == "auto" {
+				auto++
+				if !strings.HasPrefix(name, "auto_"+today+"_") && !strings.HasPrefix(name, "auto_"+time.Now().Add(-time.Minute).Format("20060102")+"_") {
+					t.Errorf("auto snapshot named %q", name)
+				}
+				if c, ok := s["capture"].(map[string]any); ok && c["tracking"] == "tracked" {
+					tracked++
+				}
+			}
+			if s["consistency"] != "fs-frozen" {
+				t.Errorf("%s/%s is %v", vol, name, s["consistency"])
+			}
+		}
+		if auto != 3 {
+			t.Fatalf("%s: %d auto snapshots kept, the quota is 3: %v", vol, auto, snaps)
+		}
+		if tracked == 0 {
+			t.Fatalf("%s: no tracked incremental among the kept auto snapshots", vol)
+		}
+	}
+	if snaps := listJSON(t, "-r", e.repo, "--volume", "vol0"); snaps[0]["name"] != "keepme" && !strings.Contains(fmt.Sprint(snaps), "keepme") {
+		t.Fatal("the manual snapshot was pruned")
+	}
+	testenv.MustStasis(t, "verify", "-r", e.repo, "--read-data")
+}
+
+// TestAgentKilledMidSnapshot: SIGKILL during a (widened) freeze; the filesystems thaw, the
+// repository verifies, and a restarted agent catches up on the missed schedule.
+func TestAgentKilledMidSnapshot(t *testing.T) {
+	e := newAgentEnv(t, "@every 4s", "{keep_auto: 10}")
+	a := e.start(t, "STASIS_TEST_HOLD_FREEZE=1500ms")
+	e.waitNote(t, "READY=1", 10*time.Second)
+	deadline := time.Now().Add(20 * time.Second)
+	for testenv.WritableWithin(e.mnts[0], 200*time.Millisecond) && testenv.WritableWithin(e.mnts[1], 200*time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("no snapshot froze a volume")
+		}
+	}
+	a.Process.Signal(syscall.SIGKILL)
+	a.Wait()
+	for _, m := range e.mnts {
+		if !testenv.WritableWithin(m, 5*time.Second+2*time.Second) {
+			t.Fatalf("%s still frozen after the agent was killed", m)
+		}
+	}
+	testenv.MustStasis(t, "verify", "-r", e.repo, "--read-data")
+	before := len(listJSON(t, "-r", e.repo))
+	time.Sleep(5 * time.Second) // a schedule is missed
+	e.notes = make(chan string, 1000)
+	a2 := e.start(t)
+	e.waitNote(t, "READY=1", 10*time.Second)
+	time.Sleep(2 * time.Second) // the catch-up runs at once, before the next 4 s tick
+	after := len(listJSON(t, "-r", e.repo))
+	a2.Process.Signal(syscall.SIGTERM)
+	a2.Wait()
+	if after <= before {
+		t.Fatalf("no catch-up snapshot after restart: %d before, %d after", before, after)
+	}
+	testenv.MustStasis(t, "verify", "-r", e.repo, "--read-data")
+}
+
+// TestConfigCheck: the CLI reports a bad configuration with its line.
+func TestConfigCheck(t *testing.T) {
+	dir := t.TempDir()
+	bad := filepath.Join(dir, "bad.yaml")
+	os.WriteFile(bad, []byte("volumes:\n  - name: a\n    source: /dev/does-not-exist\n    schedules: [\"@daily\", \"99 * * * *\"]\n"), 0o600)
+	r := testenv.Stasis(t, "config", "check", bad)
+	if r.Code == 0 || !strings.Contains(r.Stderr, bad+":3: volumes[0].source") || !strings.Contains(r.Stderr, bad+":4: volumes[0].schedules[1]") {
+		t.Fatalf("config check: exit %d\n%s", r.Code, r.Stderr)
+	}
+	good := filepath.Join(dir, "good.yaml")
+	os.WriteFile(good, []byte("volumes:\n  - name: a\n    source: "+bad+"\n"), 0o600)
+	if out := testenv.MustStasis(t, "config", "check", good); !strings.Contains(out, "is valid") {
+		t.Fatalf("config check of a good file: %s", out)
+	}
+}
