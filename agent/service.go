@@ -36,6 +36,7 @@ type Service struct {
 	vols    map[string]*serviceVolume
 	cron    *cron.Cron
 	state   *stateFile
+	metrics *metrics
 	ctx     context.Context
 	running sync.WaitGroup
 }
@@ -81,7 +82,8 @@ func NewService(ctx context.Context, cfg *config.Config, load func() (*config.Co
 	if err != nil {
 		return nil, err
 	}
-	s := &Service{log: opts.Log, opts: opts, repo: r, load: load, cfg: cfg, vols: map[string]*serviceVolume{}, state: st, started: time.Now(), ctx: ctx}
+	s := &Service{log: opts.Log, opts: opts, repo: r, load: load, cfg: cfg, vols: map[string]*serviceVolume{}, state: st,
+		started: time.Now(), ctx: ctx, metrics: newMetrics()}
 	return s, nil
 }
 
@@ -269,6 +271,7 @@ func (s *Service) snapshot(v *serviceVolume, name, kind string) (*Outcome, error
 		}
 	}
 	out, err := v.vol.Snapshot(ctx, s.repo, Request{Name: name, Kind: kind})
+	s.metrics.observe(v.spec.Name, out, err)
 	if err != nil {
 		s.recordFailure(v, err)
 		return nil, err
@@ -284,6 +287,7 @@ func (s *Service) snapshot(v *serviceVolume, name, kind string) (*Outcome, error
 	if _, err := s.prune(ctx, v.spec, false); err != nil {
 		s.log.Error("retention failed", "volume", v.spec.Name, "err", err)
 	}
+	s.metrics.packBytes.Set(float64(s.repo.PackBytes()))
 	return out, nil
 }
 

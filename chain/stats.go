@@ -101,3 +101,15 @@ func (r *Repository) Stats(ctx context.Context) (*RepoStats, error) {
 	}
 	return st, nil
 }
+
+// PackBytes is the total size of the pack files the index names: cheap, no tree walk.
+func (r *Repository) PackBytes() int64 {
+	idx := r.index()
+	idx.mu.RLock()
+	defer idx.mu.RUnlock()
+	var n int64
+	for _, s := range idx.sizes {
+		n += s
+	}
+	return n
+}

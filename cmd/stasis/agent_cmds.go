@@ -129,6 +129,7 @@ finishes or aborts the running snapshot (never leaving anything frozen) and exit
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
+			g.service = true
 			cfg, err := g.loadConfig()
 			if err != nil {
 				return err
@@ -148,8 +149,15 @@ finishes or aborts the running snapshot (never leaving anything frozen) and exit
 			}
 			ctx, cancel := context.WithCancel(ctx)
 			defer cancel()
-			errc := make(chan error, 1)
+			errc := make(chan error, 2)
 			go func() { errc <- svc.ServeControl(ctx, cfg.Socket, cfg.SocketGroup) }()
+			if cfg.MetricsListen != "" {
+				go func() {
+					if err := svc.ServeMetrics(ctx, cfg.MetricsListen); err != nil {
+						errc <- fmt.Errorf("metrics_listen %s: %w", cfg.MetricsListen, err)
+					}
+				}()
+			}
 			hup := make(chan os.Signal, 1)
 			signal.Notify(hup, syscall.SIGHUP)
 			reload := make(chan struct{}, 1)

@@ -27,6 +27,8 @@ type globals struct {
 	verbose bool
 	logHold *holdHandler
 	log     *slog.Logger
+	// service logs at Info (what a journal wants); interactive commands only warn.
+	service bool
 }
 
 func newRootCmd() *cobra.Command {
@@ -82,6 +84,9 @@ func (g *globals) repoPath() string {
 func (g *globals) logger() *slog.Logger {
 	if g.log == nil {
 		level := slog.LevelWarn
+		if g.service {
+			level = slog.LevelInfo
+		}
 		if g.verbose {
 			level = slog.LevelDebug
 		}

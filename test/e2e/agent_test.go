@@ -3,11 +3,14 @@ package e2e
 import (
 	"encoding/json"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -17,6 +20,8 @@ import (
 
 type agentEnv struct {
 	cfg, repo, socket, notify string
+	metrics                   string
+	log                       *testLog
 	mnts                      []string
 	notes                     chan string
 }
@@ -24,7 +29,13 @@ type agentEnv struct {
 // newAgentEnv writes a configuration with two loop volumes (ext4, mounted, writers running).
 func newAgentEnv(t *testing.T, schedules string, retention string) *agentEnv {
 	dir := t.TempDir()
-	e := &agentEnv{cfg: filepath.Join(dir, "stasis.yaml"), repo: filepath.Join(dir, "repo"), socket: filepath.Join(dir, "stasis.sock")}
+	l, err := net.Listen("tcp", "127.0.0.1:0") // a free port for the metrics
+	if err != nil {
+		t.Fatal(err)
+	}
+	metricsAddr := l.Addr().String()
+	l.Close()
+	e := &agentEnv{metrics: metricsAddr, cfg: filepath.Join(dir, "stasis.yaml"), repo: filepath.Join(dir, "repo"), socket: filepath.Join(dir, "stasis.sock")}
 	var vols strings.Builder
 	for i := 0; i < 2; i++ {
 		dev, _ := testenv.LoopDevice(t, 128<<20)
@@ -34,7 +45,8 @@ func newAgentEnv(t *testing.T, schedules string, retention string) *agentEnv {
 		e.mnts = append(e.mnts, mnt)
 		fmt.Fprintf(&vols, "  - name: vol%d\n    source: %s\n    schedules: [%q]\n    retention: %s\n", i, mnt, schedules, retention)
 	}
-	cfg := fmt.Sprintf("repository: %s\nmount: \"\"\nstate_dir: %s\nsocket: %s\nvolumes:\n%s", e.repo, filepath.Join(dir, "state"), e.socket, vols.String())
+	cfg := fmt.Sprintf("repository: %s\nmount: \"\"\nstate_dir: %s\nsocket: %s\nmetrics_listen: %s\nvolumes:\n%s",
+		e.repo, filepath.Join(dir, "state"), e.socket, e.metrics, vols.String())
 	if err := os.WriteFile(e.cfg, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -62,7 +74,8 @@ func newAgentEnv(t *testing.T, schedules string, retention string) *agentEnv {
 func (e *agentEnv) start(t *testing.T, env ...string) *exec.Cmd {
 	cmd := exec.Command(testenv.Binary(t), "agent", "--config", e.cfg)
 	cmd.Env = append(append(os.Environ(), "NOTIFY_SOCKET="+e.notify), env...)
-	cmd.Stderr = &testLog{t: t}
+	e.log = &testLog{t: t}
+	cmd.Stderr = e.log
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -86,11 +99,24 @@ func (e *agentEnv) waitNote(t *testing.T, want string, d time.Duration) {
 	}
 }
 
-type testLog struct{ t *testing.T }
+type testLog struct {
+	t   *testing.T
+	mu  sync.Mutex
+	all strings.Builder
+}
 
 func (l *testLog) Write(p []byte) (int, error) {
 	l.t.Logf("agent: %s", strings.TrimRight(string(p), "\n"))
+	l.mu.Lock()
+	l.all.Write(p)
+	l.mu.Unlock()
 	return len(p), nil
+}
+
+func (l *testLog) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.all.String()
 }
 
 func listJSON(t *testing.T, args ...string) []map[string]any {
@@ -118,6 +144,17 @@ func TestAgentSchedulesAndRetention(t *testing.T) {
 	status := testenv.MustStasis(t, "--config", e.cfg, "status", "--json")
 	if !strings.Contains(status, `"volume": "vol1"`) || !strings.Contains(status, `"next_run"`) {
 		t.Fatalf("status: %s", status)
+	}
+	resp, err := http.Get("http://" + e.metrics + "/metrics")
+	if err != nil {
+		t.Fatalf("metrics: %v", err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, want := range []string{`stasis_snapshots_total{result="ok",volume="vol0"}`, `stasis_last_freeze_milliseconds{volume="vol1"}`, "stasis_repository_pack_bytes"} {
+		if !strings.Contains(string(body), want) {
+			t.Fatalf("metrics lack %s:\n%s", want, body)
+		}
 	}
 	dry := testenv.MustStasis(t, "--config", e.cfg, "prune", "--dry-run")
 	if !strings.Contains(dry, "keepme") || !strings.Contains(dry, "manual snapshots are never pruned") {
@@ -216,5 +253,48 @@ func TestConfigCheck(t *testing.T) {
 	os.WriteFile(good, []byte("volumes:\n  - name: a\n    source: "+bad+"\n"), 0o600)
 	if out := testenv.MustStasis(t, "config", "check", good); !strings.Contains(out, "is valid") {
 		t.Fatalf("config check of a good file: %s", out)
+	}
+}
+
+// TestAgentReload: SIGHUP with a broken file keeps the running configuration; with a good
+// one the new configuration takes over.
+func TestAgentReload(t *testing.T) {
+	e := newAgentEnv(t, "@every 1h", "{keep_auto: 5}")
+	a := e.start(t)
+	e.waitNote(t, "READY=1", 10*time.Second)
+	good, _ := os.ReadFile(e.cfg)
+	os.WriteFile(e.cfg, append(good, []byte("bogus_key: 1\n")...), 0o600)
+	a.Process.Signal(syscall.SIGHUP)
+	waitLog(t, e, "configuration reload refused")
+	if !strings.Contains(e.log.String(), "unknown key") {
+		t.Fatalf("the refusal does not say why:\n%s", e.log.String())
+	}
+	os.WriteFile(e.cfg, good, 0o600)
+	if out := testenv.MustStasis(t, "--config", e.cfg, "status"); !strings.Contains(out, "vol0") {
+		t.Fatalf("status after a refused reload: %s", out)
+	}
+	// Now a good change: hourly becomes every 2 s, and snapshots start to appear.
+	os.WriteFile(e.cfg, []byte(strings.ReplaceAll(string(good), "@every 1h", "@every 2s")), 0o600)
+	a.Process.Signal(syscall.SIGHUP)
+	waitLog(t, e, "configuration reloaded")
+	deadline := time.Now().Add(15 * time.Second)
+	for len(listJSON(t, "-r", e.repo)) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the reloaded schedules never ran")
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	a.Process.Signal(syscall.SIGTERM)
+	a.Wait()
+}
+
+func waitLog(t *testing.T, e *agentEnv, want string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !strings.Contains(e.log.String(), want) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the agent never logged %q:\n%s", want, e.log.String())
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
 }
