@@ -36,6 +36,7 @@ type Options struct {
 // Frozen is a set of frozen filesystems. Thaw must be called exactly once.
 type Frozen struct {
 	files     []*os.File
+	frozen    int // files[:frozen] are frozen by us
 	paths     []string
 	start     time.Time
 	state     string
@@ -119,10 +120,10 @@ func Freeze(mounts []string, opts Options) (*Frozen, error) {
 	fz.start = time.Now()
 	for i, f := range fz.files {
 		if err := freezeFD(int(f.Fd())); err != nil {
-			fz.files = fz.files[:i] // thaw only what we froze
-			fz.Thaw()
+			fz.Thaw() // thaws only files[:frozen]: never what someone else froze
 			return nil, fmt.Errorf("freeze %s: %w", mounts[i], err)
 		}
+		fz.frozen = i + 1
 	}
 	fz.timer = time.AfterFunc(opts.MaxFreeze, func() {
 		fz.mu.Lock()
@@ -197,7 +198,7 @@ func (fz *Frozen) Thaw() (time.Duration, error) {
 
 func (fz *Frozen) thawLocked() {
 	var errs []error
-	for i := len(fz.files) - 1; i >= 0; i-- {
+	for i := fz.frozen - 1; i >= 0; i-- {
 		if err := thawFD(int(fz.files[i].Fd())); err != nil {
 			errs = append(errs, fmt.Errorf("thaw %s: %w", fz.paths[i], err))
 		}
