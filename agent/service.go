@@ -571,3 +571,6 @@ func (st *stateFile) save() {
 		os.Rename(tmp, st.path)
 	}
 }
+
+// Repository is the repository the service writes, for the FUSE view.
+func (s *Service) Repository() *chain.Repository { return s.repo }

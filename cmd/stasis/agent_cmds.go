@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"syscall"
@@ -21,6 +22,7 @@ import (
 	"github.com/stasis-project/stasis/chain/capture"
 	"github.com/stasis-project/stasis/chain/local"
 	"github.com/stasis-project/stasis/config"
+	"github.com/stasis-project/stasis/fusemount"
 )
 
 // sourceProber checks configured sources against this machine for config validation.
@@ -144,11 +146,23 @@ finishes or aborts the running snapshot (never leaving anything frozen) and exit
 			if err != nil {
 				return err
 			}
-			if cfg.Mount != nil && *cfg.Mount != "" {
-				log.Warn("the FUSE view is not available in this version; set mount: \"\" to silence this", "mount", *cfg.Mount)
-			}
 			ctx, cancel := context.WithCancel(ctx)
 			defer cancel()
+			if cfg.Mount != nil && *cfg.Mount != "" {
+				// The view of the snapshots; a dead agent's stale mount is cleared first.
+				exec.Command("fusermount3", "-uz", *cfg.Mount).Run()
+				os.MkdirAll(*cfg.Mount, 0o755)
+				m, err := fusemount.Mount(svc.Repository(), cfg.Repository, *cfg.Mount, fusemount.Options{Log: log})
+				if err != nil {
+					return fmt.Errorf("mount %s: %w; set mount: \"\" to run without the view", *cfg.Mount, err)
+				}
+				defer func() {
+					if err := m.Unmount(); err != nil {
+						log.Warn("leaving the view mounted lazily", "err", err)
+						exec.Command("fusermount3", "-uz", *cfg.Mount).Run()
+					}
+				}()
+			}
 			errc := make(chan error, 2)
 			go func() { errc <- svc.ServeControl(ctx, cfg.Socket, cfg.SocketGroup) }()
 			if cfg.MetricsListen != "" {

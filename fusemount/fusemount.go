@@ -1,0 +1,295 @@
+// Package fusemount shows a repository's snapshots as a read-only FUSE filesystem:
+//
+//	MOUNTPOINT/<volume>/<snapshot>.img   the raw volume image, readable at any offset
+//	MOUNTPOINT/<volume>/latest           symlink to the newest snapshot's image
+//
+// Snapshot contents never change, so the kernel caches them (keep-cache, long attribute
+// timeouts); the lists of volumes and snapshots are re-read at most once a second, so new
+// snapshots appear and deleted ones disappear without remounting. It reads through
+// chain.SnapshotReader, which is safe for concurrent use: no lock serialises reads.
+package fusemount
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"log/slog"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+
+	"github.com/stasis-project/stasis/chain"
+)
+
+// Options configure a mount.
+type Options struct {
+	// AllowOther lets other local users in; default_permissions is then always on, so each
+	// sees only what the snapshot's permissions allow.
+	AllowOther bool
+	// Volume, if set, shows only that volume.
+	Volume string
+	Log    *slog.Logger
+}
+
+const (
+	listTTL    = time.Second    // volumes and snapshot lists
+	contentTTL = 24 * time.Hour // immutable snapshot content
+)
+
+// view is the state shared by every node of one mount.
+type view struct {
+	repo *chain.Repository
+	opts Options
+
+	mu      sync.Mutex
+	snaps   []*chain.Snapshot
+	fetched time.Time
+}
+
+// list returns the snapshots, re-reading the repository at most once per listTTL.
+func (v *view) list(ctx context.Context) []*chain.Snapshot {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if time.Since(v.fetched) < listTTL {
+		return v.snaps
+	}
+	snaps, _, err := v.repo.Snapshots(ctx)
+	if err != nil {
+		v.opts.Log.Warn("cannot list snapshots; showing the previous list", "err", err)
+		return v.snaps
+	}
+	var out []*chain.Snapshot
+	for _, s := range snaps {
+		if v.opts.Volume == "" || s.Volume == v.opts.Volume {
+			out = append(out, s)
+		}
+	}
+	v.snaps, v.fetched = out, time.Now()
+	return out
+}
+
+func ino(parts ...string) uint64 {
+	h := fnv.New64a()
+	h.Write([]byte(strings.Join(parts, "/")))
+	return h.Sum64() | 1<<63 // clear of the root's and go-fuse's automatic numbers
+}
+
+type rootNode struct {
+	fs.Inode
+	v *view
+}
+
+var (
+	_ fs.NodeReaddirer = (*rootNode)(nil)
+	_ fs.NodeLookuper  = (*rootNode)(nil)
+)
+
+func (r *rootNode) volumes(ctx context.Context) []string {
+	seen := map[string]bool{}
+	var out []string
+	for _, s := range r.v.list(ctx) {
+		if !seen[s.Volume] {
+			seen[s.Volume] = true
+			out = append(out, s.Volume)
+		}
+	}
+	return out
+}
+
+func (r *rootNode) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
+	var es []fuse.DirEntry
+	for _, vol := range r.volumes(ctx) {
+		es = append(es, fuse.DirEntry{Name: vol, Mode: fuse.S_IFDIR, Ino: ino(vol)})
+	}
+	return fs.NewListDirStream(es), 0
+}
+
+func (r *rootNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	for _, vol := range r.volumes(ctx) {
+		if vol == name {
+			out.SetEntryTimeout(listTTL)
+			out.SetAttrTimeout(listTTL)
+			out.Mode = fuse.S_IFDIR | 0o555
+			return r.NewInode(ctx, &volumeNode{v: r.v, volume: name}, fs.StableAttr{Mode: fuse.S_IFDIR, Ino: ino(name)}), 0
+		}
+	}
+	return nil, syscall.ENOENT
+}
+
+type volumeNode struct {
+	fs.Inode
+	v      *view
+	volume string
+}
+
+var (
+	_ fs.NodeReaddirer = (*volumeNode)(nil)
+	_ fs.NodeLookuper  = (*volumeNode)(nil)
+	_ fs.NodeGetattrer = (*volumeNode)(nil)
+)
+
+func (n *volumeNode) snapshots(ctx context.Context) []*chain.Snapshot {
+	var out []*chain.Snapshot
+	for _, s := range n.v.list(ctx) {
+		if s.Volume == n.volume {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+func (n *volumeNode) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	out.Mode = fuse.S_IFDIR | 0o555
+	out.SetTimeout(listTTL)
+	return 0
+}
+
+func (n *volumeNode) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
+	snaps := n.snapshots(ctx)
+	var es []fuse.DirEntry
+	for _, s := range snaps {
+		es = append(es, fuse.DirEntry{Name: s.Name + ".img", Mode: fuse.S_IFREG, Ino: ino(n.volume, s.ID)})
+	}
+	if len(snaps) > 0 {
+		es = append(es, fuse.DirEntry{Name: "latest", Mode: fuse.S_IFLNK, Ino: ino(n.volume, "latest")})
+	}
+	return fs.NewListDirStream(es), 0
+}
+
+func (n *volumeNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	snaps := n.snapshots(ctx)
+	if name == "latest" && len(snaps) > 0 {
+		target := snaps[len(snaps)-1].Name + ".img"
+		out.SetEntryTimeout(listTTL)
+		out.SetAttrTimeout(listTTL)
+		out.Mode = fuse.S_IFLNK | 0o777
+		out.Size = uint64(len(target))
+		// The target changes as snapshots land: a new inode per target.
+		return n.NewInode(ctx, &fs.MemSymlink{Data: []byte(target)}, fs.StableAttr{Mode: fuse.S_IFLNK, Ino: ino(n.volume, "latest", target)}), 0
+	}
+	for _, s := range snaps {
+		if s.Name+".img" == name {
+			img := &imageNode{v: n.v, snap: s, r: n.v.repo.Reader(s)}
+			img.fill(&out.Attr)
+			out.SetEntryTimeout(listTTL) // so a deleted snapshot disappears
+			out.SetAttrTimeout(contentTTL)
+			return n.NewInode(ctx, img, fs.StableAttr{Mode: fuse.S_IFREG, Ino: ino(n.volume, s.ID)}), 0
+		}
+	}
+	return nil, syscall.ENOENT
+}
+
+// imageNode is a snapshot's raw volume image.
+type imageNode struct {
+	fs.Inode
+	v    *view
+	snap *chain.Snapshot
+	r    *chain.SnapshotReader
+}
+
+var (
+	_ fs.NodeGetattrer = (*imageNode)(nil)
+	_ fs.NodeOpener    = (*imageNode)(nil)
+	_ fs.NodeReader    = (*imageNode)(nil)
+)
+
+func (n *imageNode) fill(a *fuse.Attr) {
+	a.Mode = fuse.S_IFREG | 0o444
+	a.Size = uint64(n.snap.SizeBytes)
+	a.Blocks = (a.Size + 511) / 512
+	t := n.snap.Created
+	a.SetTimes(&t, &t, &t)
+}
+
+func (n *imageNode) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	n.fill(&out.Attr)
+	out.SetTimeout(contentTTL)
+	return 0
+}
+
+func (n *imageNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
+	if flags&(syscall.O_WRONLY|syscall.O_RDWR) != 0 {
+		return nil, 0, syscall.EROFS
+	}
+	return nil, fuse.FOPEN_KEEP_CACHE, 0
+}
+
+func (n *imageNode) Read(ctx context.Context, f fs.FileHandle, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	if off >= n.snap.SizeBytes {
+		return fuse.ReadResultData(nil), 0
+	}
+	if end := off + int64(len(dest)); end > n.snap.SizeBytes {
+		dest = dest[:n.snap.SizeBytes-off]
+	}
+	got, err := n.r.ReadAt(ctx, dest, off)
+	if err != nil && got < len(dest) {
+		// Never wrong bytes: a damaged chunk is an I/O error for this read, logged.
+		n.v.opts.Log.Error("read from snapshot failed", "volume", n.snap.Volume, "snapshot", n.snap.Name, "offset", off, "err", err)
+		return nil, syscall.EIO
+	}
+	return fuse.ReadResultData(dest[:got]), 0
+}
+
+// Mounted is a served mount.
+type Mounted struct {
+	server *fuse.Server
+	dir    string
+}
+
+// ErrInsideRepository refuses a mount point inside a local repository.
+var ErrInsideRepository = errors.New("mount point is inside the repository")
+
+// Mount serves repo read-only at dir. repoDir, if not empty, is the local repository's
+// directory, which the mount point must not be inside.
+func Mount(repo *chain.Repository, repoDir, dir string, opts Options) (*Mounted, error) {
+	if opts.Log == nil {
+		opts.Log = slog.New(slog.DiscardHandler)
+	}
+	absDir, err := filepath.Abs(dir)
+	if err != nil {
+		return nil, err
+	}
+	if repoDir != "" {
+		absRepo, _ := filepath.Abs(repoDir)
+		if absDir == absRepo || strings.HasPrefix(absDir, absRepo+"/") {
+			return nil, fmt.Errorf("%s: %w %s; choose a directory outside it", dir, ErrInsideRepository, repoDir)
+		}
+	}
+	v := &view{repo: repo, opts: opts}
+	entry, attr := listTTL, listTTL
+	mo := fuse.MountOptions{
+		FsName: "stasis", Name: "stasis",
+		// Read-only twice over: the kernel refuses writes, and no node has write methods.
+		Options:      []string{"ro", "default_permissions"},
+		AllowOther:   opts.AllowOther,
+		MaxReadAhead: 1 << 20,
+	}
+	server, err := fs.Mount(absDir, &rootNode{v: v}, &fs.Options{MountOptions: mo, EntryTimeout: &entry, AttrTimeout: &attr})
+	if err != nil {
+		return nil, fmt.Errorf("mount %s: %w (is /dev/fuse there and fusermount3 installed?)", dir, err)
+	}
+	return &Mounted{server: server, dir: absDir}, nil
+}
+
+// Wait blocks until the filesystem is unmounted (by Unmount or `umount`).
+func (m *Mounted) Wait() { m.server.Wait() }
+
+// ErrBusy means files are open under the mount.
+var ErrBusy = errors.New("mount is busy")
+
+// Unmount unmounts; with files open it fails with ErrBusy and keeps serving.
+func (m *Mounted) Unmount() error {
+	if err := m.server.Unmount(); err != nil {
+		if errors.Is(err, syscall.EBUSY) || strings.Contains(err.Error(), "busy") {
+			return fmt.Errorf("%s: %w: files are open under it (see `fuser -m %s`); close them and stop again", m.dir, ErrBusy, m.dir)
+		}
+		return err
+	}
+	return nil
+}
