@@ -21,13 +21,14 @@ import (
 type agentEnv struct {
 	cfg, repo, socket, notify string
 	metrics                   string
+	view                      string
 	log                       *testLog
 	mnts                      []string
 	notes                     chan string
 }
 
 // newAgentEnv writes a configuration with two loop volumes (ext4, mounted, writers running).
-func newAgentEnv(t *testing.T, schedules string, retention string) *agentEnv {
+func newAgentEnv(t *testing.T, schedules string, retention string, withView ...bool) *agentEnv {
 	dir := t.TempDir()
 	l, err := net.Listen("tcp", "127.0.0.1:0") // a free port for the metrics
 	if err != nil {
@@ -45,8 +46,14 @@ func newAgentEnv(t *testing.T, schedules string, retention string) *agentEnv {
 		e.mnts = append(e.mnts, mnt)
 		fmt.Fprintf(&vols, "  - name: vol%d\n    source: %s\n    schedules: [%q]\n    retention: %s\n", i, mnt, schedules, retention)
 	}
-	cfg := fmt.Sprintf("repository: %s\nmount: \"\"\nstate_dir: %s\nsocket: %s\nmetrics_listen: %s\nvolumes:\n%s",
-		e.repo, filepath.Join(dir, "state"), e.socket, e.metrics, vols.String())
+	view := `""`
+	if len(withView) > 0 && withView[0] {
+		e.view = filepath.Join(dir, "view")
+		view = e.view
+		t.Cleanup(func() { exec.Command("fusermount3", "-uz", e.view).Run() })
+	}
+	cfg := fmt.Sprintf("repository: %s\nmount: %s\nstate_dir: %s\nsocket: %s\nmetrics_listen: %s\nvolumes:\n%s",
+		e.repo, view, filepath.Join(dir, "state"), e.socket, e.metrics, vols.String())
 	if err := os.WriteFile(e.cfg, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -186,6 +193,10 @@ func TestAgentSchedulesAndRetention(t *testing.T) {
 				}
 				if c, ok := s["capture"].(map[string]any); ok && c["tracking"] == "tracked" {
 					tracked++
+					// A tracked incremental reads what was written, not the volume.
+					if read, size := c["bytes_read"].(float64), s["size_bytes"].(float64); read >= size/2 {
+						t.Errorf("%s/%s: tracked incremental read %.0f of %.0f bytes", vol, name, read, size)
+					}
 				}
 			}
 			if s["consistency"] != "fs-frozen" {
@@ -208,7 +219,7 @@ func TestAgentSchedulesAndRetention(t *testing.T) {
 // TestAgentKilledMidSnapshot: SIGKILL during a (widened) freeze; the filesystems thaw, the
 // repository verifies, and a restarted agent catches up on the missed schedule.
 func TestAgentKilledMidSnapshot(t *testing.T) {
-	e := newAgentEnv(t, "@every 4s", "{keep_auto: 10}")
+	e := newAgentEnv(t, "@every 4s", "{keep_auto: 10}", true)
 	a := e.start(t, "STASIS_TEST_HOLD_FREEZE=1500ms")
 	e.waitNote(t, "READY=1", 10*time.Second)
 	deadline := time.Now().Add(20 * time.Second)
@@ -232,8 +243,16 @@ func TestAgentKilledMidSnapshot(t *testing.T) {
 	e.waitNote(t, "READY=1", 10*time.Second)
 	time.Sleep(2 * time.Second) // the catch-up runs at once, before the next 4 s tick
 	after := len(listJSON(t, "-r", e.repo))
+	// The dead agent's view was cleared and the new agent serves it, new snapshots included.
+	entries, err := os.ReadDir(filepath.Join(e.view, "vol0"))
+	if err != nil || len(entries) < 2 {
+		t.Fatalf("the view after restart: %v %v", entries, err)
+	}
 	a2.Process.Signal(syscall.SIGTERM)
 	a2.Wait()
+	if exec.Command("mountpoint", "-q", e.view).Run() == nil {
+		t.Fatal("the view is still mounted after the agent stopped")
+	}
 	if after <= before {
 		t.Fatalf("no catch-up snapshot after restart: %d before, %d after", before, after)
 	}
