@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"reflect"
 	"sort"
 	"strconv"
 	"strings"
@@ -17,6 +18,7 @@ import (
 	"github.com/coreos/go-systemd/v22/daemon"
 	"github.com/robfig/cron/v3"
 
+	"github.com/stasis-project/stasis/agent/mysql"
 	"github.com/stasis-project/stasis/agent/retention"
 	"github.com/stasis-project/stasis/chain"
 	"github.com/stasis-project/stasis/config"
@@ -155,7 +157,7 @@ func (s *Service) apply(cfg *config.Config) {
 		if ok {
 			old.vol.Close()
 		}
-		next[spec.Name] = &serviceVolume{spec: spec, vol: NewVolume(volumeSpec(spec), s.opts),
+		next[spec.Name] = &serviceVolume{spec: spec, vol: NewVolume(SpecFromConfig(spec), s.opts),
 			status: VolumeStatus{Volume: spec.Name, Source: spec.Source}}
 	}
 	for name, old := range s.vols {
@@ -175,11 +177,28 @@ func (s *Service) apply(cfg *config.Config) {
 }
 
 func sameSpec(a, b config.Volume) bool {
-	return a.Source == b.Source && a.MaxFreeze == b.MaxFreeze && a.NoFreeze == b.NoFreeze && a.ChunkSize == b.ChunkSize
+	return reflect.DeepEqual(SpecFromConfig(a), SpecFromConfig(b))
 }
 
-func volumeSpec(v config.Volume) VolumeSpec {
-	return VolumeSpec{Name: v.Name, Source: v.Source, MaxFreeze: time.Duration(v.MaxFreeze), NoFreeze: v.NoFreeze, ChunkSize: v.ChunkSize}
+// SpecFromConfig turns a configured volume into what a Volume needs.
+func SpecFromConfig(v config.Volume) VolumeSpec {
+	spec := VolumeSpec{Name: v.Name, Source: v.Source, MaxFreeze: time.Duration(v.MaxFreeze), NoFreeze: v.NoFreeze, ChunkSize: v.ChunkSize}
+	if v.MySQL == nil && v.Hooks == nil {
+		return spec
+	}
+	app := &AppSpec{}
+	if h := v.Hooks; h != nil {
+		app.PreHooks, app.PostHooks, app.HookTimeout = h.Pre, h.Post, time.Duration(h.Timeout)
+	}
+	if m := v.MySQL; m != nil {
+		app.DSNFile = m.DSNFile
+		app.CrashConsistentOnFailure = m.OnFailure == "crash-consistent"
+		app.MySQL = &mysql.Config{Mode: m.Mode, LockTimeout: time.Duration(m.LockTimeout),
+			LongQueryThreshold: time.Duration(m.LongQueryThreshold), KillLongQueries: m.KillLongQueries,
+			MaxHold: time.Duration(v.MaxFreeze) + time.Duration(m.LockTimeout) + 30*time.Second}
+	}
+	spec.App = app
+	return spec
 }
 
 // scheduled runs from cron: a schedule firing during a running snapshot is skipped.

@@ -13,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/stasis-project/stasis/agent/mysql"
 	"github.com/stasis-project/stasis/chain"
 	"github.com/stasis-project/stasis/chain/capture"
 	"github.com/stasis-project/stasis/chain/capture/allocmap"
@@ -27,6 +28,18 @@ type VolumeSpec struct {
 	MaxFreeze time.Duration
 	NoFreeze  bool
 	ChunkSize int // for the volume's first snapshot; 0 for the default
+	App       *AppSpec
+}
+
+// AppSpec is application quiescing around the freeze: hooks and a database lock.
+type AppSpec struct {
+	PreHooks, PostHooks []string
+	HookTimeout         time.Duration
+	MySQL               *mysql.Config // nil: no database
+	DSNFile             string
+	// CrashConsistentOnFailure takes the snapshot anyway (not labelled "app") when the
+	// database lock cannot be had; otherwise the snapshot fails.
+	CrashConsistentOnFailure bool
 }
 
 // LogHolder holds log output while filesystems are frozen (stderr may be on one of them).
@@ -209,12 +222,18 @@ func (v *Volume) Snapshot(ctx context.Context, r *chain.Repository, req Request)
 		}
 	}
 	consistency := chain.ConsistencyCrash
+	app := &appState{}
 	if freeze {
 		consistency = chain.ConsistencyFSFrozen
 		opts.Tracker = v.tracker
 		opts.Sync = capture.SyncMounts(mounts)
 		opts.Freeze = v.freezer(mounts)
 		opts.FinalReadHook = v.opts.FreezeHook
+		if v.spec.App != nil {
+			opts.Quiesce = v.quiescer(app, warn)
+		}
+	} else if v.spec.App != nil {
+		warn("application quiescing needs a frozen final round, which this snapshot does not have: hooks and database lock skipped")
 	}
 	res, err := capture.Run(ctx, opts)
 	if errors.Is(err, fsfreeze.ErrNotSupported) {
@@ -227,6 +246,9 @@ func (v *Volume) Snapshot(ctx context.Context, r *chain.Repository, req Request)
 	if err != nil {
 		return nil, fmt.Errorf("snapshot of %s failed, nothing was committed: %w", v.spec.Source, err)
 	}
+	if app.quiesced && consistency == chain.ConsistencyFSFrozen {
+		consistency = chain.ConsistencyApp
+	}
 	w.Snapshot().Consistency = consistency
 	info := map[string]any{"tracking": res.Tracking, "rounds": res.Rounds, "bytes_read": res.BytesRead,
 		"freeze_ms": Millis(res.Freeze), "final_chunks": res.FinalChunks, "unread_allocated_chunks": res.Unread,
@@ -234,7 +256,7 @@ func (v *Volume) Snapshot(ctx context.Context, r *chain.Repository, req Request)
 	if len(res.Gaps) > 0 {
 		info["tracking_gaps"] = res.Gaps
 	}
-	s, err := w.Commit(ctx, info, nil)
+	s, err := w.Commit(ctx, info, app.record())
 	if err != nil {
 		return nil, fmt.Errorf("snapshot of %s failed, nothing was committed: %w", v.spec.Source, err)
 	}

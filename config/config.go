@@ -44,9 +44,28 @@ type Volume struct {
 	NoFreeze  bool      `yaml:"no_freeze"`
 	ChunkSize int       `yaml:"chunk_size"`
 	Retention Retention `yaml:"retention"`
+	MySQL     *MySQL    `yaml:"mysql"`
+	Hooks     *Hooks    `yaml:"hooks"`
 
 	// Parsed schedules, in the order given.
 	Parsed []cron.Schedule `yaml:"-"`
+}
+
+// MySQL makes a volume's snapshots consistent for a MySQL or MariaDB server on it.
+type MySQL struct {
+	DSNFile            string   `yaml:"dsn_file"`
+	Mode               string   `yaml:"mode"`
+	LockTimeout        Duration `yaml:"lock_timeout"`
+	LongQueryThreshold Duration `yaml:"long_query_threshold"`
+	KillLongQueries    bool     `yaml:"kill_long_queries"`
+	OnFailure          string   `yaml:"on_failure"`
+}
+
+// Hooks are commands run around the freeze.
+type Hooks struct {
+	Pre     []string `yaml:"pre"`
+	Post    []string `yaml:"post"`
+	Timeout Duration `yaml:"timeout"`
 }
 
 // Retention is a volume's policy for automatic snapshots. Manual snapshots are never pruned.
@@ -315,6 +334,61 @@ func (c *Config) validate(probe Prober) Errors {
 		}
 		if cs := v.ChunkSize; cs != 0 && (cs < 4096 || cs > 4<<20 || cs&(cs-1) != 0) {
 			c.errf(&es, key+".chunk_size", "%d is not a power of two from 4096 to 4194304", cs)
+		}
+		if m := v.MySQL; m != nil {
+			k := key + ".mysql"
+			if m.DSNFile == "" {
+				c.errf(&es, k, "dsn_file is missing: name a file (mode 0600) holding the DSN, e.g. stasis:PASSWORD@unix(/run/mysqld/mysqld.sock)/")
+			} else if probe != nil {
+				if _, err := os.Stat(m.DSNFile); err != nil {
+					c.errf(&es, k+".dsn_file", "%v", err)
+				}
+			}
+			switch m.Mode {
+			case "":
+				m.Mode = "auto"
+			case "auto", "ftwrl", "backup-stage", "none":
+			default:
+				c.errf(&es, k+".mode", "%q is not one of auto, ftwrl, backup-stage, none", m.Mode)
+			}
+			if m.LockTimeout == 0 {
+				m.LockTimeout = Duration(10 * time.Second)
+			}
+			if m.LockTimeout < Duration(100*time.Millisecond) || m.LockTimeout > Duration(10*time.Minute) {
+				c.errf(&es, k+".lock_timeout", "%s is out of range: use 100ms to 10m", time.Duration(m.LockTimeout))
+			}
+			if c.lines[k+".long_query_threshold"] == 0 {
+				m.LongQueryThreshold = Duration(20 * time.Second)
+			}
+			switch m.OnFailure {
+			case "":
+				m.OnFailure = "fail"
+			case "fail", "crash-consistent":
+			default:
+				c.errf(&es, k+".on_failure", "%q is not one of fail, crash-consistent", m.OnFailure)
+			}
+		}
+		if h := v.Hooks; h != nil {
+			if h.Timeout == 0 {
+				h.Timeout = Duration(30 * time.Second)
+			}
+			for _, phase := range []struct {
+				name string
+				list []string
+			}{{"pre", h.Pre}, {"post", h.Post}} {
+				for j, p := range phase.list {
+					hk := fmt.Sprintf("%s.hooks.%s[%d]", key, phase.name, j)
+					if !filepath.IsAbs(p) {
+						c.errf(&es, hk, "%q is not an absolute path to an executable", p)
+					} else if probe != nil {
+						if st, err := os.Stat(p); err != nil {
+							c.errf(&es, hk, "%v", err)
+						} else if st.Mode()&0o111 == 0 {
+							c.errf(&es, hk, "%s is not executable: chmod +x %s", p, p)
+						}
+					}
+				}
+			}
 		}
 		r := &v.Retention
 		for _, f := range []struct {

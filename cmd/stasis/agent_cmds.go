@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"text/tabwriter"
 	"time"
@@ -18,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/stasis-project/stasis/agent"
+	"github.com/stasis-project/stasis/agent/mysql"
 	"github.com/stasis-project/stasis/chain"
 	"github.com/stasis-project/stasis/chain/capture"
 	"github.com/stasis-project/stasis/chain/local"
@@ -81,6 +83,26 @@ Every problem is listed with its line.`,
 			c, err := g.loadConfig()
 			if err != nil {
 				return err
+			}
+			// Databases: the DSN connects and the account has what a snapshot needs.
+			var dbErrs []string
+			for _, v := range c.Volumes {
+				spec := agent.SpecFromConfig(v)
+				if spec.App == nil || spec.App.MySQL == nil || spec.App.MySQL.Mode == "none" {
+					continue
+				}
+				dsn, err := mysql.ReadDSN(spec.App.DSNFile)
+				if err == nil {
+					cfg := *spec.App.MySQL
+					cfg.DSN = dsn
+					err = mysql.Check(cmd.Context(), cfg)
+				}
+				if err != nil {
+					dbErrs = append(dbErrs, fmt.Sprintf("%s: volume %s: %v", c.Path, v.Name, err))
+				}
+			}
+			if len(dbErrs) > 0 {
+				return errors.New(strings.Join(dbErrs, "\n"))
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "%s is valid: repository %s, %d volumes\n", c.Path, c.Repository, len(c.Volumes))
 			for _, v := range c.Volumes {

@@ -31,6 +31,7 @@ type snapshotJSON struct {
 }
 
 type snapshotFlags struct {
+	app                  *agent.AppSpec
 	source, volume, name string
 	asJSON, noFreeze     bool
 	chunkSize            int
@@ -105,12 +106,17 @@ func runConfiguredSnapshot(cmd *cobra.Command, g *globals, volume string, f snap
 		return err
 	}
 	g.repo = cfg.Repository
+	// The configured repository is created on first use, as the agent does.
+	if _, err := openOrCreateRepo(g.logger())(cfg.Repository); err != nil {
+		return err
+	}
 	f.source, f.volume = v.Source, v.Name
 	if !cmd.Flags().Changed("max-freeze") {
 		f.maxFreeze = time.Duration(v.MaxFreeze)
 	}
 	f.noFreeze = f.noFreeze || v.NoFreeze
 	f.chunkSize = v.ChunkSize
+	f.app = agent.SpecFromConfig(*v).App
 	return runSnapshot(cmd, g, f)
 }
 
@@ -135,7 +141,7 @@ func runSnapshot(cmd *cobra.Command, g *globals, f snapshotFlags) error {
 	}
 	log := g.logger()
 	vol := agent.NewVolume(agent.VolumeSpec{Name: f.volume, Source: f.source, MaxFreeze: f.maxFreeze,
-		NoFreeze: f.noFreeze, ChunkSize: f.chunkSize},
+		NoFreeze: f.noFreeze, ChunkSize: f.chunkSize, App: f.app},
 		agent.Options{Log: log, GuardCommand: []string{exe, "freeze-guard"}, Hold: g.logHold, FreezeHook: testFreezeHook()})
 	defer vol.Close()
 	r, unlock, err := g.lockRepo(ctx)

@@ -2,7 +2,7 @@
 # Installs what building, testing and the demo need on Debian/Ubuntu: system tools from
 # Debian's packages, Go modules from the module proxy. Safe to run again.
 set -euo pipefail
-need=(e2fsprogs xfsprogs util-linux fdisk fuse3 kmod time)
+need=(e2fsprogs xfsprogs util-linux fdisk fuse3 kmod time mariadb-server mariadb-client)
 [ "${1:-}" = "--bench" ] && need+=(restic borgbackup)
 missing=()
 for p in "${need[@]}"; do
