@@ -5,7 +5,7 @@ GO      ?= go
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X main.version=$(VERSION)
 
-.PHONY: build demo test bench deps clean
+.PHONY: build demo test bench bench-mysql deps clean
 
 build:
 	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/stasis ./cmd/stasis
@@ -19,9 +19,13 @@ demo: deps build
 test:
 	test/run.sh
 
-bench: build
+bench: build bench-mysql
 	packaging/scripts/install-deps.sh --bench
 	$(GO) run ./test/bench -stasis bin/stasis
+
+# Database lock hold and writer stall for tracked incrementals under a MariaDB workload.
+bench-mysql: deps
+	$(GO) test -run '^$$' -bench MariaDBTrackedLock -benchtime 1x ./test/e2e
 
 clean:
 	rm -rf bin dist

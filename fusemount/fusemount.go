@@ -1,6 +1,7 @@
 // Package fusemount shows a repository's snapshots as a read-only FUSE filesystem:
 //
 //	MOUNTPOINT/<volume>/<snapshot>.img   the raw volume image, readable at any offset
+//	MOUNTPOINT/<volume>/<snapshot>.json  the snapshot's manifest (consistency, binlog position...)
 //	MOUNTPOINT/<volume>/latest           symlink to the newest snapshot's image
 //
 // Snapshot contents never change, so the kernel caches them (keep-cache, long attribute
@@ -11,6 +12,7 @@ package fusemount
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"hash/fnv"
@@ -154,7 +156,8 @@ func (n *volumeNode) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) 
 	snaps := n.snapshots(ctx)
 	var es []fuse.DirEntry
 	for _, s := range snaps {
-		es = append(es, fuse.DirEntry{Name: s.Name + ".img", Mode: fuse.S_IFREG, Ino: ino(n.volume, s.ID)})
+		es = append(es, fuse.DirEntry{Name: s.Name + ".img", Mode: fuse.S_IFREG, Ino: ino(n.volume, s.ID)},
+			fuse.DirEntry{Name: s.Name + ".json", Mode: fuse.S_IFREG, Ino: ino(n.volume, s.ID, "json")})
 	}
 	if len(snaps) > 0 {
 		es = append(es, fuse.DirEntry{Name: "latest", Mode: fuse.S_IFLNK, Ino: ino(n.volume, "latest")})
@@ -174,6 +177,18 @@ func (n *volumeNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut
 		return n.NewInode(ctx, &fs.MemSymlink{Data: []byte(target)}, fs.StableAttr{Mode: fuse.S_IFLNK, Ino: ino(n.volume, "latest", target)}), 0
 	}
 	for _, s := range snaps {
+		if s.Name+".json" == name {
+			b, _ := json.MarshalIndent(manifestView(s), "", "  ")
+			b = append(b, '\n')
+			out.SetEntryTimeout(listTTL)
+			out.SetAttrTimeout(contentTTL)
+			out.Mode = fuse.S_IFREG | 0o444
+			out.Size = uint64(len(b))
+			t := s.Created
+			out.SetTimes(&t, &t, &t)
+			return n.NewInode(ctx, &fs.MemRegularFile{Data: b, Attr: fuse.Attr{Mode: 0o444, Mtime: uint64(t.Unix())}},
+				fs.StableAttr{Mode: fuse.S_IFREG, Ino: ino(n.volume, s.ID, "json")}), 0
+		}
 		if s.Name+".img" == name {
 			img := &imageNode{v: n.v, snap: s, r: n.v.repo.Reader(s)}
 			img.fill(&out.Attr)
@@ -183,6 +198,14 @@ func (n *volumeNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut
 		}
 	}
 	return nil, syscall.ENOENT
+}
+
+// manifestView is what <snapshot>.json shows: the manifest with its ID.
+func manifestView(s *chain.Snapshot) any {
+	return struct {
+		ID string `json:"id"`
+		*chain.Snapshot
+	}{s.ID, s}
 }
 
 // imageNode is a snapshot's raw volume image.

@@ -66,6 +66,9 @@ func TestMountImages(t *testing.T) {
 		}
 	}
 	fi.Close()
+	if b, err := os.ReadFile(filepath.Join(mnt, "v", "a.json")); err != nil || !bytes.Contains(b, []byte(`"consistency": "crash"`)) || !bytes.Contains(b, []byte(`"id": "`)) {
+		t.Fatalf("a.json: %s %v", b, err)
+	}
 	if target, err := os.Readlink(filepath.Join(mnt, "v", "latest")); err != nil || target != "a.img" {
 		t.Fatalf("latest -> %q (%v)", target, err)
 	}

@@ -7,10 +7,13 @@ import (
 	"fmt"
 	"math/rand"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -27,7 +30,7 @@ type dbVolume struct {
 	db                      *sql.DB
 }
 
-func newDBVolume(t *testing.T, mysqlYAML string) *dbVolume {
+func newDBVolume(t testing.TB, mysqlYAML string) *dbVolume {
 	dev, _ := testenv.LoopDevice(t, 512<<20)
 	testenv.Mkfs(t, "ext4", dev)
 	v := &dbVolume{mnt: testenv.Mount(t, dev)}
@@ -50,7 +53,7 @@ func newDBVolume(t *testing.T, mysqlYAML string) *dbVolume {
 	return v
 }
 
-func (v *dbVolume) writeConfig(t *testing.T, mysqlYAML string) {
+func (v *dbVolume) writeConfig(t testing.TB, mysqlYAML string) {
 	cfg := fmt.Sprintf("repository: %s\nmount: \"\"\nsocket: %s\nstate_dir: %s\nvolumes:\n  - name: db\n    source: %s\n    schedules: []\n%s",
 		v.repo, filepath.Join(filepath.Dir(v.cfg), "sock"), filepath.Join(filepath.Dir(v.cfg), "state"), v.mnt, mysqlYAML)
 	if err := os.WriteFile(v.cfg, []byte(cfg), 0o600); err != nil {
@@ -66,9 +69,23 @@ type workload struct {
 	commits   atomic.Int64
 	mu        sync.Mutex
 	latencies []time.Duration
+	spans     [][2]time.Time // start and end of each commit
 }
 
-func startWorkload(t *testing.T, db *sql.DB) *workload {
+// stall is the longest commit that overlapped [from, to].
+func (w *workload) stall(from, to time.Time) time.Duration {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	var m time.Duration
+	for _, s := range w.spans {
+		if s[1].After(from) && s[0].Before(to) {
+			m = max(m, s[1].Sub(s[0]))
+		}
+	}
+	return m
+}
+
+func startWorkload(t testing.TB, db *sql.DB) *workload {
 	w := &workload{stop: make(chan struct{})}
 	for g := 0; g < 3; g++ {
 		w.wg.Add(1)
@@ -97,6 +114,7 @@ func startWorkload(t *testing.T, db *sql.DB) *workload {
 					w.commits.Add(1)
 					w.mu.Lock()
 					w.latencies = append(w.latencies, time.Since(start))
+					w.spans = append(w.spans, [2]time.Time{start, time.Now()})
 					w.mu.Unlock()
 				}
 			}
@@ -183,7 +201,7 @@ func checkRestored(t *testing.T, v *dbVolume, name string, app map[string]any) {
 	}
 }
 
-func snapshotDB(t *testing.T, v *dbVolume, name string, env ...string) (map[string]any, testenv.Result) {
+func snapshotDB(t testing.TB, v *dbVolume, name string, env ...string) (map[string]any, testenv.Result) {
 	r := testenv.StasisEnv(t, env, "--config", v.cfg, "snapshot", "db", "--name", name, "--json")
 	if r.Code != 0 {
 		return nil, r
@@ -387,4 +405,46 @@ func TestHooksAroundTheFreeze(t *testing.T) {
 		t.Fatalf("hooks that succeed: exit %d: %s %s", r.Code, r.Stdout, r.Stderr)
 	}
 	_ = context.Background
+}
+
+// BenchmarkMariaDBTrackedLock measures, for tracked incrementals taken by the agent under a
+// transactional workload, how long the database lock is held and how long writers stall
+// (the longest commit overlapping each snapshot). Run: make bench-mysql.
+func BenchmarkMariaDBTrackedLock(b *testing.B) {
+	v := newDBVolume(b, "")
+	v.writeConfig(b, "    mysql:\n      dsn_file: "+v.dsnFile+"\n      lock_timeout: 5s\n")
+	agent := exec.Command(testenv.Binary(b), "agent", "--config", v.cfg)
+	if err := agent.Start(); err != nil {
+		b.Fatal(err)
+	}
+	defer func() { agent.Process.Signal(syscall.SIGTERM); agent.Wait() }()
+	time.Sleep(2 * time.Second)
+	w := startWorkload(b, v.db)
+	time.Sleep(time.Second)
+	var holds, stalls, baseline []float64
+	for i := 0; i < 9; i++ {
+		from := time.Now()
+		out, r := snapshotDB(b, v, fmt.Sprint("b", i))
+		to := time.Now()
+		if out == nil {
+			b.Fatalf("snapshot: %s", r.Stderr)
+		}
+		if i == 0 { // the first is a full scan; the tracker runs from here on
+			continue
+		}
+		if out["tracking"] != "tracked" {
+			b.Fatalf("snapshot %d was not tracked: %v", i, out["tracking"])
+		}
+		app, _ := out["app"].(map[string]any)
+		holds = append(holds, app["lock_hold_ms"].(float64))
+		stalls = append(stalls, float64(w.stall(from, to).Microseconds())/1000)
+		time.Sleep(time.Second)
+		baseline = append(baseline, float64(w.stall(to.Add(200*time.Millisecond), time.Now()).Microseconds())/1000)
+	}
+	w.halt()
+	med := func(x []float64) float64 { sort.Float64s(x); return x[len(x)/2] }
+	b.ReportMetric(med(holds), "lock-hold-ms-median")
+	b.ReportMetric(med(stalls), "writer-stall-ms-median")
+	b.ReportMetric(med(baseline), "commit-ms-without-snapshot")
+	b.Logf("lock hold ms %v; writer stall ms %v; longest commit between snapshots ms %v", holds, stalls, baseline)
 }
