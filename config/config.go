@@ -272,9 +272,7 @@ func (c *Config) validate(probe Prober) Errors {
 		t := true
 		c.CatchUp = &t
 	}
-	if len(c.Volumes) == 0 {
-		es = append(es, &Error{File: c.Path, Line: c.lines["volumes"], Msg: "no volumes: add at least one under volumes: with a name and a source"})
-	}
+	// No volumes is valid (a fresh install): the agent runs and snapshots nothing.
 	names := map[string]int{}
 	devices := map[string]string{} // device → volume using it
 	for i := range c.Volumes {

@@ -42,6 +42,13 @@ func TestMinimalConfigGetsDefaults(t *testing.T) {
 	}
 }
 
+func TestNoVolumesIsValid(t *testing.T) {
+	c, err := Parse("stasis.yaml", []byte("repository: /var/lib/stasis/repo\nvolumes: []\n"), probe)
+	if err != nil || len(c.Volumes) != 0 {
+		t.Fatalf("a fresh install's file: %v", err)
+	}
+}
+
 func TestFullConfig(t *testing.T) {
 	c, err := Parse("stasis.yaml", []byte(`
 repository: /var/lib/stasis/repo
@@ -93,7 +100,6 @@ func TestBadConfigs(t *testing.T) {
 		{"bad duration", "volumes:\n  - name: a\n    source: /dev/vdb\n    max_freeze: 5 seconds\n", `stasis.yaml:4: "5 seconds" is not a duration`},
 		{"freeze too long", "volumes:\n  - name: a\n    source: /dev/vdb\n    max_freeze: 10m\n", "stasis.yaml:4: volumes[0].max_freeze: 10m0s is out of range"},
 		{"bad keep_days", "volumes:\n  - name: a\n    source: /dev/vdb\n    retention: {keep_days: -2}\n", "volumes[0].retention.keep_days: -2 is below the minimum -1"},
-		{"no volumes", "repository: /var/lib/stasis/repo\n", "no volumes"},
 		{"relative repository", "repository: repo\nvolumes:\n  - name: a\n    source: /dev/vdb\n", `stasis.yaml:1: repository: "repo" is not an absolute path`},
 		{"mount inside repository", "repository: /r\nmount: /r/view\nvolumes:\n  - name: a\n    source: /dev/vdb\n", "stasis.yaml:2: mount: \"/r/view\" is inside the repository"},
 		{"bad chunk size", "volumes:\n  - name: a\n    source: /dev/vdb\n    chunk_size: 1000\n", "volumes[0].chunk_size: 1000 is not a power of two"},

@@ -105,6 +105,9 @@ Every problem is listed with its line.`,
 				return errors.New(strings.Join(dbErrs, "\n"))
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "%s is valid: repository %s, %d volumes\n", c.Path, c.Repository, len(c.Volumes))
+			if len(c.Volumes) == 0 {
+				fmt.Fprintln(cmd.OutOrStdout(), "  no volumes yet: add one under volumes: (name and source) and reload the agent")
+			}
 			for _, v := range c.Volumes {
 				next := time.Time{}
 				for _, s := range v.Parsed {

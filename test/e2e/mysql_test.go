@@ -224,7 +224,6 @@ func TestMariaDBConsistentSnapshots(t *testing.T) {
 	}
 	w := startWorkload(t, v.db)
 	time.Sleep(time.Second)
-	var snaps []map[string]any
 	for i := 0; i < 3; i++ {
 		out, r := snapshotDB(t, v, fmt.Sprint("s", i))
 		if out == nil {
@@ -233,7 +232,6 @@ func TestMariaDBConsistentSnapshots(t *testing.T) {
 		if out["consistency"] != "app" {
 			t.Fatalf("snapshot %d is %v, want app", i, out["consistency"])
 		}
-		snaps = append(snaps, out)
 		time.Sleep(500 * time.Millisecond)
 	}
 	w.halt()
