@@ -2,10 +2,10 @@
 #   sudo make demo   snapshot a demo volume into the default repository and show it
 #   sudo make test   run the whole test suite (what CI runs)
 GO      ?= go
-VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+VERSION ?= 0.1.0+g$(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X main.version=$(VERSION)
 
-.PHONY: build demo test bench bench-mysql deps clean
+.PHONY: build demo test bench bench-mysql package deps clean
 
 build:
 	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/stasis ./cmd/stasis
@@ -26,6 +26,15 @@ bench: build bench-mysql
 # Database lock hold and writer stall for tracked incrementals under a MariaDB workload.
 bench-mysql: deps
 	$(GO) test -run '^$$' -bench MariaDBTrackedLock -benchtime 1x ./test/e2e
+
+# .deb and .rpm into dist/, with nfpm from the Go module proxy.
+NFPM ?= github.com/goreleaser/nfpm/v2/cmd/nfpm@v2.41.1
+package: build
+	mkdir -p dist/completions
+	bin/stasis completion bash > dist/completions/stasis.bash
+	bin/stasis completion zsh > dist/completions/_stasis
+	STASIS_VERSION=$(VERSION) $(GO) run $(NFPM) package --config packaging/nfpm.yaml --packager deb --target dist/
+	STASIS_VERSION=$(VERSION) $(GO) run $(NFPM) package --config packaging/nfpm.yaml --packager rpm --target dist/
 
 clean:
 	rm -rf bin dist
