@@ -466,3 +466,32 @@ func Check(ctx context.Context, cfg Config) error {
 	}
 	return nil
 }
+
+// LongQueries lists queries running longer than the threshold now, which would make the
+// lock wait. For stasis doctor.
+func LongQueries(ctx context.Context, cfg Config) ([]string, error) {
+	db, conn, err := open(ctx, cfg.DSN)
+	if err != nil {
+		return nil, err
+	}
+	defer db.Close()
+	defer conn.Close()
+	threshold := cfg.LongQueryThreshold
+	if threshold <= 0 {
+		threshold = 20 * time.Second
+	}
+	rows, err := conn.QueryContext(ctx, `SELECT ID, USER, TIME, COALESCE(LEFT(INFO, 200), '') FROM information_schema.PROCESSLIST
+		WHERE COMMAND NOT IN ('Sleep', 'Daemon', 'Binlog Dump', 'Binlog Dump GTID') AND ID <> CONNECTION_ID() AND TIME >= ?`, int64(threshold.Seconds()))
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []string
+	for rows.Next() {
+		var q longQuery
+		if rows.Scan(&q.id, &q.user, &q.secs, &q.info) == nil && q.info != "" {
+			out = append(out, q.String())
+		}
+	}
+	return out, nil
+}

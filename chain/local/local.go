@@ -335,3 +335,23 @@ func syncDir(dir string) error {
 	}
 	return nil
 }
+
+// Holder reports whether a writer holds dir's lock right now, and who. It takes and drops
+// the lock itself when free, so it is only for diagnostics.
+func Holder(dir string) (string, bool) {
+	f, err := os.OpenFile(filepath.Join(dir, "lock"), os.O_RDONLY, 0)
+	if err != nil {
+		return "", false
+	}
+	defer f.Close()
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err == nil {
+		unix.Flock(int(f.Fd()), unix.LOCK_UN)
+		return "", false
+	}
+	who, _ := io.ReadAll(io.LimitReader(f, 4096))
+	h := strings.TrimSpace(string(who))
+	if h == "" {
+		h = "another process"
+	}
+	return h, true
+}

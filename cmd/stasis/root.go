@@ -53,7 +53,7 @@ The repository is -r DIR, else $STASIS_REPO, else ` + DefaultRepo + `.`,
 		newInitCmd(g), newSnapshotCmd(g), newListCmd(g), newDeleteCmd(g), newGCCmd(g),
 		newVerifyCmd(g), newStatsCmd(g), newExportCmd(g), newRestoreCmd(g),
 		newThawCmd(), newFreezeGuardCmd(), newAgentCmd(g), newStatusCmd(g), newPruneCmd(g), newConfigCmd(g),
-		newMountCmd(g), newUmountCmd(),
+		newMountCmd(g), newUmountCmd(), newDoctorCmd(g),
 	)
 	return root
 }

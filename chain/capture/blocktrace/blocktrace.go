@@ -335,3 +335,31 @@ func RemoveStale() {
 		unix.Rmdir(d)
 	}
 }
+
+// Available says whether tracking can run here: tracefs mounted (or mountable) with the
+// block_rq_complete event. The reason comes back as an ErrUnavailable error.
+func Available() error {
+	if err := ensureTracefs(); err != nil {
+		return err
+	}
+	if _, err := os.Stat(filepath.Join(TracefsDir, "events/block/block_rq_complete")); err != nil {
+		return fmt.Errorf("%w: the kernel has no block_rq_complete trace event", ErrUnavailable)
+	}
+	return nil
+}
+
+// ForeignInstances lists tracefs instances of other programs that record block events, which
+// compete for the same events and buffers.
+func ForeignInstances() []string {
+	var out []string
+	dirs, _ := filepath.Glob(filepath.Join(TracefsDir, "instances", "*"))
+	for _, d := range dirs {
+		if strings.HasPrefix(filepath.Base(d), "stasis-") {
+			continue
+		}
+		if b, err := os.ReadFile(filepath.Join(d, "events/block/enable")); err == nil && strings.TrimSpace(string(b)) != "0" {
+			out = append(out, filepath.Base(d))
+		}
+	}
+	return out
+}

@@ -1,0 +1,330 @@
+package agent
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/stasis-project/stasis/agent/mysql"
+	"github.com/stasis-project/stasis/chain"
+	"github.com/stasis-project/stasis/chain/capture"
+	"github.com/stasis-project/stasis/chain/capture/blocktrace"
+	"github.com/stasis-project/stasis/chain/local"
+	"github.com/stasis-project/stasis/config"
+)
+
+// Severity of a doctor finding.
+const (
+	SevOK      = "ok"
+	SevWarning = "warning"
+	SevError   = "error"
+)
+
+// Finding is one doctor check's verdict.
+type Finding struct {
+	Check    string `json:"check"`
+	Volume   string `json:"volume,omitempty"`
+	Severity string `json:"severity"`
+	Message  string `json:"message"`
+	Fix      string `json:"fix,omitempty"`
+}
+
+// DoctorEnv is what the doctor reads about the machine; tests replace parts of it.
+type DoctorEnv struct {
+	Euid         int
+	MemAvailable func() (int64, error) // bytes
+	Now          time.Time
+	FuseDevice   string       // /dev/fuse
+	Tracing      func() error // blocktrace.Available
+}
+
+// DefaultDoctorEnv reads the real machine.
+func DefaultDoctorEnv() DoctorEnv {
+	return DoctorEnv{Euid: os.Geteuid(), MemAvailable: memAvailable, Now: time.Now(), FuseDevice: "/dev/fuse", Tracing: blocktrace.Available}
+}
+
+// snapshotMemory is what a snapshot needs at most: packs in flight, read buffers, the
+// final round's held chunks (see chain and capture).
+const snapshotMemory = 256 << 20
+
+// Doctor checks everything that makes a snapshot fail and says what to do about each.
+func Doctor(ctx context.Context, cfg *config.Config, env DoctorEnv) []Finding {
+	var fs []Finding
+	add := func(check, volume, sev, msg, fix string) {
+		fs = append(fs, Finding{Check: check, Volume: volume, Severity: sev, Message: msg, Fix: fix})
+	}
+	if env.Euid != 0 {
+		add("privileges", "", SevError, "not running as root: freezing filesystems, reading block devices and tracing need CAP_SYS_ADMIN",
+			"run stasis as root (the packaged systemd unit does)")
+	} else {
+		add("privileges", "", SevOK, "running as root", "")
+	}
+	if _, err := os.Stat(env.FuseDevice); err != nil {
+		add("fuse", "", SevWarning, env.FuseDevice+" is missing: the snapshot view cannot be served", "modprobe fuse (and set mount: \"\" if you do not want the view)")
+	} else if _, err := exec.LookPath("fusermount3"); err != nil {
+		add("fuse", "", SevWarning, "fusermount3 is not installed: the snapshot view cannot be unmounted cleanly", "apt-get install fuse3 (or dnf install fuse3)")
+	} else {
+		add("fuse", "", SevOK, "/dev/fuse and fusermount3 present", "")
+	}
+	if env.Tracing == nil {
+		env.Tracing = blocktrace.Available
+	}
+	if err := env.Tracing(); err != nil {
+		add("tracking", "", SevWarning, fmt.Sprintf("%v: snapshots of mounted volumes will be crash-consistent full scans", err),
+			"mount tracefs: mount -t tracefs none /sys/kernel/tracing")
+	} else if foreign := blocktrace.ForeignInstances(); len(foreign) > 0 {
+		add("tracking", "", SevWarning, "other programs trace block events now (tracefs instances "+strings.Join(foreign, ", ")+"): they compete for trace buffers",
+			"stop the other tracer, or expect more full scans after lost events")
+	} else {
+		add("tracking", "", SevOK, "tracefs block events available", "")
+	}
+	if env.MemAvailable != nil {
+		if avail, err := env.MemAvailable(); err == nil {
+			if avail < snapshotMemory {
+				add("memory", "", SevWarning, fmt.Sprintf("only %d MiB of memory available; a snapshot may need up to %d MiB", avail>>20, snapshotMemory>>20),
+					"free memory or add swap before the next scheduled snapshot")
+			} else {
+				add("memory", "", SevOK, fmt.Sprintf("%d MiB available", avail>>20), "")
+			}
+		}
+	}
+	for _, state := range otherFreezers() {
+		add("freeze", "", SevWarning, "another stasis process froze filesystems and is still running: "+state, "wait for it, or run stasis thaw --all if it hangs")
+	}
+	fs = append(fs, doctorRepository(ctx, cfg, env)...)
+	for _, v := range cfg.Volumes {
+		fs = append(fs, doctorVolume(ctx, cfg, v, env)...)
+	}
+	return fs
+}
+
+func doctorRepository(ctx context.Context, cfg *config.Config, env DoctorEnv) []Finding {
+	var fs []Finding
+	add := func(sev, msg, fix string) {
+		fs = append(fs, Finding{Check: "repository", Severity: sev, Message: msg, Fix: fix})
+	}
+	if _, err := os.Stat(filepath.Join(cfg.Repository, "config")); err != nil {
+		add(SevWarning, cfg.Repository+" does not exist yet", "the agent creates it at start; or run stasis init -r "+cfg.Repository)
+		return fs
+	}
+	if who, locked := local.Holder(cfg.Repository); locked {
+		add(SevWarning, "the repository is locked by "+who, "wait for that command to finish (or stop it)")
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(cfg.Repository, &st); err == nil {
+		free := int64(st.Bavail) * int64(st.Bsize)
+		need := expectedGrowth(ctx, cfg)
+		if free < need {
+			add(SevError, fmt.Sprintf("%d MiB free on the repository's filesystem; the next snapshots likely need %d MiB", free>>20, need>>20),
+				"free space, lower retention (keep_auto, keep_days) and run stasis prune, or move the repository")
+		} else {
+			add(SevOK, fmt.Sprintf("%d MiB free (next snapshots likely need %d MiB)", free>>20, need>>20), "")
+		}
+	}
+	return fs
+}
+
+// expectedGrowth estimates what the next snapshots add: the largest recent addition, per
+// volume, or the allocated size for a volume without snapshots.
+func expectedGrowth(ctx context.Context, cfg *config.Config) int64 {
+	be, err := local.Open(cfg.Repository)
+	if err != nil {
+		return 0
+	}
+	defer be.Close()
+	r, err := chain.Open(ctx, be, nil)
+	if err != nil {
+		return 0
+	}
+	snaps, _, _ := r.Snapshots(ctx)
+	var total int64
+	for _, v := range cfg.Volumes {
+		var biggest int64
+		n := 0
+		for i := len(snaps) - 1; i >= 0 && n < 5; i-- {
+			if snaps[i].Volume == v.Name {
+				biggest = max(biggest, snaps[i].NewBytes)
+				n++
+			}
+		}
+		if n == 0 {
+			if vol, err := capture.Resolve(v.Source); err == nil {
+				if src, err := capture.OpenSource(vol.Device); err == nil {
+					biggest = src.Size / 2 // a first snapshot, compressed: a rough guess
+					src.Close()
+				}
+			}
+		}
+		total += biggest
+	}
+	return total
+}
+
+var freezable = map[string]bool{"ext2": true, "ext3": true, "ext4": true, "xfs": true, "btrfs": true, "f2fs": true,
+	"jfs": true, "reiserfs": true, "gfs2": true, "ocfs2": true, "nilfs2": true}
+
+func doctorVolume(ctx context.Context, cfg *config.Config, v config.Volume, env DoctorEnv) []Finding {
+	var fs []Finding
+	add := func(check, sev, msg, fix string) {
+		fs = append(fs, Finding{Check: check, Volume: v.Name, Severity: sev, Message: msg, Fix: fix})
+	}
+	vol, err := capture.Resolve(v.Source)
+	if err != nil {
+		add("source", SevError, err.Error(), "fix source: in "+cfg.Path)
+		return fs
+	}
+	if vol.IsFile {
+		add("source", SevWarning, v.Source+" is an image file, not a block device: snapshots read it as it is (crash-consistent)", "point source: at the block device or mount point")
+	} else {
+		add("source", SevOK, fmt.Sprintf("%s is block device %d:%d", vol.Device, unix.Major(vol.Dev), unix.Minor(vol.Dev)), "")
+		if untrackable(vol.Dev, filepath.Base(vol.Device)) {
+			add("tracking", SevWarning, vol.Device+" is a device-mapper or md device: its writes cannot be tracked, so snapshots are crash-consistent full scans",
+				"snapshot the underlying disk, or accept crash-consistent snapshots")
+		}
+	}
+	for _, m := range vol.Mounts {
+		f := filesystemFinding(m)
+		f.Volume = v.Name
+		fs = append(fs, f)
+		if strings.HasPrefix(cfg.Repository+"/", strings.TrimSuffix(m.Point, "/")+"/") && m.Point != "/" {
+			add("repository", SevWarning, "the repository "+cfg.Repository+" is on the volume it backs up: losing the volume loses its snapshots",
+				"keep the repository on another disk")
+		}
+	}
+	// Retention quota.
+	if be, err := local.Open(cfg.Repository); err == nil {
+		if r, err := chain.Open(ctx, be, nil); err == nil {
+			snaps, _, _ := r.Snapshots(ctx)
+			auto := 0
+			for _, s := range snaps {
+				if s.Volume == v.Name && s.Kind == chain.KindAuto {
+					auto++
+				}
+			}
+			if q := *v.Retention.KeepAuto; auto >= q {
+				add("retention", SevOK, fmt.Sprintf("%d automatic snapshots, at the quota of %d: each new one replaces the oldest", auto, q), "")
+			}
+		}
+		be.Close()
+	}
+	// Database.
+	spec := SpecFromConfig(v)
+	if spec.App != nil && spec.App.MySQL != nil && spec.App.MySQL.Mode != "none" {
+		dsn, err := mysql.ReadDSN(spec.App.DSNFile)
+		if err == nil {
+			c := *spec.App.MySQL
+			c.DSN = dsn
+			err = mysql.Check(ctx, c)
+			if err == nil {
+				if long, lerr := mysql.LongQueries(ctx, c); lerr == nil && len(long) > 0 {
+					add("mysql", SevWarning, "long-running queries would block the lock right now: "+strings.Join(long, "; "),
+						"let them finish, or set kill_long_queries: true")
+				}
+			}
+		}
+		if err != nil {
+			add("mysql", SevError, err.Error(), "fix the DSN or grants, then stasis config check")
+		} else {
+			add("mysql", SevOK, "the database account connects and has the needed grants", "")
+		}
+	}
+	// Schedules and the last failure.
+	next := time.Time{}
+	for _, s := range v.Parsed {
+		if n := s.Next(env.Now); next.IsZero() || n.Before(next) {
+			next = n
+		}
+	}
+	if !next.IsZero() {
+		add("schedule", SevOK, "next snapshot "+next.Local().Format(time.RFC3339), "")
+	}
+	if f := lastFailure(cfg.StateDir, v.Name); f != "" {
+		add("last-failure", SevWarning, "the last snapshot failed: "+f, "fix the cause, then stasis snapshot "+v.Name)
+	}
+	return fs
+}
+
+// untrackable: device-mapper and md devices are not request-based, so block_rq_complete
+// never fires for them.
+func untrackable(dev uint64, name string) bool {
+	if unix.Major(dev) == 9 || strings.HasPrefix(name, "md") || strings.HasPrefix(name, "dm-") {
+		return true
+	}
+	_, err := os.Stat(fmt.Sprintf("/sys/dev/block/%d:%d/dm", unix.Major(dev), unix.Minor(dev)))
+	return err == nil
+}
+
+// filesystemFinding judges one mounted filesystem of a volume.
+func filesystemFinding(m capture.Mount) Finding {
+	f := Finding{Check: "filesystem"}
+	switch {
+	case m.ReadOnly:
+		f.Severity, f.Message = SevOK, m.Point+" is mounted read-only: nothing to freeze, snapshots are consistent"
+	case !freezable[m.FSType]:
+		f.Severity, f.Message = SevWarning, fmt.Sprintf("%s (%s) cannot be frozen: snapshots will be crash-consistent", m.Point, m.FSType)
+		f.Fix = "use ext4 or XFS for application-consistent snapshots"
+	case m.Point == "/":
+		f.Severity, f.Message = SevWarning, "the root filesystem is on this volume: freezing it briefly stops every writer on the machine, logging included"
+		f.Fix = "keep max_freeze short, and prefer a separate data volume"
+	default:
+		f.Severity, f.Message = SevOK, fmt.Sprintf("%s (%s) can be frozen", m.Point, m.FSType)
+	}
+	return f
+}
+
+func lastFailure(stateDir, volume string) string {
+	b, err := os.ReadFile(filepath.Join(stateDir, "state.json"))
+	if err != nil {
+		return ""
+	}
+	var st struct {
+		Volumes map[string]volumeState `json:"volumes"`
+	}
+	if json.Unmarshal(b, &st) != nil {
+		return ""
+	}
+	s := st.Volumes[volume]
+	if s.LastResult == "failed" {
+		return s.LastFailure
+	}
+	return ""
+}
+
+// otherFreezers lists freeze state files of live processes other than this one.
+func otherFreezers() []string {
+	files, _ := filepath.Glob("/run/stasis/frozen-*.json")
+	var out []string
+	for _, f := range files {
+		pid, err := strconv.Atoi(strings.TrimSuffix(strings.TrimPrefix(filepath.Base(f), "frozen-"), ".json"))
+		if err != nil || pid == os.Getpid() || unix.Kill(pid, 0) != nil {
+			continue
+		}
+		out = append(out, fmt.Sprintf("pid %d (%s)", pid, f))
+	}
+	return out
+}
+
+func memAvailable() (int64, error) {
+	f, err := os.Open("/proc/meminfo")
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), "MemAvailable:"); ok {
+			kb, err := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
+			return kb << 10, err
+		}
+	}
+	return 0, fmt.Errorf("no MemAvailable in /proc/meminfo")
+}
