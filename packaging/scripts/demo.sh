@@ -8,13 +8,19 @@ if [ "$(id -u)" -ne 0 ]; then echo "demo: run as root (sudo make demo): it attac
 STASIS=${STASIS:-$PWD/bin/stasis}
 export STASIS_REPO=${STASIS_REPO:-/var/lib/stasis/repo}
 work=$(mktemp -d /tmp/stasis-demo.XXXXXX)
-dev="" created_repo=0 mounts=()
+dev="" created_repo=0 mountpid=""
 
 cleanup() {
   set +e
   echo; echo "demo: cleaning up"
-  for ((i=${#mounts[@]}-1; i>=0; i--)); do umount "${mounts[i]}" 2>/dev/null; done
+  # Inside out: the snapshots' files, their loop devices, the view, the live volume.
+  for m in "$work/files/second" "$work/files/first"; do umount "$m" 2>/dev/null; done
   for l in "${loops[@]:-}"; do [ -n "$l" ] && losetup -d "$l" 2>/dev/null; done
+  if [ -n "${mountpid:-}" ]; then
+    kill "$mountpid" 2>/dev/null; wait "$mountpid" 2>/dev/null
+    fusermount3 -uz "$work/snapshots" 2>/dev/null
+  fi
+  umount "$work/live" 2>/dev/null
   [ -n "$dev" ] && losetup -d "$dev" 2>/dev/null
   ids=$("$STASIS" list --volume demo --json 2>/dev/null | sed -n 's/.*"id": "\([0-9a-f]*\)".*/\1/p')
   [ -n "$ids" ] && "$STASIS" delete $ids >/dev/null && "$STASIS" gc >/dev/null
@@ -29,7 +35,7 @@ echo "== creating a 256 MiB demo volume (loop device, ext4)"
 truncate -s 256M "$work/volume.img"
 dev=$(losetup -f --show "$work/volume.img")
 mkfs.ext4 -q -L demo "$dev"
-mkdir -p "$work/live"; mount "$dev" "$work/live"; mounts+=("$work/live")
+mkdir -p "$work/live"; mount "$dev" "$work/live"
 mkdir -p "$work/live/docs" "$work/live/data"
 for i in $(seq 1 20); do echo "report $i: all systems nominal" > "$work/live/docs/report-$i.txt"; done
 head -c 32M /dev/urandom > "$work/live/data/blob.bin"
@@ -53,22 +59,28 @@ echo
 echo
 "$STASIS" stats | sed -n '/volume demo/,/^$/p'
 
-# The FUSE view (stasis mount) is not built yet: show each snapshot by exporting it to an
-# image and mounting that read-only, which is what the view will do without the copy.
+# The read-only view of every snapshot (FUSE), and each snapshot's files through a
+# read-only loop mount of its image in the view.
 view="$work/snapshots"
+mkdir -p "$view"
+"$STASIS" mount "$view" 2>/dev/null &
+mountpid=$!
+for i in $(seq 1 50); do [ -e "$view/demo/first.img" ] && break; sleep 0.1; done
 for name in first second; do
-  "$STASIS" export demo/$name "$work/$name.img" >/dev/null
-  mkdir -p "$view/demo/$name"
-  l=$(losetup -r -f --show "$work/$name.img"); loops+=("$l")
-  mount -o ro,noload "$l" "$view/demo/$name"; mounts+=("$view/demo/$name")
+  mkdir -p "$work/files/$name"
+  l=$(losetup -r -f --show "$view/demo/$name.img"); loops+=("$l")
+  mount -o ro,noload "$l" "$work/files/$name"
 done
 cat <<MSG
 
-The demo volume's snapshots are browsable, read-only:
-  ls $view/demo/first/docs          # report-2.txt is still there
-  cat $view/demo/first/docs/report-1.txt
-  diff -r $view/demo/first/docs $view/demo/second/docs
+Every snapshot of the demo volume, read-only, without restoring anything:
+  ls -l $view/demo                  # first.img, second.img, their .json, latest
+  cat $view/demo/second.json        # consistency, sizes, how it was captured
+  ls $work/files/first/docs         # report-2.txt is still there
+  cat $work/files/first/docs/report-1.txt
+  diff -r $work/files/first/docs $work/files/second/docs
   stasis list --volume demo         # repository: $STASIS_REPO
 Press Ctrl-C to remove the demo volume, its snapshots and these mounts.
 MSG
-while true; do sleep 3600; done
+# wait (a builtin) returns at once when a trapped signal arrives; a plain sleep would not.
+while true; do sleep 3600 & wait $!; done
