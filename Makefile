@@ -30,6 +30,7 @@ bench-mysql: deps
 # .deb and .rpm into dist/, with nfpm from the Go module proxy.
 NFPM ?= github.com/goreleaser/nfpm/v2/cmd/nfpm@v2.41.1
 package: build
+	rm -f dist/stasis_*.deb dist/stasis-*.rpm
 	mkdir -p dist/completions
 	bin/stasis completion bash > dist/completions/stasis.bash
 	bin/stasis completion zsh > dist/completions/_stasis
