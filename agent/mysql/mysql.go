@@ -207,24 +207,34 @@ func (q longQuery) String() string {
 	return fmt.Sprintf("query %d by %s running %ds: %s", q.id, q.user, q.secs, q.info)
 }
 
+// listLongQueries returns the queries other sessions have been running for at least
+// threshold (replication threads and idle sessions excluded).
+func listLongQueries(ctx context.Context, conn *sql.Conn, threshold time.Duration) ([]longQuery, error) {
+	rows, err := conn.QueryContext(ctx, `SELECT ID, USER, TIME, COALESCE(LEFT(INFO, 200), '') FROM information_schema.PROCESSLIST
+		WHERE COMMAND NOT IN ('Sleep', 'Daemon', 'Binlog Dump', 'Binlog Dump GTID') AND ID <> CONNECTION_ID() AND TIME >= ?`,
+		int64(threshold.Seconds()))
+	if err != nil {
+		return nil, fmt.Errorf("read the process list: %w", err)
+	}
+	defer rows.Close()
+	var out []longQuery
+	for rows.Next() {
+		var q longQuery
+		if rows.Scan(&q.id, &q.user, &q.secs, &q.info) == nil && q.info != "" {
+			out = append(out, q)
+		}
+	}
+	return out, rows.Err()
+}
+
 // waitLongQueries waits while queries older than the threshold run, which would make FTWRL
 // wait and with it every writer; it KILLs them instead when configured.
 func (l *Locked) waitLongQueries(ctx context.Context, cfg Config, deadline time.Time) error {
 	for {
-		rows, err := l.conn.QueryContext(ctx, `SELECT ID, USER, TIME, COALESCE(LEFT(INFO, 200), '') FROM information_schema.PROCESSLIST
-			WHERE COMMAND NOT IN ('Sleep', 'Daemon', 'Binlog Dump', 'Binlog Dump GTID') AND ID <> CONNECTION_ID() AND TIME >= ?`,
-			int64(cfg.LongQueryThreshold.Seconds()))
+		long, err := listLongQueries(ctx, l.conn, cfg.LongQueryThreshold)
 		if err != nil {
-			return fmt.Errorf("read the process list: %w", err)
+			return err
 		}
-		var long []longQuery
-		for rows.Next() {
-			var q longQuery
-			if err := rows.Scan(&q.id, &q.user, &q.secs, &q.info); err == nil && q.info != "" {
-				long = append(long, q)
-			}
-		}
-		rows.Close()
 		if len(long) == 0 {
 			return nil
 		}
@@ -480,18 +490,13 @@ func LongQueries(ctx context.Context, cfg Config) ([]string, error) {
 	if threshold <= 0 {
 		threshold = 20 * time.Second
 	}
-	rows, err := conn.QueryContext(ctx, `SELECT ID, USER, TIME, COALESCE(LEFT(INFO, 200), '') FROM information_schema.PROCESSLIST
-		WHERE COMMAND NOT IN ('Sleep', 'Daemon', 'Binlog Dump', 'Binlog Dump GTID') AND ID <> CONNECTION_ID() AND TIME >= ?`, int64(threshold.Seconds()))
+	long, err := listLongQueries(ctx, conn, threshold)
 	if err != nil {
 		return nil, err
 	}
-	defer rows.Close()
 	var out []string
-	for rows.Next() {
-		var q longQuery
-		if rows.Scan(&q.id, &q.user, &q.secs, &q.info) == nil && q.info != "" {
-			out = append(out, q.String())
-		}
+	for _, q := range long {
+		out = append(out, q.String())
 	}
 	return out, nil
 }

@@ -18,16 +18,7 @@ import (
 // snapshotJSON is what `snapshot --json` prints: the list fields plus how it was captured.
 type snapshotJSON struct {
 	listEntry
-	Tracking      string   `json:"tracking"`
-	Rounds        int      `json:"rounds"`
-	FreezeMS      float64  `json:"freeze_ms"`
-	BytesRead     int64    `json:"bytes_read"`
-	BytesStored   int64    `json:"bytes_stored"`
-	MetadataBytes int64    `json:"metadata_bytes"`
-	ChunksStored  int64    `json:"chunks_stored"`
-	FinalChunks   int      `json:"final_chunks"`
-	DurationMS    int64    `json:"duration_ms"`
-	Warnings      []string `json:"warnings,omitempty"`
+	agent.Figures
 }
 
 type snapshotFlags struct {
@@ -161,10 +152,7 @@ func runSnapshot(cmd *cobra.Command, g *globals, f snapshotFlags) error {
 func printSnapshot(cmd *cobra.Command, asJSON bool, r *agent.SnapshotReport) error {
 	s := r.Snapshot
 	if asJSON {
-		return printJSON(cmd, snapshotJSON{listEntry: toListEntry(s), Tracking: r.Tracking, Rounds: r.Rounds,
-			FreezeMS: r.FreezeMS, BytesRead: r.BytesRead, BytesStored: r.BytesStored,
-			MetadataBytes: r.MetadataBytes, ChunksStored: r.ChunksStored, FinalChunks: r.FinalChunks,
-			DurationMS: r.DurationMS, Warnings: r.Warnings})
+		return printJSON(cmd, snapshotJSON{listEntry: toListEntry(s), Figures: r.Figures})
 	}
 	frozen := ""
 	if r.FreezeMS > 0 {
