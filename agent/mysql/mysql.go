@@ -287,7 +287,9 @@ func (l *Locked) acquire(ctx context.Context, deadline time.Time, timeout time.D
 			return fmt.Errorf("%w: %v: GRANT RELOAD ON *.* TO the stasis account", ErrPrivilege, err)
 		}
 		if errors.As(err, &me) && me.Number == 1205 {
-			return fmt.Errorf("%w: %v", ErrLockWait, err)
+			// The server's lock_wait_timeout ended the wait first: the same failure.
+			return fmt.Errorf("%w: %s did not get the lock within lock_timeout (%s); what was running: %s",
+				ErrLockWait, strings.Join(stmts, "; "), timeout, l.blockers(id))
 		}
 		return err
 	case <-time.After(wait):
