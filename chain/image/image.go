@@ -12,6 +12,7 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"golang.org/x/sync/errgroup"
 	"golang.org/x/sys/unix"
 
 	"github.com/stasis-project/stasis/chain"
@@ -75,56 +76,55 @@ func writeChunks(ctx context.Context, sr *chain.SnapshotReader, f *os.File, prog
 		i  int64
 		id chain.ID
 	}
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
+	g, ctx := errgroup.WithContext(ctx)
 	jobs := make(chan job, 64)
-	var once sync.Once
-	var firstErr error
-	fail := func(err error) { once.Do(func() { firstErr = err; cancel() }) }
-	var pmu sync.Mutex
-	var done int64
-	var wg sync.WaitGroup
+	g.Go(func() error {
+		defer close(jobs)
+		return sr.Walk(ctx, func(i int64, id chain.ID) error {
+			select {
+			case jobs <- job{i, id}:
+				return nil
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		})
+	})
+	report := newReporter(progress)
 	for k := 0; k < runtime.GOMAXPROCS(0)+1; k++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		g.Go(func() error {
 			var buf []byte
 			for j := range jobs {
 				b, err := sr.LoadChunk(ctx, j.i, j.id, buf)
 				if err != nil {
-					fail(err)
-					continue
+					return err
 				}
 				buf = b
 				if _, err := f.WriteAt(b, j.i*int64(snap.ChunkSize)); err != nil {
-					fail(fmt.Errorf("write %s: %w", f.Name(), err))
-					continue
+					return fmt.Errorf("write %s: %w", f.Name(), err)
 				}
 				atomic.AddInt64(&st.ChunksWritten, 1)
 				atomic.AddInt64(&st.BytesWritten, int64(len(b)))
-				if progress != nil {
-					pmu.Lock()
-					done += int64(len(b))
-					progress(done)
-					pmu.Unlock()
-				}
+				report(int64(len(b)))
 			}
-		}()
-	}
-	err := sr.Walk(ctx, func(i int64, id chain.ID) error {
-		select {
-		case jobs <- job{i, id}:
 			return nil
-		case <-ctx.Done():
-			return ctx.Err()
-		}
-	})
-	close(jobs)
-	wg.Wait()
-	if firstErr != nil {
-		return st, firstErr
+		})
 	}
-	return st, err
+	return st, g.Wait()
+}
+
+// newReporter serialises progress calls and turns increments into running totals.
+func newReporter(progress Progress) func(n int64) {
+	if progress == nil {
+		return func(int64) {}
+	}
+	var mu sync.Mutex
+	var done int64
+	return func(n int64) {
+		mu.Lock()
+		defer mu.Unlock()
+		done += n
+		progress(done)
+	}
 }
 
 // ErrTargetBusy is wrapped when a restore target device is mounted or held open.
@@ -207,65 +207,46 @@ func syncChunks(ctx context.Context, sr *chain.SnapshotReader, f *os.File, align
 	cs := int64(snap.ChunkSize)
 	n := snap.Chunks()
 	st := Stats{Chunks: n}
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
+	g, ctx := errgroup.WithContext(ctx)
 	batches := make(chan int64)
-	var once sync.Once
-	var firstErr error
-	fail := func(err error) { once.Do(func() { firstErr = err; cancel() }) }
-	var pmu sync.Mutex
-	var done int64
-	var wg sync.WaitGroup
-	for k := 0; k < runtime.GOMAXPROCS(0)+1; k++ {
-		buf, err := unix.Mmap(-1, 0, int(batchChunks*cs), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
-		if err != nil {
-			return st, err
+	g.Go(func() error {
+		defer close(batches)
+		for first := int64(0); first < n; first += batchChunks {
+			select {
+			case batches <- first:
+			case <-ctx.Done():
+				return ctx.Err()
+			}
 		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		return nil
+	})
+	report := newReporter(progress)
+	for k := 0; k < runtime.GOMAXPROCS(0)+1; k++ {
+		g.Go(func() error {
+			// O_DIRECT needs aligned memory: a private anonymous mapping is page-aligned.
+			buf, err := unix.Mmap(-1, 0, int(batchChunks*cs), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+			if err != nil {
+				return err
+			}
 			defer unix.Munmap(buf)
 			for first := range batches {
-				if ctx.Err() != nil {
-					continue
-				}
 				cnt := min(batchChunks, n-first)
 				off := first * cs
 				length := min(cnt*cs, snap.SizeBytes-off)
 				got, err := f.ReadAt(buf[:alignUp(length, align)], off)
 				if int64(got) < length {
-					fail(fmt.Errorf("read target at %d: %w", off, err))
-					continue
+					return fmt.Errorf("read target at %d: %w", off, err)
 				}
 				atomic.AddInt64(&st.BytesRead, length)
 				if err := syncBatch(ctx, sr, f, buf, first, cnt, align, &st); err != nil {
-					fail(err)
-					continue
+					return err
 				}
-				if progress != nil {
-					pmu.Lock()
-					done += length
-					progress(done)
-					pmu.Unlock()
-				}
+				report(length)
 			}
-		}()
+			return nil
+		})
 	}
-	for first := int64(0); first < n; first += batchChunks {
-		select {
-		case batches <- first:
-		case <-ctx.Done():
-		}
-		if ctx.Err() != nil {
-			break
-		}
-	}
-	close(batches)
-	wg.Wait()
-	if firstErr == nil {
-		firstErr = ctx.Err()
-	}
-	return st, firstErr
+	return st, g.Wait()
 }
 
 // syncBatch compares one batch read into buf and writes the differing chunks back from buf,
