@@ -108,11 +108,10 @@ type blobIndex struct {
 	packs   []ID
 	packPos map[ID]uint32
 	sizes   []int64
-	files   map[ID][]ID // index file → packs it names
 }
 
 func newBlobIndex() *blobIndex {
-	return &blobIndex{blobs: map[ID]location{}, packPos: map[ID]uint32{}, files: map[ID][]ID{}}
+	return &blobIndex{blobs: map[ID]location{}, packPos: map[ID]uint32{}}
 }
 
 // add records a pack's entries. A blob already present keeps its first location: any copy

@@ -140,12 +140,9 @@ func (r *Repository) loadIndex(ctx context.Context) error {
 			errs = append(errs, fmt.Errorf("index file %s: %w", id.Short(), err))
 			continue
 		}
-		var ids []ID
 		for _, p := range packs {
 			idx.add(p)
-			ids = append(ids, p.ID)
 		}
-		idx.files[id] = ids
 		files = append(files, id)
 	}
 	for _, err := range errs {
@@ -244,7 +241,7 @@ func (r *Repository) readBlob(ctx context.Context, pack ID, e packEntry, dst []b
 	return out, nil
 }
 
-// loadPage implements pageStore for readers of committed trees.
+// loadPage implements pageLoader for readers of committed trees.
 func (r *Repository) loadPage(ctx context.Context, id ID, level int) ([]ID, error) {
 	if p, ok := r.pages.Get(id); ok {
 		return p, nil
@@ -259,10 +256,6 @@ func (r *Repository) loadPage(ctx context.Context, id ID, level int) ([]ID, erro
 	}
 	r.pages.Add(id, p)
 	return p, nil
-}
-
-func (r *Repository) storePage(context.Context, int, []ID) (ID, error) {
-	return ID{}, errors.New("read-only tree")
 }
 
 // Snapshots lists every readable snapshot, oldest first. Manifests that cannot be read are

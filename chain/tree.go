@@ -70,9 +70,14 @@ func treeDepth(n int64) int {
 	return d
 }
 
-// pageStore loads and stores tree pages for the builder and reader.
-type pageStore interface {
+// pageLoader reads tree pages; the reader of committed trees needs only that.
+type pageLoader interface {
 	loadPage(ctx context.Context, id ID, level int) ([]ID, error)
+}
+
+// pageStore also stores pages, for the builder.
+type pageStore interface {
+	pageLoader
 	storePage(ctx context.Context, level int, entries []ID) (ID, error)
 }
 
@@ -178,13 +183,13 @@ func (t *treeBuilder) commit(ctx context.Context) (ID, error) {
 
 // treeReader looks up chunk IDs in a committed tree.
 type treeReader struct {
-	store  pageStore
+	store  pageLoader
 	root   ID
 	chunks int64
 	depth  int
 }
 
-func newTreeReader(store pageStore, root ID, chunks int64) *treeReader {
+func newTreeReader(store pageLoader, root ID, chunks int64) *treeReader {
 	return &treeReader{store: store, root: root, chunks: chunks, depth: treeDepth(chunks)}
 }
 

@@ -440,18 +440,13 @@ func (w *SnapshotWriter) Commit(ctx context.Context, capture, app map[string]any
 	}
 	w.snap.ID = id
 	idx := w.r.index()
-	var packIDs []ID
 	for _, p := range index {
 		idx.add(p)
-		packIDs = append(packIDs, p.ID)
 	}
 	if len(index) > 0 {
 		w.r.mu.Lock()
 		w.r.indexFiles = append(w.r.indexFiles, indexID)
 		w.r.mu.Unlock()
-		idx.mu.Lock()
-		idx.files[indexID] = packIDs
-		idx.mu.Unlock()
 	}
 	return &w.snap, nil
 }
