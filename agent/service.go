@@ -446,13 +446,19 @@ func Plan(snaps []*chain.Snapshot, v config.Volume, now time.Time) ([]PruneDecis
 	return out, victims
 }
 
-// Status reports every volume.
-func (s *Service) Status() []VolumeStatus {
+// Status reports every volume, with its snapshot count read from the repository.
+func (s *Service) Status() []VolumeStatus { return s.status(true) }
+
+// status reports every volume; without counts it does no I/O, for the periodic STATUS=.
+func (s *Service) status(counts bool) []VolumeStatus {
 	s.mu.Lock()
 	vols := s.vols
 	c := s.cron
 	s.mu.Unlock()
-	snaps, _, _ := s.repo.Snapshots(s.ctx)
+	var snaps []*chain.Snapshot
+	if counts {
+		snaps, _, _ = s.repo.Snapshots(s.ctx)
+	}
 	entries := c.Entries()
 	var out []VolumeStatus
 	for name, v := range vols {
@@ -487,7 +493,7 @@ func (s *Service) Status() []VolumeStatus {
 
 func (s *Service) notifyStatus() {
 	var parts []string
-	for _, st := range s.Status() {
+	for _, st := range s.status(false) {
 		p := st.Volume + ": "
 		switch {
 		case st.Running:

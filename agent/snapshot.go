@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/stasis-project/stasis/agent/mysql"
@@ -86,6 +87,9 @@ type Volume struct {
 	mu      sync.Mutex
 	tracker *blocktrace.Tracker
 	trackOf trackedState // what the running tracker's dirty set is relative to
+	// tracking mirrors "tracker kept after a committed snapshot", readable without mu,
+	// which a running snapshot holds.
+	tracking atomic.Bool
 }
 
 type trackedState struct {
@@ -103,10 +107,9 @@ func NewVolume(spec VolumeSpec, opts Options) *Volume {
 }
 
 // Tracking says whether the next snapshot can be a tracked incremental, and if not why.
+// It does not wait for a running snapshot.
 func (v *Volume) Tracking() (bool, string) {
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	if v.tracker == nil {
+	if !v.tracking.Load() {
 		return false, "no tracker running (first snapshot since start, or tracking unavailable)"
 	}
 	return true, ""
@@ -120,6 +123,7 @@ func (v *Volume) Close() {
 }
 
 func (v *Volume) stopTracker() {
+	v.tracking.Store(false)
 	if v.tracker != nil {
 		v.tracker.Close()
 		v.tracker = nil
@@ -263,6 +267,7 @@ func (v *Volume) Snapshot(ctx context.Context, r *chain.Repository, req Request)
 	committed = true
 	if v.tracker != nil && v.opts.KeepTracking {
 		v.trackOf = trackedState{snapshot: s.ID, size: src.Size, chunk: w.ChunkSize()}
+		v.tracking.Store(true)
 	} else {
 		v.stopTracker()
 	}
