@@ -100,14 +100,31 @@ func Doctor(ctx context.Context, cfg *config.Config, env DoctorEnv) []Finding {
 	for _, state := range otherFreezers() {
 		add("freeze", "", SevWarning, "another stasis process froze filesystems and is still running: "+state, "wait for it, or run stasis thaw --all if it hangs")
 	}
-	fs = append(fs, doctorRepository(ctx, cfg, env)...)
+	snaps := repoSnapshots(ctx, cfg.Repository) // read once for every check below
+	fs = append(fs, doctorRepository(cfg, snaps)...)
 	for _, v := range cfg.Volumes {
-		fs = append(fs, doctorVolume(ctx, cfg, v, env)...)
+		fs = append(fs, doctorVolume(ctx, cfg, v, snaps, env)...)
 	}
 	return fs
 }
 
-func doctorRepository(ctx context.Context, cfg *config.Config, env DoctorEnv) []Finding {
+// repoSnapshots lists the repository's snapshots, or nothing if it cannot be read (the
+// repository checks say why).
+func repoSnapshots(ctx context.Context, dir string) []*chain.Snapshot {
+	be, err := local.Open(dir)
+	if err != nil {
+		return nil
+	}
+	defer be.Close()
+	r, err := chain.Open(ctx, be, nil)
+	if err != nil {
+		return nil
+	}
+	snaps, _, _ := r.Snapshots(ctx)
+	return snaps
+}
+
+func doctorRepository(cfg *config.Config, snaps []*chain.Snapshot) []Finding {
 	var fs []Finding
 	add := func(sev, msg, fix string) {
 		fs = append(fs, Finding{Check: "repository", Severity: sev, Message: msg, Fix: fix})
@@ -122,7 +139,7 @@ func doctorRepository(ctx context.Context, cfg *config.Config, env DoctorEnv) []
 	var st unix.Statfs_t
 	if err := unix.Statfs(cfg.Repository, &st); err == nil {
 		free := int64(st.Bavail) * int64(st.Bsize)
-		need := expectedGrowth(ctx, cfg)
+		need := expectedGrowth(cfg, snaps)
 		if free < need {
 			add(SevError, fmt.Sprintf("%d MiB free on the repository's filesystem; the next snapshots likely need %d MiB", free>>20, need>>20),
 				"free space, lower retention (keep_auto, keep_days) and run stasis prune, or move the repository")
@@ -135,17 +152,7 @@ func doctorRepository(ctx context.Context, cfg *config.Config, env DoctorEnv) []
 
 // expectedGrowth estimates what the next snapshots add: the largest recent addition, per
 // volume, or the allocated size for a volume without snapshots.
-func expectedGrowth(ctx context.Context, cfg *config.Config) int64 {
-	be, err := local.Open(cfg.Repository)
-	if err != nil {
-		return 0
-	}
-	defer be.Close()
-	r, err := chain.Open(ctx, be, nil)
-	if err != nil {
-		return 0
-	}
-	snaps, _, _ := r.Snapshots(ctx)
+func expectedGrowth(cfg *config.Config, snaps []*chain.Snapshot) int64 {
 	var total int64
 	for _, v := range cfg.Volumes {
 		var biggest int64
@@ -172,7 +179,7 @@ func expectedGrowth(ctx context.Context, cfg *config.Config) int64 {
 var freezable = map[string]bool{"ext2": true, "ext3": true, "ext4": true, "xfs": true, "btrfs": true, "f2fs": true,
 	"jfs": true, "reiserfs": true, "gfs2": true, "ocfs2": true, "nilfs2": true}
 
-func doctorVolume(ctx context.Context, cfg *config.Config, v config.Volume, env DoctorEnv) []Finding {
+func doctorVolume(ctx context.Context, cfg *config.Config, v config.Volume, snaps []*chain.Snapshot, env DoctorEnv) []Finding {
 	var fs []Finding
 	add := func(check, sev, msg, fix string) {
 		fs = append(fs, Finding{Check: check, Volume: v.Name, Severity: sev, Message: msg, Fix: fix})
@@ -201,20 +208,14 @@ func doctorVolume(ctx context.Context, cfg *config.Config, v config.Volume, env 
 		}
 	}
 	// Retention quota.
-	if be, err := local.Open(cfg.Repository); err == nil {
-		if r, err := chain.Open(ctx, be, nil); err == nil {
-			snaps, _, _ := r.Snapshots(ctx)
-			auto := 0
-			for _, s := range snaps {
-				if s.Volume == v.Name && s.Kind == chain.KindAuto {
-					auto++
-				}
-			}
-			if q := *v.Retention.KeepAuto; auto >= q {
-				add("retention", SevOK, fmt.Sprintf("%d automatic snapshots, at the quota of %d: each new one replaces the oldest", auto, q), "")
-			}
+	auto := 0
+	for _, s := range snaps {
+		if s.Volume == v.Name && s.Kind == chain.KindAuto {
+			auto++
 		}
-		be.Close()
+	}
+	if q := *v.Retention.KeepAuto; auto >= q {
+		add("retention", SevOK, fmt.Sprintf("%d automatic snapshots, at the quota of %d: each new one replaces the oldest", auto, q), "")
 	}
 	// Database.
 	spec := SpecFromConfig(v)
