@@ -38,7 +38,9 @@ func TestKill9AnyMoment(t *testing.T) {
 	testenv.FillMixed(t, rng, f, size)
 	repo := newRepo(t)
 	// How long each operation takes here, so kills land at every stage on fast and slow
-	// machines alike: delays are drawn from 0 to 1.5 times that.
+	// machines alike. Every fifth round runs to completion and refreshes the estimate (CI
+	// machines slow down and speed up under load); the others are killed at a moment drawn
+	// from 0 to 1.2 times the estimate.
 	took := map[string]time.Duration{}
 	for _, args := range [][]string{
 		{"snapshot", "-r", repo, "--source", src, "--volume", "v", "--name", "base"},
@@ -76,7 +78,11 @@ func TestKill9AnyMoment(t *testing.T) {
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
 		}
-		delay := time.Duration(rng.Int63n(int64(took[args[0]])*3/2 + 1))
+		start := time.Now()
+		kill := time.After(time.Duration(rng.Int63n(int64(took[args[0]])*6/5 + 1)))
+		if round%5 == 4 {
+			kill = nil // runs to completion
+		}
 		done := make(chan error, 1)
 		go func() { done <- cmd.Wait() }()
 		select {
@@ -85,7 +91,10 @@ func TestKill9AnyMoment(t *testing.T) {
 				t.Fatalf("round %d: %v failed on its own: %v\n%s", round, args, err, stderr.String())
 			}
 			completed++
-		case <-time.After(delay):
+			if kill == nil {
+				took[args[0]] = time.Since(start)
+			}
+		case <-kill:
 			cmd.Process.Signal(syscall.SIGKILL)
 			<-done
 			killed++
@@ -106,7 +115,7 @@ func TestKill9AnyMoment(t *testing.T) {
 		}
 	}
 	t.Logf("%d of %d operations killed mid-way, %d completed", killed, rounds, completed)
-	if killed < rounds/5 || completed < rounds/10 {
+	if killed < rounds/4 {
 		t.Fatalf("the kill timing is off: %d killed, %d completed of %d", killed, completed, rounds)
 	}
 	// The kernel released every lock; the repository is writable and collectable.
