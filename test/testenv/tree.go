@@ -2,6 +2,7 @@ package testenv
 
 import (
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
 	"fmt"
 	"io"
@@ -316,20 +317,63 @@ func BuildTrickyTree(t testing.TB, dir string, opt TrickyTree) {
 	}))
 }
 
-// PopulateWithKernel mounts the filesystem image img, copies src into it with cp -a, adds a
-// file with unwritten (preallocated) ranges, and unmounts.
+// PopulateWithKernel mounts the filesystem image img, copies src into it with cp -a and
+// adds what only the kernel writes: unwritten (preallocated) ranges, a file in hundreds of
+// extents, xattrs too big for the inode or many of them, an ACL, and (where the
+// filesystem can) a reflinked copy. Then it unmounts.
 func PopulateWithKernel(t testing.TB, img, src string) {
 	t.Helper()
 	mnt := Mount(t, img, "-o", "loop")
 	Run(t, "cp", "-a", src+"/.", mnt)
+	must := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
 	un := filepath.Join(mnt, "unwritten.bin")
 	Run(t, "fallocate", "-l", "3M", un)
 	f, err := os.OpenFile(un, os.O_WRONLY, 0)
-	if err != nil {
-		t.Fatal(err)
+	must(err)
+	_, err = f.WriteAt([]byte("written in the middle of preallocated space"), 1<<20+17)
+	must(err)
+	must(f.Close())
+
+	f, err = os.Create(filepath.Join(mnt, "fragmented.bin"))
+	must(err)
+	for i := int64(0); i < 300; i++ {
+		_, err := f.WriteAt([]byte(fmt.Sprintf("island %d\n", i)), i*64<<10)
+		must(err)
+		must(f.Sync()) // one allocation per island
 	}
-	f.WriteAt([]byte("written in the middle of preallocated space"), 1<<20+17)
-	f.Close()
+	must(f.Close())
+
+	xa := filepath.Join(mnt, "many-xattrs")
+	must(os.WriteFile(xa, []byte("x\n"), 0o644))
+	for i := 0; i < 20; i++ {
+		must(unix.Setxattr(xa, fmt.Sprintf("user.attribute-number-%02d", i), []byte(strings.Repeat("v", i*2)), 0))
+	}
+	var st unix.Statfs_t
+	must(unix.Statfs(mnt, &st))
+	if st.Type == unix.XFS_SUPER_MAGIC { // ext4 keeps all of an inode's xattrs in one block
+		must(unix.Setxattr(xa, "user.remote", []byte(strings.Repeat("remote value ", 700)), 0))
+	}
+	must(unix.Setxattr(xa, "security.label", []byte("secret-label"), 0))
+
+	acl := filepath.Join(mnt, "with-acl")
+	must(os.WriteFile(acl, []byte("acl\n"), 0o640))
+	// system.posix_acl_access: version 2; user::rw- user:1234:r-- group::r-- mask::r-- other::---
+	le := binary.LittleEndian
+	v := le.AppendUint32(nil, 2)
+	for _, e := range [][3]uint32{{0x01, 6, 0xFFFFFFFF}, {0x02, 4, 1234}, {0x04, 4, 0xFFFFFFFF}, {0x10, 4, 0xFFFFFFFF}, {0x20, 0, 0xFFFFFFFF}} {
+		v = le.AppendUint16(le.AppendUint16(v, uint16(e[0])), uint16(e[1]))
+		v = le.AppendUint32(v, e[2])
+	}
+	must(unix.Setxattr(acl, "system.posix_acl_access", v, 0))
+
+	if _, err := os.Stat(filepath.Join(mnt, "big.bin")); err == nil {
+		Run(t, "cp", "--reflink=auto", filepath.Join(mnt, "big.bin"), filepath.Join(mnt, "big-copy.bin"))
+	}
 	Run(t, "umount", mnt)
 }
 

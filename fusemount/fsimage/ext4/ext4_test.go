@@ -29,7 +29,7 @@ func TestAgainstKernel(t *testing.T) {
 			img := filepath.Join(t.TempDir(), "fs.img")
 			if tc.name == "kernel-populated" {
 				testenv.GarbageImage(t, img, 256<<20) // so stale blocks are not zeros by luck
-				testenv.Run(t, "mkfs.ext4", "-q", "-F", "-E", "nodiscard", img)
+				testenv.Run(t, "mkfs.ext4", "-q", "-F", "-T", "default", "-E", "nodiscard", img)
 				testenv.PopulateWithKernel(t, img, src)
 			} else {
 				args := append(append([]string{"-q", "-F", "-d", src}, tc.args...), img, "256M")

@@ -1,0 +1,47 @@
+package xfs
+
+import (
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/stasis-project/stasis/test/testenv"
+)
+
+// TestAgainstKernel fills XFS images through the kernel (every directory form from
+// short-form to node, B+tree-mapped and reflinked files, unwritten extents, short-form,
+// leaf and remote xattrs, ACLs) and compares the reader with the kernel's read-only mount.
+func TestAgainstKernel(t *testing.T) {
+	testenv.RequireRoot(t)
+	testenv.RequireTool(t, "mkfs.xfs")
+	src := t.TempDir()
+	testenv.BuildTrickyTree(t, src, testenv.TrickyTree{BigFile: 3 << 20, DirEntries: 3000})
+	for _, tc := range []struct {
+		name string
+		args []string
+	}{
+		{"default", nil},
+		{"1k-blocks-8k-dirs", []string{"-b", "size=1024", "-n", "size=8192"}},
+		{"no-ftype-bits-512-inodes", []string{"-i", "size=512", "-m", "bigtime=0"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			img := filepath.Join(t.TempDir(), "fs.img")
+			testenv.GarbageImage(t, img, 320<<20)
+			testenv.Run(t, "mkfs.xfs", append(append([]string{"-q", "-f", "-K"}, tc.args...), img)...)
+			testenv.PopulateWithKernel(t, img, src)
+			mnt := testenv.Mount(t, img, "-o", "ro,loop,norecovery")
+			want := testenv.ScanTree(t, mnt)
+			f, err := os.Open(img)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer f.Close()
+			fi, _ := f.Stat()
+			fsys, err := Open(f, fi.Size())
+			if err != nil {
+				t.Fatal(err)
+			}
+			testenv.CompareTrees(t, want, testenv.ScanFS(t, fsys))
+		})
+	}
+}
