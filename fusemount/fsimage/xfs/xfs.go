@@ -34,8 +34,8 @@ const (
 	fmtExtents = 2
 	fmtBtree   = 3
 
-	flags2Bigtime = 0x8
-	flags2NRext64 = 0x10
+	flags2Bigtime  = 0x8
+	flags2NRext64  = 0x10
 	diflagRealtime = 0x1
 
 	maxExtents  = 1 << 20 // per fork; more is treated as damage
@@ -353,7 +353,7 @@ func (n *inode) mapper(exts []extent) func(off int64) (int64, int64, error) {
 		}
 		// The run must stay in one AG, where blocks are contiguous on disk.
 		start := e.block + blk - e.off
-		if (start>>n.fs.agblklog) != (start+e.count-(blk-e.off)-1)>>n.fs.agblklog {
+		if (start >> n.fs.agblklog) != (start+e.count-(blk-e.off)-1)>>n.fs.agblklog {
 			return 0, 0, fsimage.Corruptf("inode %d: extent crosses an allocation group", n.ino)
 		}
 		phys, err := n.fs.fsbByte(start)
