@@ -1,13 +1,14 @@
 // Package fusemount shows a repository's snapshots as a read-only FUSE filesystem:
 //
+//	MOUNTPOINT/<volume>/<snapshot>/      the snapshot's files (ext4 or XFS), or part1/, part2/...
 //	MOUNTPOINT/<volume>/<snapshot>.img   the raw volume image, readable at any offset
 //	MOUNTPOINT/<volume>/<snapshot>.json  the snapshot's manifest (consistency, binlog position...)
-//	MOUNTPOINT/<volume>/latest           symlink to the newest snapshot's image
+//	MOUNTPOINT/<volume>/latest           symlink to the newest snapshot's folder
 //
-// Snapshot contents never change, so the kernel caches them (keep-cache, long attribute
-// timeouts); the lists of volumes and snapshots are re-read at most once a second, so new
-// snapshots appear and deleted ones disappear without remounting. It reads through
-// chain.SnapshotReader, which is safe for concurrent use: no lock serialises reads.
+// Snapshot contents never change, so the kernel caches them (keep-cache, long entry and
+// attribute timeouts); the lists of volumes and snapshots are re-read at most once a
+// second, so new snapshots appear and deleted ones disappear without remounting. Reads go
+// through one bounded chunk cache shared by every open file; nothing serialises them.
 package fusemount
 
 import (
@@ -25,6 +26,7 @@ import (
 
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
+	lru "github.com/hashicorp/golang-lru/v2"
 
 	"github.com/stasis-project/stasis/chain"
 )
@@ -42,6 +44,7 @@ type Options struct {
 const (
 	listTTL    = time.Second    // volumes and snapshot lists
 	contentTTL = 24 * time.Hour // immutable snapshot content
+	cacheBytes = 64 << 20       // decompressed chunks shared by all open files
 )
 
 // view is the state shared by every node of one mount.
@@ -49,9 +52,24 @@ type view struct {
 	repo *chain.Repository
 	opts Options
 
+	cache  *chunkCache
+	states *lru.Cache[string, *snapState] // by snapshot ID
+
 	mu      sync.Mutex
 	snaps   []*chain.Snapshot
 	fetched time.Time
+}
+
+// state returns the shared content state of snapshot s.
+func (v *view) state(s *chain.Snapshot) *snapState {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if st, ok := v.states.Get(s.ID); ok {
+		return st
+	}
+	st := &snapState{v: v, snap: s, img: &image{sr: v.repo.Reader(s), cache: v.cache, size: s.SizeBytes}}
+	v.states.Add(s.ID, st)
+	return st
 }
 
 // list returns the snapshots, re-reading the repository at most once per listTTL.
@@ -156,7 +174,8 @@ func (n *volumeNode) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) 
 	snaps := n.snapshots(ctx)
 	var es []fuse.DirEntry
 	for _, s := range snaps {
-		es = append(es, fuse.DirEntry{Name: s.Name + ".img", Mode: fuse.S_IFREG, Ino: ino(n.volume, s.ID)},
+		es = append(es, fuse.DirEntry{Name: s.Name, Mode: fuse.S_IFDIR, Ino: ino(n.volume, s.ID, "dir")},
+			fuse.DirEntry{Name: s.Name + ".img", Mode: fuse.S_IFREG, Ino: ino(n.volume, s.ID)},
 			fuse.DirEntry{Name: s.Name + ".json", Mode: fuse.S_IFREG, Ino: ino(n.volume, s.ID, "json")})
 	}
 	if len(snaps) > 0 {
@@ -168,7 +187,7 @@ func (n *volumeNode) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) 
 func (n *volumeNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
 	snaps := n.snapshots(ctx)
 	if name == "latest" && len(snaps) > 0 {
-		target := snaps[len(snaps)-1].Name + ".img"
+		target := snaps[len(snaps)-1].Name
 		out.SetEntryTimeout(listTTL)
 		out.SetAttrTimeout(listTTL)
 		out.Mode = fuse.S_IFLNK | 0o777
@@ -177,6 +196,15 @@ func (n *volumeNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut
 		return n.NewInode(ctx, &fs.MemSymlink{Data: []byte(target)}, fs.StableAttr{Mode: fuse.S_IFLNK, Ino: ino(n.volume, "latest", target)}), 0
 	}
 	for _, s := range snaps {
+		if s.Name == name {
+			d := &snapshotDir{snapState: n.v.state(s)}
+			var a fuse.AttrOut
+			d.Getattr(ctx, nil, &a)
+			out.Attr = a.Attr
+			out.SetEntryTimeout(listTTL) // so a deleted snapshot disappears
+			out.SetAttrTimeout(contentTTL)
+			return n.NewInode(ctx, d, fs.StableAttr{Mode: fuse.S_IFDIR, Ino: ino(n.volume, s.ID, "dir")}), 0
+		}
 		if s.Name+".json" == name {
 			b, _ := json.MarshalIndent(manifestView(s), "", "  ")
 			b = append(b, '\n')
@@ -190,7 +218,7 @@ func (n *volumeNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut
 				fs.StableAttr{Mode: fuse.S_IFREG, Ino: ino(n.volume, s.ID, "json")}), 0
 		}
 		if s.Name+".img" == name {
-			img := &imageNode{v: n.v, snap: s, r: n.v.repo.Reader(s)}
+			img := &imageNode{v: n.v, snap: s, img: n.v.state(s).img}
 			img.fill(&out.Attr)
 			out.SetEntryTimeout(listTTL) // so a deleted snapshot disappears
 			out.SetAttrTimeout(contentTTL)
@@ -213,7 +241,7 @@ type imageNode struct {
 	fs.Inode
 	v    *view
 	snap *chain.Snapshot
-	r    *chain.SnapshotReader
+	img  *image
 }
 
 var (
@@ -250,7 +278,7 @@ func (n *imageNode) Read(ctx context.Context, f fs.FileHandle, dest []byte, off 
 	if end := off + int64(len(dest)); end > n.snap.SizeBytes {
 		dest = dest[:n.snap.SizeBytes-off]
 	}
-	got, err := n.r.ReadAt(ctx, dest, off)
+	got, err := n.img.ReadAt(dest, off)
 	if err != nil && got < len(dest) {
 		// Never wrong bytes: a damaged chunk is an I/O error for this read, logged.
 		n.v.opts.Log.Error("read from snapshot failed", "volume", n.snap.Volume, "snapshot", n.snap.Name, "offset", off, "err", err)
@@ -284,13 +312,18 @@ func Mount(repo *chain.Repository, repoDir, dir string, opts Options) (*Mounted,
 			return nil, fmt.Errorf("%s: %w %s; choose a directory outside it", dir, ErrInsideRepository, repoDir)
 		}
 	}
-	v := &view{repo: repo, opts: opts}
+	states, _ := lru.New[string, *snapState](32)
+	v := &view{repo: repo, opts: opts, cache: newChunkCache(cacheBytes), states: states}
 	entry, attr := listTTL, listTTL
 	mo := fuse.MountOptions{
 		FsName: "stasis", Name: "stasis",
 		// Read-only twice over: the kernel refuses writes, and no node has write methods.
-		Options:      []string{"ro", "default_permissions"},
-		AllowOther:   opts.AllowOther,
+		Options:    []string{"ro", "default_permissions"},
+		AllowOther: opts.AllowOther,
+		// POSIX ACLs in snapshots are enforced by the kernel, as on the live system.
+		EnableAcl: true,
+		// Large reads: fewer round trips per sequential megabyte.
+		MaxWrite:     1 << 20,
 		MaxReadAhead: 1 << 20,
 	}
 	server, err := fs.Mount(absDir, &rootNode{v: v}, &fs.Options{MountOptions: mo, EntryTimeout: &entry, AttrTimeout: &attr})

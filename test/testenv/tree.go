@@ -317,14 +317,16 @@ func BuildTrickyTree(t testing.TB, dir string, opt TrickyTree) {
 	}))
 }
 
-// PopulateWithKernel mounts the filesystem image img, copies src into it with cp -a and
+// PopulateWithKernel mounts the filesystem image img, copies src (if any) into it with cp -a and
 // adds what only the kernel writes: unwritten (preallocated) ranges, a file in hundreds of
 // extents, xattrs too big for the inode or many of them, an ACL, and (where the
 // filesystem can) a reflinked copy. Then it unmounts.
 func PopulateWithKernel(t testing.TB, img, src string) {
 	t.Helper()
 	mnt := Mount(t, img, "-o", "loop")
-	Run(t, "cp", "-a", src+"/.", mnt)
+	if src != "" {
+		Run(t, "cp", "-a", src+"/.", mnt)
+	}
 	must := func(err error) {
 		t.Helper()
 		if err != nil {

@@ -1,0 +1,400 @@
+package fusemount
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"io"
+	"strings"
+	"sync"
+	"syscall"
+
+	"github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+	lru "github.com/hashicorp/golang-lru/v2"
+
+	"github.com/stasis-project/stasis/chain"
+	"github.com/stasis-project/stasis/fusemount/fsimage"
+	"github.com/stasis-project/stasis/fusemount/fsimage/ext4"
+	"github.com/stasis-project/stasis/fusemount/fsimage/xfs"
+)
+
+var openers = []fsimage.Opener{
+	{Probe: ext4.Probe, Open: func(dev io.ReaderAt, size int64) (fsimage.FS, error) { return ext4.Open(dev, size) }},
+	{Probe: xfs.Probe, Open: func(dev io.ReaderAt, size int64) (fsimage.FS, error) { return xfs.Open(dev, size) }},
+}
+
+// volumeFS is one filesystem inside a snapshot (the whole image or one partition),
+// opened on first access.
+type volumeFS struct {
+	v     *view
+	label string // "data/before-upgrade" or "data/before-upgrade/part2", for logs
+	base  uint64 // mixes the snapshot and partition into inode numbers
+	dev   io.ReaderAt
+	size  int64
+
+	once sync.Once
+	fsys fsimage.FS
+	err  error
+
+	// Directory listings, by inode: looked up by name for every entry of `ls -l`, so kept
+	// as maps, a bounded number of them.
+	dirs *lru.Cache[uint64, map[string]uint64]
+}
+
+func newVolumeFS(v *view, label string, dev io.ReaderAt, size int64) *volumeFS {
+	h := fnv.New64a()
+	h.Write([]byte(label))
+	dirs, _ := lru.New[uint64, map[string]uint64](64)
+	return &volumeFS{v: v, label: label, base: h.Sum64(), dev: dev, size: size, dirs: dirs}
+}
+
+func (m *volumeFS) open() (fsimage.FS, error) {
+	m.once.Do(func() {
+		m.fsys, m.err = fsimage.OpenAny(m.dev, m.size, openers)
+		if m.err != nil {
+			m.v.opts.Log.Error("cannot read the filesystem in a snapshot", "snapshot", m.label, "err", m.err)
+		}
+	})
+	return m.fsys, m.err
+}
+
+// fuseIno is the inode number the mount shows: unique across snapshots and partitions,
+// equal for hard links.
+func (m *volumeFS) fuseIno(ino uint64) uint64 {
+	return (m.base+ino*0x9E3779B97F4A7C15)&^(1<<63) | 1<<62
+}
+
+// errno turns a reader error into what the caller sees, logging damage: never a panic,
+// never wrong bytes.
+func (m *volumeFS) errno(what string, ino uint64, err error) syscall.Errno {
+	if errors.Is(err, fsimage.ErrNotFound) {
+		return syscall.ENOENT
+	}
+	m.v.opts.Log.Error("cannot read from a snapshot", "snapshot", m.label, "op", what, "inode", ino, "err", err)
+	return syscall.EIO
+}
+
+func (m *volumeFS) listing(ino uint64, node fsimage.Inode) (map[string]uint64, error) {
+	if l, ok := m.dirs.Get(ino); ok {
+		return l, nil
+	}
+	es, err := node.ReadDir()
+	if err != nil {
+		return nil, err
+	}
+	l := make(map[string]uint64, len(es))
+	for _, e := range es {
+		l[e.Name] = e.Ino
+	}
+	m.dirs.Add(ino, l)
+	return l, nil
+}
+
+// lookup resolves name in directory ino (parsed as dir) and makes the child's node.
+func (m *volumeFS) lookup(ctx context.Context, parent *fs.Inode, ino uint64, dir fsimage.Inode, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	l, err := m.listing(ino, dir)
+	if err != nil {
+		return nil, m.errno("readdir", ino, err)
+	}
+	child, ok := l[name]
+	if !ok {
+		return nil, syscall.ENOENT
+	}
+	node, err := m.fsys.Open(child)
+	if err != nil {
+		return nil, m.errno("lookup "+name, child, err)
+	}
+	a := node.Attr()
+	m.fill(&out.Attr, child, a)
+	out.SetEntryTimeout(contentTTL)
+	out.SetAttrTimeout(contentTTL)
+	return parent.NewInode(ctx, &fileNode{m: m, ino: child, node: node}, fs.StableAttr{Mode: a.Mode & fsimage.S_IFMT, Ino: m.fuseIno(child)}), 0
+}
+
+func (m *volumeFS) readdir(ino uint64, dir fsimage.Inode) (fs.DirStream, syscall.Errno) {
+	es, err := dir.ReadDir()
+	if err != nil {
+		return nil, m.errno("readdir", ino, err)
+	}
+	out := make([]fuse.DirEntry, len(es))
+	for i, e := range es {
+		out[i] = fuse.DirEntry{Name: e.Name, Ino: m.fuseIno(e.Ino)}
+	}
+	return fs.NewListDirStream(out), 0
+}
+
+func (m *volumeFS) fill(out *fuse.Attr, ino uint64, a fsimage.Attr) {
+	out.Ino = m.fuseIno(ino)
+	out.Mode = a.Mode
+	out.Nlink = a.Nlink
+	out.Owner = fuse.Owner{Uid: a.UID, Gid: a.GID}
+	out.Size = a.Size
+	out.Blocks = a.Blocks
+	out.Rdev = a.Rdev
+	out.Blksize = 4096
+	out.SetTimes(&a.Atime, &a.Mtime, &a.Ctime)
+}
+
+// fileNode is any file, directory or link inside a snapshot's filesystem.
+type fileNode struct {
+	fs.Inode
+	m    *volumeFS
+	ino  uint64
+	node fsimage.Inode
+}
+
+var (
+	_ fs.NodeGetattrer  = (*fileNode)(nil)
+	_ fs.NodeLookuper   = (*fileNode)(nil)
+	_ fs.NodeReaddirer  = (*fileNode)(nil)
+	_ fs.NodeOpener     = (*fileNode)(nil)
+	_ fs.NodeReader     = (*fileNode)(nil)
+	_ fs.NodeReadlinker = (*fileNode)(nil)
+	_ fs.NodeGetxattrer = (*fileNode)(nil)
+	_ fs.NodeListxattrer = (*fileNode)(nil)
+)
+
+func (n *fileNode) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	n.m.fill(&out.Attr, n.ino, n.node.Attr())
+	out.SetTimeout(contentTTL)
+	return 0
+}
+
+func (n *fileNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	return n.m.lookup(ctx, &n.Inode, n.ino, n.node, name, out)
+}
+
+func (n *fileNode) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
+	return n.m.readdir(n.ino, n.node)
+}
+
+func (n *fileNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
+	if flags&(syscall.O_WRONLY|syscall.O_RDWR|syscall.O_TRUNC) != 0 {
+		return nil, 0, syscall.EROFS
+	}
+	return nil, fuse.FOPEN_KEEP_CACHE, 0
+}
+
+func (n *fileNode) Read(ctx context.Context, f fs.FileHandle, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	got, err := n.node.ReadAt(dest, off)
+	if err != nil && !errors.Is(err, io.EOF) {
+		return nil, n.m.errno("read", n.ino, err)
+	}
+	return fuse.ReadResultData(dest[:got]), 0
+}
+
+func (n *fileNode) Readlink(ctx context.Context) ([]byte, syscall.Errno) {
+	t, err := n.node.Readlink()
+	if err != nil {
+		return nil, n.m.errno("readlink", n.ino, err)
+	}
+	return []byte(t), 0
+}
+
+func (n *fileNode) Getxattr(ctx context.Context, attr string, dest []byte) (uint32, syscall.Errno) {
+	xs, err := n.node.Xattrs()
+	if err != nil {
+		return 0, n.m.errno("getxattr", n.ino, err)
+	}
+	for _, x := range xs {
+		if x.Name == attr {
+			if len(dest) < len(x.Value) {
+				return uint32(len(x.Value)), syscall.ERANGE
+			}
+			return uint32(copy(dest, x.Value)), 0
+		}
+	}
+	return 0, syscall.ENODATA
+}
+
+func (n *fileNode) Listxattr(ctx context.Context, dest []byte) (uint32, syscall.Errno) {
+	xs, err := n.node.Xattrs()
+	if err != nil {
+		return 0, n.m.errno("listxattr", n.ino, err)
+	}
+	var b strings.Builder
+	for _, x := range xs {
+		b.WriteString(x.Name)
+		b.WriteByte(0)
+	}
+	if len(dest) < b.Len() {
+		return uint32(b.Len()), syscall.ERANGE
+	}
+	return uint32(copy(dest, b.String())), 0
+}
+
+// snapState is what a mount knows about one snapshot's content: its image, and the
+// filesystems in it once someone looked. Kept per snapshot ID (a bounded number) so the
+// parse survives the short-lived directory entries of the snapshot list.
+type snapState struct {
+	v    *view
+	snap *chain.Snapshot
+	img  *image
+
+	once  sync.Once
+	whole *volumeFS   // the image is one filesystem
+	parts []*volumeFS // or a partition table; parts[i] is names[i]
+	names []string
+	err   error
+}
+
+func (d *snapState) open() error {
+	d.once.Do(func() {
+		label := d.snap.Volume + "/" + d.snap.Name
+		parts, err := fsimage.Partitions(d.img, d.img.size)
+		if err != nil {
+			d.err = err
+			d.v.opts.Log.Error("cannot read the partition table of a snapshot", "snapshot", label, "err", err)
+			return
+		}
+		if len(parts) == 0 {
+			d.whole = newVolumeFS(d.v, label, d.img, d.img.size)
+			return
+		}
+		for _, p := range parts {
+			name := fmt.Sprintf("part%d", p.Index)
+			d.names = append(d.names, name)
+			d.parts = append(d.parts, newVolumeFS(d.v, label+"/"+name, io.NewSectionReader(d.img, p.Start, p.Size), p.Size))
+		}
+	})
+	return d.err
+}
+
+// snapshotDir is MOUNTPOINT/<volume>/<snapshot>/: the snapshot's filesystem, or part1/,
+// part2/, ... for a partitioned image. Nothing is parsed until someone looks inside.
+type snapshotDir struct {
+	fs.Inode
+	*snapState
+}
+
+var (
+	_ fs.NodeGetattrer = (*snapshotDir)(nil)
+	_ fs.NodeLookuper  = (*snapshotDir)(nil)
+	_ fs.NodeReaddirer = (*snapshotDir)(nil)
+)
+
+// root opens the whole-image filesystem and its root directory.
+func (d *snapshotDir) root() (*volumeFS, fsimage.Inode, syscall.Errno) {
+	fsys, err := d.whole.open()
+	if err != nil {
+		return nil, nil, syscall.EIO
+	}
+	node, err := fsys.Open(fsys.Root())
+	if err != nil {
+		return nil, nil, d.whole.errno("open root", fsys.Root(), err)
+	}
+	return d.whole, node, 0
+}
+
+func (d *snapshotDir) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	out.Mode = fuse.S_IFDIR | 0o555
+	t := d.snap.Created
+	out.SetTimes(&t, &t, &t)
+	if d.open() == nil && d.whole != nil {
+		if m, node, errno := d.root(); errno == 0 {
+			m.fill(&out.Attr, m.fsys.Root(), node.Attr()) // the filesystem root's owner and mode
+		}
+	}
+	out.SetTimeout(contentTTL)
+	return 0
+}
+
+func (d *snapshotDir) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	if d.open() != nil {
+		return nil, syscall.EIO
+	}
+	if d.whole != nil {
+		m, node, errno := d.root()
+		if errno != 0 {
+			return nil, errno
+		}
+		return m.lookup(ctx, &d.Inode, m.fsys.Root(), node, name, out)
+	}
+	for i, n := range d.names {
+		if n == name {
+			pd := &partitionDir{m: d.parts[i], created: d.snap}
+			pd.fill(&out.Attr)
+			out.SetEntryTimeout(contentTTL)
+			out.SetAttrTimeout(contentTTL)
+			return d.NewInode(ctx, pd, fs.StableAttr{Mode: fuse.S_IFDIR, Ino: out.Ino}), 0
+		}
+	}
+	return nil, syscall.ENOENT
+}
+
+func (d *snapshotDir) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
+	if d.open() != nil {
+		return nil, syscall.EIO
+	}
+	if d.whole != nil {
+		m, node, errno := d.root()
+		if errno != 0 {
+			return nil, errno
+		}
+		return m.readdir(m.fsys.Root(), node)
+	}
+	var es []fuse.DirEntry
+	for i, n := range d.names {
+		es = append(es, fuse.DirEntry{Name: n, Mode: fuse.S_IFDIR, Ino: d.parts[i].fuseIno(0)})
+	}
+	return fs.NewListDirStream(es), 0
+}
+
+// partitionDir is part<N>/ of a partitioned snapshot: that partition's filesystem.
+type partitionDir struct {
+	fs.Inode
+	m       *volumeFS
+	created *chain.Snapshot
+}
+
+var (
+	_ fs.NodeGetattrer = (*partitionDir)(nil)
+	_ fs.NodeLookuper  = (*partitionDir)(nil)
+	_ fs.NodeReaddirer = (*partitionDir)(nil)
+)
+
+func (p *partitionDir) root() (fsimage.Inode, syscall.Errno) {
+	fsys, err := p.m.open()
+	if err != nil {
+		return nil, syscall.EIO
+	}
+	node, err := fsys.Open(fsys.Root())
+	if err != nil {
+		return nil, p.m.errno("open root", fsys.Root(), err)
+	}
+	return node, 0
+}
+
+func (p *partitionDir) fill(out *fuse.Attr) {
+	out.Mode = fuse.S_IFDIR | 0o555
+	out.Ino = p.m.fuseIno(0)
+	t := p.created.Created
+	out.SetTimes(&t, &t, &t)
+	if node, errno := p.root(); errno == 0 {
+		p.m.fill(out, p.m.fsys.Root(), node.Attr())
+	}
+}
+
+func (p *partitionDir) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	p.fill(&out.Attr)
+	out.SetTimeout(contentTTL)
+	return 0
+}
+
+func (p *partitionDir) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	node, errno := p.root()
+	if errno != 0 {
+		return nil, errno
+	}
+	return p.m.lookup(ctx, &p.Inode, p.m.fsys.Root(), node, name, out)
+}
+
+func (p *partitionDir) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
+	node, errno := p.root()
+	if errno != 0 {
+		return nil, errno
+	}
+	return p.m.readdir(p.m.fsys.Root(), node)
+}

@@ -1,0 +1,168 @@
+package e2e
+
+import (
+	"bytes"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/stasis-project/stasis/test/testenv"
+)
+
+// serveMount runs `stasis mount` on mnt until the test ends and waits for want (a path
+// relative to mnt) to appear. It returns the process's stderr so far.
+func serveMount(t *testing.T, repo, mnt, want string, extra ...string) *bytes.Buffer {
+	t.Helper()
+	if _, err := os.Stat("/dev/fuse"); err != nil {
+		t.Skip("no /dev/fuse")
+	}
+	os.MkdirAll(mnt, 0o755)
+	cmd := exec.Command(testenv.Binary(t), append([]string{"mount", "-r", repo, mnt}, extra...)...)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		exec.Command("fusermount3", "-uz", mnt).Run()
+		cmd.Process.Kill()
+		cmd.Wait()
+	})
+	for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		if _, err := os.Lstat(filepath.Join(mnt, want)); err == nil {
+			return &stderr
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the mount never showed %s\n%s", want, stderr.String())
+		}
+	}
+}
+
+// TestMountFilesGroundTruth builds ext4 and XFS images with tricky content (a 200 MB file,
+// sparse files, a 20,000-entry directory, hard links, symlinks, xattrs, ACLs, Unicode,
+// inline data, 0600 root files), snapshots them, and compares every path of the FUSE
+// view with the kernel's own read-only mount of the same images. Then it checks that the
+// view is read-only and that a non-root user sees only what permissions allow.
+func TestMountFilesGroundTruth(t *testing.T) {
+	testenv.RequireRoot(t)
+	testenv.RequireTool(t, "mkfs.xfs")
+	dir := t.TempDir()
+	os.Chmod(dir, 0o755) // so the unprivileged user below can reach the mount point
+	os.Chmod(filepath.Dir(dir), 0o755)
+	src := filepath.Join(dir, "tree")
+	testenv.BuildTrickyTree(t, src, testenv.TrickyTree{BigFile: 200 << 20, DirEntries: 20000})
+	repo := newRepo(t)
+	images := map[string]string{}
+	for _, fstype := range []string{"ext4", "xfs"} {
+		img := filepath.Join(dir, fstype+".img")
+		testenv.GarbageImage(t, img, 512<<20)
+		if fstype == "ext4" {
+			testenv.Run(t, "mkfs.ext4", "-q", "-F", "-T", "default", "-E", "nodiscard", "-O", "inline_data", "-d", src, img)
+			testenv.PopulateWithKernel(t, img, "")
+		} else {
+			testenv.Run(t, "mkfs.xfs", "-q", "-f", "-K", img)
+			testenv.PopulateWithKernel(t, img, src)
+		}
+		testenv.MustStasis(t, "snapshot", "-r", repo, "--source", img, "--volume", fstype, "--name", "s1")
+		images[fstype] = img
+	}
+	mnt := filepath.Join(dir, "mnt")
+	serveMount(t, repo, mnt, "xfs/s1.img", "--allow-other")
+
+	for fstype, img := range images {
+		t.Run(fstype, func(t *testing.T) {
+			opts := "ro,loop,noload"
+			if fstype == "xfs" {
+				opts = "ro,loop,norecovery"
+			}
+			kernel := testenv.Mount(t, img, "-o", opts)
+			view := filepath.Join(mnt, fstype, "s1")
+			testenv.CompareTrees(t, testenv.ScanTree(t, kernel), testenv.ScanTree(t, view))
+
+			// Read-only twice over: every kind of change fails with EROFS.
+			file := filepath.Join(view, "docs", "readme.md")
+			for what, op := range map[string]func() error{
+				"write":    func() error { _, err := os.OpenFile(file, os.O_WRONLY, 0); return err },
+				"create":   func() error { return os.WriteFile(filepath.Join(view, "new"), []byte("x"), 0o644) },
+				"delete":   func() error { return os.Remove(file) },
+				"rename":   func() error { return os.Rename(file, filepath.Join(view, "moved")) },
+				"chmod":    func() error { return os.Chmod(file, 0o777) },
+				"chown":    func() error { return os.Chown(file, 1, 1) },
+				"mkdir":    func() error { return os.Mkdir(filepath.Join(view, "d"), 0o755) },
+				"symlink":  func() error { return os.Symlink("x", filepath.Join(view, "l")) },
+				"truncate": func() error { return os.Truncate(file, 0) },
+				"setxattr": func() error { return unix.Setxattr(file, "user.x", []byte("y"), 0) },
+			} {
+				if err := op(); !errors.Is(err, syscall.EROFS) {
+					t.Errorf("%s in the view gave %v, want EROFS", what, err)
+				}
+			}
+
+			// Another local user: the 0600 root file is refused, a 0644 one is readable.
+			asNobody := func(path string) (string, error) {
+				out, err := exec.Command("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat", path).CombinedOutput()
+				return string(out), err
+			}
+			if out, err := asNobody(filepath.Join(view, "public", "readable.txt")); err != nil || out != "anyone may read this\n" {
+				t.Fatalf("nobody cannot read a 0644 file through --allow-other: %v %q", err, out)
+			}
+			if out, err := asNobody(filepath.Join(view, "secret", "root-only.key")); err == nil || !strings.Contains(out, "Permission denied") {
+				t.Fatalf("nobody read a 0600 root file through the view: %v %q", err, out)
+			}
+		})
+	}
+	if target, err := os.Readlink(filepath.Join(mnt, "xfs", "latest")); err != nil || target != "s1" {
+		t.Fatalf("latest -> %q (%v), want s1", target, err)
+	}
+}
+
+// TestMountPartitions: an image with a GPT holding ext4 and XFS shows part1/ and part2/,
+// each equal to the kernel's mount of that partition.
+func TestMountPartitions(t *testing.T) {
+	testenv.RequireRoot(t)
+	testenv.RequireTool(t, "sfdisk")
+	testenv.RequireTool(t, "mkfs.xfs")
+	dir := t.TempDir()
+	src := filepath.Join(dir, "tree")
+	testenv.BuildTrickyTree(t, src, testenv.TrickyTree{DirEntries: 500})
+	img := filepath.Join(dir, "disk.img")
+	testenv.GarbageImage(t, img, 700<<20)
+	cmd := exec.Command("sfdisk", "-q", img)
+	cmd.Stdin = strings.NewReader("label: gpt\nsize=300MiB\nsize=360MiB\n")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("sfdisk: %v\n%s", err, out)
+	}
+	disk := strings.TrimSpace(testenv.Run(t, "losetup", "-f", "-P", "--show", img))
+	t.Cleanup(func() { exec.Command("losetup", "-d", disk).Run() })
+	for i := 0; i < 50; i++ {
+		if _, err := os.Stat(disk + "p2"); err == nil {
+			break
+		}
+		exec.Command("partx", "-a", disk).Run()
+		time.Sleep(100 * time.Millisecond)
+	}
+	testenv.Run(t, "mkfs.ext4", "-q", "-F", "-E", "nodiscard", "-d", src, disk+"p1")
+	testenv.Run(t, "mkfs.xfs", "-q", "-f", "-K", disk+"p2")
+	testenv.PopulateWithKernel(t, disk+"p2", src)
+	repo := newRepo(t)
+	testenv.MustStasis(t, "snapshot", "-r", repo, "--source", disk, "--volume", "disk", "--name", "s")
+	mnt := filepath.Join(dir, "mnt")
+	serveMount(t, repo, mnt, "disk/s.img")
+	entries, err := os.ReadDir(filepath.Join(mnt, "disk", "s"))
+	if err != nil || len(entries) != 2 || entries[0].Name() != "part1" || entries[1].Name() != "part2" {
+		t.Fatalf("snapshot folder of a partitioned disk: %v %v", entries, err)
+	}
+	for i, opts := range []string{"ro,noload", "ro,norecovery"} {
+		part := disk + []string{"p1", "p2"}[i]
+		kernel := testenv.Mount(t, part, "-o", opts)
+		testenv.CompareTrees(t, testenv.ScanTree(t, kernel), testenv.ScanTree(t, filepath.Join(mnt, "disk", "s", entries[i].Name())))
+		testenv.Run(t, "umount", kernel)
+	}
+}
