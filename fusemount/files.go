@@ -146,13 +146,13 @@ type fileNode struct {
 }
 
 var (
-	_ fs.NodeGetattrer  = (*fileNode)(nil)
-	_ fs.NodeLookuper   = (*fileNode)(nil)
-	_ fs.NodeReaddirer  = (*fileNode)(nil)
-	_ fs.NodeOpener     = (*fileNode)(nil)
-	_ fs.NodeReader     = (*fileNode)(nil)
-	_ fs.NodeReadlinker = (*fileNode)(nil)
-	_ fs.NodeGetxattrer = (*fileNode)(nil)
+	_ fs.NodeGetattrer   = (*fileNode)(nil)
+	_ fs.NodeLookuper    = (*fileNode)(nil)
+	_ fs.NodeReaddirer   = (*fileNode)(nil)
+	_ fs.NodeOpener      = (*fileNode)(nil)
+	_ fs.NodeReader      = (*fileNode)(nil)
+	_ fs.NodeReadlinker  = (*fileNode)(nil)
+	_ fs.NodeGetxattrer  = (*fileNode)(nil)
 	_ fs.NodeListxattrer = (*fileNode)(nil)
 )
 
