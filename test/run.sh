@@ -22,7 +22,7 @@ for pkg in $(go list ./...); do
   for target in $(go test -list '^Fuzz' "$pkg" | grep '^Fuzz' || true); do
     echo "-- $pkg $target"
     for attempt in 1 2; do
-      if go test -run '^$' -fuzz "^${target}\$" -fuzztime "$fuzztime" "$pkg" > /tmp/stasis-fuzz.log 2>&1; then
+      if go test -run '^$' -fuzz "^${target}\$" -fuzztime "$fuzztime" -fuzzminimizetime 1s "$pkg" > /tmp/stasis-fuzz.log 2>&1; then
         tail -1 /tmp/stasis-fuzz.log
         break
       fi

@@ -316,3 +316,15 @@ func PartitionedLoop(t testing.TB, size int64) (part, disk string) {
 	t.Fatalf("partition %s did not appear", part)
 	return "", ""
 }
+
+// RunInput runs a command with stdin and fails the test if it fails.
+func RunInput(t testing.TB, stdin io.Reader, name string, args ...string) string {
+	t.Helper()
+	cmd := exec.Command(name, args...)
+	cmd.Stdin = stdin
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}

@@ -41,7 +41,7 @@ const (
 
 	rootIno     = 2
 	maxSymlink  = 4096
-	maxDirBytes = 1 << 30 // a directory larger than this is treated as damage
+	maxDirBytes = 256 << 20 // a directory larger than this is treated as damage
 	maxXattr    = 1 << 20
 )
 
@@ -61,9 +61,61 @@ type FS struct {
 	inodesPerGroup uint32
 	inodeSize      int64
 	descSize       int64
-	gdt            []byte // every group descriptor, in order
 	filetype       bool
 	hugeFile       bool
+
+	// Where group descriptors are: read one at a time, when an inode of that group is
+	// first wanted, so a huge (or hostile) group count costs nothing up front.
+	groups, perBlock, first, perGroup uint64
+	metaBG, sparseSuper, sparseSuper2 bool
+	firstMeta                         uint64
+	backups                           [2]uint64
+}
+
+// hasSuper reports whether group g holds a superblock backup (and so, with meta_bg, its
+// descriptor block comes one block later).
+func (f *FS) hasSuper(g uint64) bool {
+	switch {
+	case g == 0:
+		return true
+	case f.sparseSuper2:
+		return g == f.backups[0] || g == f.backups[1]
+	case g <= 1 || !f.sparseSuper:
+		return true
+	case g&1 == 0:
+		return false
+	}
+	for _, base := range []uint64{3, 5, 7} {
+		p := base
+		for p < g {
+			p *= base
+		}
+		if p == g {
+			return true
+		}
+	}
+	return false
+}
+
+// descriptor returns group g's descriptor.
+func (f *FS) descriptor(g uint64) ([]byte, error) {
+	if g >= f.groups {
+		return nil, fsimage.Corruptf("group %d of %d", g, f.groups)
+	}
+	nr := g / f.perBlock
+	loc := f.first + nr + 1
+	if f.metaBG && nr >= f.firstMeta {
+		mg := nr * f.perBlock
+		loc = mg*f.perGroup + f.first
+		if f.hasSuper(mg) {
+			loc++
+		}
+	}
+	if loc >= f.blocks {
+		return nil, fsimage.Corruptf("descriptor block %d beyond the filesystem", loc)
+	}
+	d := make([]byte, f.descSize)
+	return d, fsimage.ReadFull(f.dev, d, int64(loc)*f.bs+int64(g%f.perBlock)*f.descSize)
 }
 
 var _ fsimage.FS = (*FS)(nil)
@@ -119,50 +171,16 @@ func Open(dev io.ReaderAt, size int64) (*FS, error) {
 	if uint64(f.inodes) > groups*uint64(f.inodesPerGroup) {
 		return nil, fsimage.Corruptf("ext4 counts %d inodes in %d groups of %d", f.inodes, groups, f.inodesPerGroup)
 	}
-	perBlock := uint64(f.bs / f.descSize)
-	gdtBlocks := (groups + perBlock - 1) / perBlock
-	f.gdt = make([]byte, 0, gdtBlocks*uint64(f.bs))
-	firstMeta := uint64(le.Uint32(sb[0x104:]))
-	backups := [2]uint64{uint64(le.Uint32(sb[0x24C:])), uint64(le.Uint32(sb[0x250:]))}
-	hasSuper := func(g uint64) bool {
-		switch {
-		case g == 0:
-			return true
-		case compat&compatSparseSuper2 != 0:
-			return g == backups[0] || g == backups[1]
-		case g <= 1 || roCompat&roCompatSparseSuper == 0:
-			return true
-		case g&1 == 0:
-			return false
-		}
-		for _, base := range []uint64{3, 5, 7} {
-			p := base
-			for p < g {
-				p *= base
-			}
-			if p == g {
-				return true
-			}
-		}
-		return false
-	}
-	for nr := uint64(0); nr < gdtBlocks; nr++ {
-		loc := first + nr + 1
-		if incompat&incompatMetaBG != 0 && nr >= firstMeta {
-			g := nr * perBlock
-			loc = g*perGroup + first
-			if hasSuper(g) {
-				loc++
-			}
-			if f.bs == 1024 && nr == 0 && first == 0 {
-				loc++
-			}
-		}
-		blk, err := f.block(loc)
-		if err != nil {
-			return nil, fmt.Errorf("ext4 group descriptors: %w", err)
-		}
-		f.gdt = append(f.gdt, blk...)
+	f.groups = groups
+	f.perBlock = uint64(f.bs / f.descSize)
+	f.first, f.perGroup = first, perGroup
+	f.metaBG = incompat&incompatMetaBG != 0
+	f.firstMeta = uint64(le.Uint32(sb[0x104:]))
+	f.sparseSuper = roCompat&roCompatSparseSuper != 0
+	f.sparseSuper2 = compat&compatSparseSuper2 != 0
+	f.backups = [2]uint64{uint64(le.Uint32(sb[0x24C:])), uint64(le.Uint32(sb[0x250:]))}
+	if _, err := f.descriptor(0); err != nil {
+		return nil, fmt.Errorf("ext4 group descriptors: %w", err)
 	}
 	return f, nil
 }
@@ -189,7 +207,10 @@ func (f *FS) inode(ino uint64) (*inode, error) {
 		return nil, fsimage.Corruptf("inode %d out of range 1..%d", ino, f.inodes)
 	}
 	group, index := (ino-1)/uint64(f.inodesPerGroup), (ino-1)%uint64(f.inodesPerGroup)
-	d := f.gdt[group*uint64(f.descSize):]
+	d, err := f.descriptor(group)
+	if err != nil {
+		return nil, fmt.Errorf("inode %d: %w", ino, err)
+	}
 	table := uint64(le.Uint32(d[0x8:]))
 	if f.descSize >= 64 {
 		table |= uint64(le.Uint32(d[0x28:])) << 32
@@ -641,7 +662,7 @@ func (n *inode) eaInodeValue(ino uint64, size int) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("inode %d xattr value: %w", n.ino, err)
 	}
-	if ea.flags&flagEAInode == 0 || ea.size != uint64(size) {
+	if ea.flags&flagEAInode == 0 || ea.flags&flagInlineData != 0 || ea.size != uint64(size) {
 		return nil, fsimage.Corruptf("inode %d: xattr value inode %d does not match", n.ino, ino)
 	}
 	v := make([]byte, size)

@@ -43,6 +43,8 @@ const (
 	maxSymlink  = 1024
 	dirLeafOff  = 1 << 35 // directory data blocks live below this byte offset
 	maxXattr    = 1 << 20
+	maxDirBytes = 256 << 20 // directory data larger than this is treated as damage
+	maxAttrBlks = 4096      // attribute fork blocks read for one listing
 )
 
 // Probe reports whether the image starts like XFS.
@@ -416,8 +418,12 @@ func (n *inode) Readlink() (string, error) {
 	}
 	// Remote symlinks: every block starts with a header saying how many bytes follow.
 	var target []byte
+	blocks := 0
 	for _, e := range exts {
 		for i := uint64(0); i < e.count && uint64(len(target)) < n.size; i++ {
+			if blocks++; blocks > maxSymlink {
+				return "", fsimage.Corruptf("symlink inode %d: too many blocks", n.ino)
+			}
 			b, err := n.fs.block(e.block + i)
 			if err != nil {
 				return "", err
@@ -453,6 +459,7 @@ func (n *inode) ReadDir() ([]fsimage.DirEntry, error) {
 	var out []fsimage.DirEntry
 	buf := make([]byte, n.fs.dirBlk)
 	last := ^uint64(0)
+	read := int64(0)
 	mapFn := n.mapper(exts)
 	for _, e := range exts {
 		for b := e.off; b < e.off+e.count && b < limit; b++ {
@@ -461,6 +468,9 @@ func (n *inode) ReadDir() ([]fsimage.DirEntry, error) {
 				continue
 			}
 			last = d
+			if read += n.fs.dirBlk; read > maxDirBytes {
+				return nil, fsimage.Corruptf("directory inode %d: more than %d bytes of data", n.ino, maxDirBytes)
+			}
 			if _, err := fsimage.SlabReader(n.fs.dev, dirLeafOff, buf, int64(d)*n.fs.dirBlk, mapFn); err != nil {
 				return nil, err
 			}
@@ -632,11 +642,12 @@ func (n *inode) Xattrs() ([]fsimage.Xattr, error) {
 		if err != nil {
 			return nil, err
 		}
+		blocks := 0
 		for _, e := range exts {
-			if e.count > maxXattr {
-				return nil, fsimage.Corruptf("inode %d: attribute extent of %d blocks", n.ino, e.count)
-			}
 			for i := uint64(0); i < e.count; i++ {
+				if blocks++; blocks > maxAttrBlks {
+					return nil, fsimage.Corruptf("inode %d: attribute fork of more than %d blocks", n.ino, maxAttrBlks)
+				}
 				b, err := n.fs.block(e.block + i)
 				if err != nil {
 					return nil, err
