@@ -49,6 +49,9 @@ func compressBlob(raw, dst []byte) ([]byte, bool) {
 // decompressBlob decodes a stored blob into dst (reused when large enough).
 func decompressBlob(stored []byte, zstd bool, rawLen int, dst []byte) ([]byte, error) {
 	if !zstd {
+		if cap(dst) < len(stored) {
+			return stored, nil // the caller's buffer is too small anyway: no copy
+		}
 		return append(dst[:0], stored...), nil
 	}
 	_, dec := codecs()

@@ -221,7 +221,16 @@ func (r *Repository) loadBlobOnce(ctx context.Context, idx *blobIndex, id ID, ds
 }
 
 func (r *Repository) readBlob(ctx context.Context, pack ID, e packEntry, dst []byte) ([]byte, error) {
-	stored := make([]byte, e.Length)
+	var stored []byte
+	if e.Zstd && int(e.Length) <= MaxChunkSize+MaxChunkSize/8 {
+		// Compressed bytes are only a step on the way: reuse their buffer (fresh memory
+		// costs a page fault per 4 KiB).
+		bp := compressBuffers.Get().(*[]byte)
+		defer compressBuffers.Put(bp)
+		stored = (*bp)[:e.Length]
+	} else {
+		stored = make([]byte, e.Length)
+	}
 	if _, err := r.be.ReadAt(ctx, Handle{Type: PackFile, Name: pack.String()}, stored, int64(e.Offset)); err != nil {
 		if errors.Is(err, ErrNotExist) {
 			return nil, err

@@ -4,6 +4,7 @@ import (
 	"context"
 	"io"
 	"sync"
+	"sync/atomic"
 
 	lru "github.com/hashicorp/golang-lru/v2"
 	"golang.org/x/sync/singleflight"
@@ -57,12 +58,57 @@ func (c *chunkCache) get(ctx context.Context, sr *chain.SnapshotReader, i int64,
 	return v.([]byte), nil
 }
 
+// contains reports whether chunk id is cached, without touching its recency.
+func (c *chunkCache) contains(id chain.ID) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.lru.Contains(id)
+}
+
+// prefetchChunks is how far ahead of a sequential reader chunks are loaded, in parallel
+// with the reads the kernel sends: disk reads overlap decompression.
+const prefetchChunks = 32
+
 // image reads a snapshot's volume image through the cache. It implements io.ReaderAt
 // (the filesystem readers' view of a device) and is safe for concurrent use.
 type image struct {
 	sr    *chain.SnapshotReader
 	cache *chunkCache
 	size  int64
+	// loaders bounds background chunk loads for the whole mount.
+	loaders chan struct{}
+	// next is where the last read ended: a read starting there is sequential.
+	next  atomic.Int64
+	mu    sync.Mutex
+	ahead int64 // the first chunk not yet scheduled for prefetch
+}
+
+// prefetch schedules loads of the chunks after chunk last, as far as prefetchChunks
+// ahead, skipping those cached or already scheduled. When every loader is busy it stops
+// and the next sequential read continues: prefetching never queues behind real reads.
+func (im *image) prefetch(last int64) {
+	cs := int64(im.sr.Snapshot().ChunkSize)
+	end := min(last+1+prefetchChunks, (im.size+cs-1)/cs)
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	for i := max(last+1, im.ahead); i < end; i++ {
+		select {
+		case im.loaders <- struct{}{}:
+		default:
+			im.ahead = i
+			return
+		}
+		go func(i int64) {
+			defer func() { <-im.loaders }()
+			ctx := context.Background()
+			id, err := im.sr.ChunkID(ctx, i)
+			if err != nil || id.IsZero() || im.cache.contains(id) {
+				return
+			}
+			im.cache.get(ctx, im.sr, i, id) // errors surface when the data is really read
+		}(i)
+	}
+	im.ahead = max(im.ahead, end)
 }
 
 func (im *image) ReadAt(p []byte, off int64) (int, error) {
@@ -71,6 +117,9 @@ func (im *image) ReadAt(p []byte, off int64) (int, error) {
 	}
 	ctx := context.Background() // io.ReaderAt has no context; reads are bounded chunk loads
 	cs := int64(im.sr.Snapshot().ChunkSize)
+	if im.loaders != nil && len(p) >= 16<<10 && im.next.Swap(off+int64(len(p))) == off {
+		im.prefetch((off + int64(len(p)) - 1) / cs)
+	}
 	n := 0
 	for n < len(p) && off < im.size {
 		i := off / cs

@@ -30,6 +30,8 @@ var (
 	chunkStudy  = flag.Bool("chunk-study", false, "also compare chunk sizes (16K..1M)")
 	keep        = flag.Bool("keep", false, "keep the scratch directory")
 	freezeBench = flag.Bool("freeze", true, "measure freeze windows on 2 and 8 GiB volumes")
+	mountBenchF = flag.Bool("mount", true, "measure the FUSE file view")
+	onlyMount   = flag.Bool("only-mount", false, "measure only the FUSE file view")
 )
 
 func main() {
@@ -53,15 +55,27 @@ func main() {
 		defer os.RemoveAll(dir)
 		cleanups = append(cleanups, func() { os.RemoveAll(dir) })
 	}
+	rows := [][]string{}
+	add := func(what string, d time.Duration, note string) {
+		rows = append(rows, []string{what, fmt.Sprintf("%.3f s", d.Seconds()), note})
+		fmt.Fprintf(os.Stderr, "%-55s %8.3f s  %s\n", what, d.Seconds(), note)
+	}
+	printRows := func() {
+		fmt.Println("| step | wall | notes |")
+		fmt.Println("|---|---|---|")
+		for _, r := range rows {
+			fmt.Printf("| %s | %s | %s |\n", r[0], r[1], r[2])
+		}
+	}
+	if *onlyMount {
+		mountBench(dir, add)
+		printRows()
+		return
+	}
 	v := newVolume(dir, *volSize)
 	defer v.close()
 	v.fill()
 
-	rows := [][]string{}
-	add := func(what string, d time.Duration, note string) {
-		rows = append(rows, []string{what, fmt.Sprintf("%.2f s", d.Seconds()), note})
-		fmt.Fprintf(os.Stderr, "%-55s %8.2f s  %s\n", what, d.Seconds(), note)
-	}
 	// Disk throughput here varies from run to run: alternate dd and stasis three times and
 	// compare medians.
 	repo := filepath.Join(dir, "stasis-repo")
@@ -148,11 +162,10 @@ func main() {
 	if *chunkStudy {
 		chunkSizes(dir, v)
 	}
-	fmt.Println("| step | wall | notes |")
-	fmt.Println("|---|---|---|")
-	for _, r := range rows {
-		fmt.Printf("| %s | %s | %s |\n", r[0], r[1], r[2])
+	if *mountBenchF {
+		mountBench(dir, add)
 	}
+	printRows()
 }
 
 type snapResult struct {
