@@ -20,16 +20,18 @@ func newMountCmd(g *globals) *cobra.Command {
 		Short: "Show every snapshot as a read-only file system (until Ctrl-C or umount)",
 		Long: `Serve the repository read-only at MOUNTPOINT:
 
+  MOUNTPOINT/<volume>/<snapshot>/      the snapshot's files (ext4 or XFS), with owners, modes,
+                                       times, links and xattrs; part1/, part2/... for a
+                                       partitioned disk
   MOUNTPOINT/<volume>/<snapshot>.img   the raw volume image, readable at any offset
-  MOUNTPOINT/<volume>/latest           symlink to the newest snapshot's image
+  MOUNTPOINT/<volume>/<snapshot>.json  the manifest (consistency, binlog position, sizes)
+  MOUNTPOINT/<volume>/latest           symlink to the newest snapshot's folder
 
-New snapshots appear and deleted ones disappear without remounting. To browse a snapshot's
-files, mount its image read-only: mount -o ro,loop,noload MOUNTPOINT/data/NAME.img /mnt
-(ext4; for XFS use ro,loop,norecovery,nouuid). Folders with the files themselves come with
-the filesystem readers.
+New snapshots appear and deleted ones disappear without remounting. Copy files back with cp.
 
 Only the mounting user can see the mount unless --allow-other is given; then the kernel
-checks each snapshot file's own permissions (default_permissions is always on).`,
+checks each snapshot file's own permissions and ACLs (default_permissions is always on).
+A damaged chunk or filesystem gives an I/O error for what it touches, and a log line.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			r, err := g.openRepo(cmd.Context())

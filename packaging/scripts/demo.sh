@@ -13,9 +13,7 @@ dev="" created_repo=0 mountpid=""
 cleanup() {
   set +e
   echo; echo "demo: cleaning up"
-  # Inside out: the snapshots' files, their loop devices, the view, the live volume.
-  for m in "$work/files/second" "$work/files/first"; do umount "$m" 2>/dev/null; done
-  for l in "${loops[@]:-}"; do [ -n "$l" ] && losetup -d "$l" 2>/dev/null; done
+  # Inside out: the view, the live volume.
   if [ -n "${mountpid:-}" ]; then
     kill "$mountpid" 2>/dev/null; wait "$mountpid" 2>/dev/null
     fusermount3 -uz "$work/snapshots" 2>/dev/null
@@ -29,7 +27,6 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-loops=()
 
 echo "== creating a 256 MiB demo volume (loop device, ext4)"
 truncate -s 256M "$work/volume.img"
@@ -59,28 +56,23 @@ echo
 echo
 "$STASIS" stats | sed -n '/volume demo/,/^$/p'
 
-# The read-only view of every snapshot (FUSE), and each snapshot's files through a
-# read-only loop mount of its image in the view.
+# The read-only view of every snapshot (FUSE): each snapshot's files as folders.
 view="$work/snapshots"
 mkdir -p "$view"
 "$STASIS" mount "$view" 2>/dev/null &
 mountpid=$!
 for i in $(seq 1 50); do [ -e "$view/demo/first.img" ] && break; sleep 0.1; done
-for name in first second; do
-  mkdir -p "$work/files/$name"
-  l=$(losetup -r -f --show "$view/demo/$name.img"); loops+=("$l")
-  mount -o ro,noload "$l" "$work/files/$name"
-done
 cat <<MSG
 
 Every snapshot of the demo volume, read-only, without restoring anything:
-  ls -l $view/demo                  # first.img, second.img, their .json, latest
+  ls -l $view/demo                  # first/, second/, their .img and .json, latest
+  ls $view/demo/first/docs          # report-2.txt is still there
+  cat $view/demo/first/docs/report-1.txt
+  diff -r $view/demo/first/docs $view/demo/latest/docs
+  cp $view/demo/first/docs/report-2.txt $work/live/docs/   # get a file back
   cat $view/demo/second.json        # consistency, sizes, how it was captured
-  ls $work/files/first/docs         # report-2.txt is still there
-  cat $work/files/first/docs/report-1.txt
-  diff -r $work/files/first/docs $work/files/second/docs
   stasis list --volume demo         # repository: $STASIS_REPO
-Press Ctrl-C to remove the demo volume, its snapshots and these mounts.
+Press Ctrl-C to remove the demo volume, its snapshots and this mount.
 MSG
 # wait (a builtin) returns at once when a trapped signal arrives; a plain sleep would not.
 while true; do sleep 3600 & wait $!; done
