@@ -125,6 +125,42 @@ func (m *volumeFS) readdir(ino uint64, dir fsimage.Inode) (fs.DirStream, syscall
 	return fs.NewListDirStream(out), 0
 }
 
+// root opens the filesystem and its root directory.
+func (m *volumeFS) root() (fsimage.Inode, syscall.Errno) {
+	fsys, err := m.open()
+	if err != nil {
+		return nil, syscall.EIO
+	}
+	node, err := fsys.Open(fsys.Root())
+	if err != nil {
+		return nil, m.errno("open root", fsys.Root(), err)
+	}
+	return node, 0
+}
+
+func (m *volumeFS) lookupRoot(ctx context.Context, parent *fs.Inode, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	node, errno := m.root()
+	if errno != 0 {
+		return nil, errno
+	}
+	return m.lookup(ctx, parent, m.fsys.Root(), node, name, out)
+}
+
+func (m *volumeFS) readdirRoot() (fs.DirStream, syscall.Errno) {
+	node, errno := m.root()
+	if errno != 0 {
+		return nil, errno
+	}
+	return m.readdir(m.fsys.Root(), node)
+}
+
+// fillRoot describes the root directory, over the defaults already in out.
+func (m *volumeFS) fillRoot(out *fuse.Attr) {
+	if node, errno := m.root(); errno == 0 {
+		m.fill(out, m.fsys.Root(), node.Attr())
+	}
+}
+
 func (m *volumeFS) fill(out *fuse.Attr, ino uint64, a fsimage.Attr) {
 	out.Ino = m.fuseIno(ino)
 	out.Mode = a.Mode
@@ -275,27 +311,12 @@ var (
 	_ fs.NodeReaddirer = (*snapshotDir)(nil)
 )
 
-// root opens the whole-image filesystem and its root directory.
-func (d *snapshotDir) root() (*volumeFS, fsimage.Inode, syscall.Errno) {
-	fsys, err := d.whole.open()
-	if err != nil {
-		return nil, nil, syscall.EIO
-	}
-	node, err := fsys.Open(fsys.Root())
-	if err != nil {
-		return nil, nil, d.whole.errno("open root", fsys.Root(), err)
-	}
-	return d.whole, node, 0
-}
-
 func (d *snapshotDir) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
 	out.Mode = fuse.S_IFDIR | 0o555
 	t := d.snap.Created
 	out.SetTimes(&t, &t, &t)
 	if d.open() == nil && d.whole != nil {
-		if m, node, errno := d.root(); errno == 0 {
-			m.fill(&out.Attr, m.fsys.Root(), node.Attr()) // the filesystem root's owner and mode
-		}
+		d.whole.fillRoot(&out.Attr) // the filesystem root's owner and mode
 	}
 	out.SetTimeout(contentTTL)
 	return 0
@@ -306,11 +327,7 @@ func (d *snapshotDir) Lookup(ctx context.Context, name string, out *fuse.EntryOu
 		return nil, syscall.EIO
 	}
 	if d.whole != nil {
-		m, node, errno := d.root()
-		if errno != 0 {
-			return nil, errno
-		}
-		return m.lookup(ctx, &d.Inode, m.fsys.Root(), node, name, out)
+		return d.whole.lookupRoot(ctx, &d.Inode, name, out)
 	}
 	for i, n := range d.names {
 		if n == name {
@@ -329,11 +346,7 @@ func (d *snapshotDir) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno)
 		return nil, syscall.EIO
 	}
 	if d.whole != nil {
-		m, node, errno := d.root()
-		if errno != 0 {
-			return nil, errno
-		}
-		return m.readdir(m.fsys.Root(), node)
+		return d.whole.readdirRoot()
 	}
 	var es []fuse.DirEntry
 	for i, n := range d.names {
@@ -355,26 +368,12 @@ var (
 	_ fs.NodeReaddirer = (*partitionDir)(nil)
 )
 
-func (p *partitionDir) root() (fsimage.Inode, syscall.Errno) {
-	fsys, err := p.m.open()
-	if err != nil {
-		return nil, syscall.EIO
-	}
-	node, err := fsys.Open(fsys.Root())
-	if err != nil {
-		return nil, p.m.errno("open root", fsys.Root(), err)
-	}
-	return node, 0
-}
-
 func (p *partitionDir) fill(out *fuse.Attr) {
 	out.Mode = fuse.S_IFDIR | 0o555
 	out.Ino = p.m.fuseIno(0)
 	t := p.created.Created
 	out.SetTimes(&t, &t, &t)
-	if node, errno := p.root(); errno == 0 {
-		p.m.fill(out, p.m.fsys.Root(), node.Attr())
-	}
+	p.m.fillRoot(out)
 }
 
 func (p *partitionDir) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
@@ -384,17 +383,9 @@ func (p *partitionDir) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.A
 }
 
 func (p *partitionDir) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
-	node, errno := p.root()
-	if errno != 0 {
-		return nil, errno
-	}
-	return p.m.lookup(ctx, &p.Inode, p.m.fsys.Root(), node, name, out)
+	return p.m.lookupRoot(ctx, &p.Inode, name, out)
 }
 
 func (p *partitionDir) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
-	node, errno := p.root()
-	if errno != 0 {
-		return nil, errno
-	}
-	return p.m.readdir(p.m.fsys.Root(), node)
+	return p.m.readdirRoot()
 }

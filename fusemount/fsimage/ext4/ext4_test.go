@@ -1,10 +1,10 @@
 package ext4
 
 import (
-	"os"
 	"path/filepath"
 	"testing"
 
+	"github.com/stasis-project/stasis/fusemount/fsimage/fsimagetest"
 	"github.com/stasis-project/stasis/test/testenv"
 )
 
@@ -36,18 +36,7 @@ func TestAgainstKernel(t *testing.T) {
 				testenv.Run(t, "mkfs.ext4", args...)
 			}
 			mnt := testenv.Mount(t, img, "-o", "ro,loop,noload")
-			want := testenv.ScanTree(t, mnt)
-			f, err := os.Open(img)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer f.Close()
-			fi, _ := f.Stat()
-			fsys, err := Open(f, fi.Size())
-			if err != nil {
-				t.Fatal(err)
-			}
-			testenv.CompareTrees(t, want, testenv.ScanFS(t, fsys))
+			fsimagetest.CompareWithKernel(t, img, testenv.ScanTree(t, mnt), open)
 		})
 	}
 }

@@ -14,6 +14,7 @@ import (
 	"testing"
 
 	"github.com/stasis-project/stasis/fusemount/fsimage"
+	"github.com/stasis-project/stasis/test/testenv"
 )
 
 const sector = 512
@@ -80,14 +81,9 @@ func (r *recorder) ReadAt(p []byte, off int64) (int, error) {
 // input holding the non-zero sectors the walk read.
 func Seed(t testing.TB, imgPath string, open func(io.ReaderAt, int64) (fsimage.FS, error)) []byte {
 	t.Helper()
-	f, err := os.Open(imgPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	fi, _ := f.Stat()
+	f, size := openImage(t, imgPath)
 	rec := &recorder{r: f, touched: map[int64]bool{}}
-	fsys, err := open(rec, fi.Size())
+	fsys, err := open(rec, size)
 	if err != nil {
 		t.Fatalf("seed image %s: %v", imgPath, err)
 	}
@@ -97,23 +93,45 @@ func Seed(t testing.TB, imgPath string, open func(io.ReaderAt, int64) (fsimage.F
 		idx = append(idx, s)
 	}
 	sort.Slice(idx, func(i, j int) bool { return idx[i] < idx[j] })
-	return encode(f, fi.Size(), idx)
+	return encode(f, size, idx)
+}
+
+// openImage opens a file for the test's duration.
+func openImage(t testing.TB, path string) (*os.File, int64) {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	fi, err := f.Stat()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return f, fi.Size()
+}
+
+// CompareWithKernel opens the image file at path with open and compares the tree the
+// reader shows with want (the kernel's view of the same image).
+func CompareWithKernel(t testing.TB, path string, want testenv.Tree, open func(io.ReaderAt, int64) (fsimage.FS, error)) {
+	t.Helper()
+	f, size := openImage(t, path)
+	fsys, err := open(f, size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	testenv.CompareTrees(t, want, testenv.ScanFS(t, fsys))
 }
 
 // RawSeed encodes every non-zero sector of the (small) image file at path.
 func RawSeed(t testing.TB, imgPath string) []byte {
 	t.Helper()
-	f, err := os.Open(imgPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	fi, _ := f.Stat()
+	f, size := openImage(t, imgPath)
 	var idx []int64
-	for s := int64(0); s*sector < fi.Size(); s++ {
+	for s := int64(0); s*sector < size; s++ {
 		idx = append(idx, s)
 	}
-	return encode(f, fi.Size(), idx)
+	return encode(f, size, idx)
 }
 
 func encode(f io.ReaderAt, size int64, idx []int64) []byte {

@@ -1,10 +1,10 @@
 package xfs
 
 import (
-	"os"
 	"path/filepath"
 	"testing"
 
+	"github.com/stasis-project/stasis/fusemount/fsimage/fsimagetest"
 	"github.com/stasis-project/stasis/test/testenv"
 )
 
@@ -30,18 +30,7 @@ func TestAgainstKernel(t *testing.T) {
 			testenv.Run(t, "mkfs.xfs", append(append([]string{"-q", "-f", "-K"}, tc.args...), img)...)
 			testenv.PopulateWithKernel(t, img, src)
 			mnt := testenv.Mount(t, img, "-o", "ro,loop,norecovery")
-			want := testenv.ScanTree(t, mnt)
-			f, err := os.Open(img)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer f.Close()
-			fi, _ := f.Stat()
-			fsys, err := Open(f, fi.Size())
-			if err != nil {
-				t.Fatal(err)
-			}
-			testenv.CompareTrees(t, want, testenv.ScanFS(t, fsys))
+			fsimagetest.CompareWithKernel(t, img, testenv.ScanTree(t, mnt), open)
 		})
 	}
 }
