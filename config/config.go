@@ -22,17 +22,20 @@ const DefaultPath = "/etc/stasis/stasis.yaml"
 
 // Config is a validated configuration.
 type Config struct {
-	Path          string   `yaml:"-"`
-	Repository    string   `yaml:"repository"`
-	Mount         *string  `yaml:"mount"` // nil: default; "": disabled
-	StateDir      string   `yaml:"state_dir"`
-	Socket        string   `yaml:"socket"`
-	SocketGroup   string   `yaml:"socket_group"`
-	MetricsListen string   `yaml:"metrics_listen"`
-	Volumes       []Volume `yaml:"volumes"`
-	GCAfterPrune  *bool    `yaml:"gc_after_prune"`
-	CatchUp       *bool    `yaml:"catch_up"`
-	lines         map[string]int
+	Path       string  `yaml:"-"`
+	Repository string  `yaml:"repository"`
+	Mount      *string `yaml:"mount"` // nil: default; "": disabled
+	// MountAllowOther lets every local user into the view; each reads only what the
+	// snapshot's own permissions allow.
+	MountAllowOther bool     `yaml:"mount_allow_other"`
+	StateDir        string   `yaml:"state_dir"`
+	Socket          string   `yaml:"socket"`
+	SocketGroup     string   `yaml:"socket_group"`
+	MetricsListen   string   `yaml:"metrics_listen"`
+	Volumes         []Volume `yaml:"volumes"`
+	GCAfterPrune    *bool    `yaml:"gc_after_prune"`
+	CatchUp         *bool    `yaml:"catch_up"`
+	lines           map[string]int
 }
 
 // Volume is one volume to snapshot.

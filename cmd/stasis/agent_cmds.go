@@ -177,7 +177,7 @@ finishes or aborts the running snapshot (never leaving anything frozen) and exit
 				// The view of the snapshots; a dead agent's stale mount is cleared first.
 				exec.Command("fusermount3", "-uz", *cfg.Mount).Run()
 				os.MkdirAll(*cfg.Mount, 0o755)
-				m, err := fusemount.Mount(svc.Repository(), cfg.Repository, *cfg.Mount, fusemount.Options{Log: log})
+				m, err := fusemount.Mount(svc.Repository(), cfg.Repository, *cfg.Mount, fusemount.Options{Log: log, AllowOther: cfg.MountAllowOther})
 				if err != nil {
 					return fmt.Errorf("mount %s: %w; set mount: \"\" to run without the view", *cfg.Mount, err)
 				}

@@ -49,7 +49,9 @@ func newAgentEnv(t *testing.T, schedules string, retention string, withView ...b
 	view := `""`
 	if len(withView) > 0 && withView[0] {
 		e.view = filepath.Join(dir, "view")
-		view = e.view
+		view = e.view + "\nmount_allow_other: true"
+		os.Chmod(dir, 0o755) // so another user can reach the view
+		os.Chmod(filepath.Dir(dir), 0o755)
 		t.Cleanup(func() { exec.Command("fusermount3", "-uz", e.view).Run() })
 	}
 	cfg := fmt.Sprintf("repository: %s\nmount: %s\nstate_dir: %s\nsocket: %s\nmetrics_listen: %s\nvolumes:\n%s",
@@ -247,6 +249,18 @@ func TestAgentKilledMidSnapshot(t *testing.T) {
 	entries, err := os.ReadDir(filepath.Join(e.view, "vol0"))
 	if err != nil || len(entries) < 2 {
 		t.Fatalf("the view after restart: %v %v", entries, err)
+	}
+	// mount_allow_other: another user browses the newest snapshot's files, and is kept out
+	// of what the snapshot's permissions keep them out of (lost+found is 0700 root).
+	asNobody := func(args ...string) (string, error) {
+		out, err := exec.Command("setpriv", append([]string{"--reuid=65534", "--regid=65534", "--clear-groups"}, args...)...).CombinedOutput()
+		return string(out), err
+	}
+	if out, err := asNobody("ls", filepath.Join(e.view, "vol0", "latest")+"/"); err != nil || !strings.Contains(out, "lost+found") {
+		t.Fatalf("another user cannot list the newest snapshot through the agent's view: %v %s", err, out)
+	}
+	if out, err := asNobody("ls", filepath.Join(e.view, "vol0", "latest", "lost+found")); err == nil || !strings.Contains(out, "Permission denied") {
+		t.Fatalf("another user listed a 0700 root directory through the view: %v %s", err, out)
 	}
 	a2.Process.Signal(syscall.SIGTERM)
 	a2.Wait()
