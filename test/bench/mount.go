@@ -49,6 +49,7 @@ func mountBench(dir string, add func(string, time.Duration, string)) {
 	view := filepath.Join(fuseDir, "vol", "s")
 
 	// Cold: page cache dropped, and a fresh mount process (empty chunk cache, nothing parsed).
+	var peakRSS string // VmHWM of the last mount process
 	serve := func() func() {
 		cmd := exec.Command(*stasis, "mount", "-r", repo, fuseDir)
 		if err := cmd.Start(); err != nil {
@@ -61,6 +62,13 @@ func mountBench(dir string, add func(string, time.Duration, string)) {
 			time.Sleep(50 * time.Millisecond)
 		}
 		return func() {
+			if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", cmd.Process.Pid)); err == nil {
+				for _, l := range strings.Split(string(b), "\n") {
+					if strings.HasPrefix(l, "VmHWM:") {
+						peakRSS = strings.TrimSpace(strings.TrimPrefix(l, "VmHWM:"))
+					}
+				}
+			}
 			exec.Command("fusermount3", "-u", fuseDir).Run()
 			cmd.Wait()
 		}
@@ -79,7 +87,7 @@ func mountBench(dir string, add func(string, time.Duration, string)) {
 	}
 	live, seq := median(lives), median(views)
 	add("sequential read of a 200 MB file, live ext4, cold, median of 3", live, fmt.Sprint(lives))
-	add("the same file through the stasis view, cold, median of 3", seq, fmt.Sprintf("%.0f%% of live throughput; runs %v", 100*ratio(live, seq), views))
+	add("the same file through the stasis view, cold, median of 3", seq, fmt.Sprintf("%.0f%% of live throughput; runs %v; mount peak RSS %s", 100*ratio(live, seq), views, peakRSS))
 
 	if has("restic") {
 		resticRepo := filepath.Join(dir, "mountbench-restic")
