@@ -3,6 +3,8 @@ package e2e
 import (
 	"bytes"
 	"errors"
+	"io"
+	"math/rand"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -16,9 +18,19 @@ import (
 	"github.com/stasis-project/stasis/test/testenv"
 )
 
+// served is a running `stasis mount`.
+type served struct {
+	cmd    *exec.Cmd
+	stderr *bytes.Buffer
+}
+
 // serveMount runs `stasis mount` on mnt until the test ends and waits for want (a path
 // relative to mnt) to appear. It returns the process's stderr so far.
 func serveMount(t *testing.T, repo, mnt, want string, extra ...string) *bytes.Buffer {
+	return startMount(t, repo, mnt, want, extra...).stderr
+}
+
+func startMount(t *testing.T, repo, mnt, want string, extra ...string) *served {
 	t.Helper()
 	if _, err := os.Stat("/dev/fuse"); err != nil {
 		t.Skip("no /dev/fuse")
@@ -37,7 +49,7 @@ func serveMount(t *testing.T, repo, mnt, want string, extra ...string) *bytes.Bu
 	})
 	for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(50 * time.Millisecond) {
 		if _, err := os.Lstat(filepath.Join(mnt, want)); err == nil {
-			return &stderr
+			return &served{cmd: cmd, stderr: &stderr}
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("the mount never showed %s\n%s", want, stderr.String())
@@ -85,6 +97,25 @@ func TestMountFilesGroundTruth(t *testing.T) {
 			kernel := testenv.Mount(t, img, "-o", opts)
 			view := filepath.Join(mnt, fstype, "s1")
 			testenv.CompareTrees(t, testenv.ScanTree(t, kernel), testenv.ScanTree(t, view))
+
+			// Random access at any offset and length, against the kernel's bytes.
+			for _, name := range []string{"big.bin", "sparse.bin", "docs/text.txt"} {
+				want, _ := os.ReadFile(filepath.Join(kernel, name))
+				f, err := os.Open(filepath.Join(view, name))
+				if err != nil {
+					t.Fatal(err)
+				}
+				rng := rand.New(rand.NewSource(int64(len(want))))
+				for i := 0; i < 300; i++ {
+					off := rng.Int63n(int64(len(want)))
+					buf := make([]byte, 1+rng.Intn(300<<10))
+					n, _ := f.ReadAt(buf, off)
+					if end := min(off+int64(len(buf)), int64(len(want))); n != int(end-off) || !bytes.Equal(buf[:n], want[off:end]) {
+						t.Fatalf("%s: read of %d bytes at %d differs from the kernel's (%d bytes)", name, len(buf), off, n)
+					}
+				}
+				f.Close()
+			}
 
 			// Read-only twice over: every kind of change fails with EROFS.
 			file := filepath.Join(view, "docs", "readme.md")
@@ -249,4 +280,48 @@ func TestMountDamage(t *testing.T) {
 	// The undamaged snapshot still browses exactly, from the same mount.
 	kernel := testenv.Mount(t, images["good"], "-o", "ro,loop,noload")
 	testenv.CompareTrees(t, testenv.ScanTree(t, kernel), testenv.ScanTree(t, filepath.Join(mnt, "good", "s")))
+}
+
+// TestMountBusy: with a file open under the mount, SIGINT says the mount is busy and keeps
+// serving; once it is closed, SIGINT unmounts and exits 0.
+func TestMountBusy(t *testing.T) {
+	testenv.RequireRoot(t)
+	dir := t.TempDir()
+	src := filepath.Join(dir, "tree")
+	os.MkdirAll(src, 0o755)
+	os.WriteFile(filepath.Join(src, "open-me"), []byte("still here\n"), 0o644)
+	img := filepath.Join(dir, "v.img")
+	testenv.Run(t, "mkfs.ext4", "-q", "-F", "-d", src, img, "16M")
+	repo := newRepo(t)
+	testenv.MustStasis(t, "snapshot", "-r", repo, "--source", img, "--volume", "v", "--name", "s")
+	mnt := filepath.Join(dir, "mnt")
+	m := startMount(t, repo, mnt, "v/s.img")
+	f, err := os.Open(filepath.Join(mnt, "v", "s", "open-me"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.cmd.Process.Signal(syscall.SIGINT)
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(m.stderr.String(), "busy"); time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no busy message with a file open:\n%s", m.stderr.String())
+		}
+	}
+	if b, err := io.ReadAll(f); err != nil || string(b) != "still here\n" {
+		t.Fatalf("the open file after a refused unmount: %q %v", b, err)
+	}
+	f.Close()
+	m.cmd.Process.Signal(syscall.SIGINT)
+	done := make(chan error, 1)
+	go func() { done <- m.cmd.Wait() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("mount exited with %v\n%s", err, m.stderr.String())
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("mount did not exit on SIGINT once nothing was open")
+	}
+	if exec.Command("mountpoint", "-q", mnt).Run() == nil {
+		t.Fatal("still mounted")
+	}
 }
