@@ -51,8 +51,10 @@ type Repository struct {
 	cfg RepoConfig
 
 	idx        *blobIndex
+	reader     *readerIndex // set instead of idx by OpenReader
 	indexFiles []ID
-	indexErrs  []error // index files that could not be read, for verify
+	indexErrs  []error         // index files that could not be read, for verify
+	seen       map[string]bool // every index file name at the last (re)load
 
 	pages *lru.Cache[ID, []ID] // decoded tree pages, shared by every reader
 
@@ -72,6 +74,141 @@ func Init(ctx context.Context, be Backend) error {
 
 // Open reads the repository's config and index. log may be nil.
 func Open(ctx context.Context, be Backend, log *slog.Logger) (*Repository, error) {
+	r, err := openConfig(ctx, be, log)
+	if err != nil {
+		return nil, err
+	}
+	if err := r.loadIndex(ctx); err != nil {
+		return nil, err
+	}
+	return r, nil
+}
+
+// OpenReader opens a repository for reading snapshots only, with memory that does not
+// grow with the repository: blobs are found by binary search in the index files rather
+// than in an in-memory index. Lock, stats and verify need Open.
+func OpenReader(ctx context.Context, be Backend, log *slog.Logger) (*Repository, error) {
+	r, err := openConfig(ctx, be, log)
+	if err != nil {
+		return nil, err
+	}
+	found, _ := lru.New[ID, foundBlob](readerCacheSize)
+	r.reader = &readerIndex{files: map[ID]*diskIndex{}, mem: newBlobIndex(), found: found}
+	if err := r.refreshReader(ctx); err != nil {
+		return nil, err
+	}
+	return r, nil
+}
+
+// ErrReaderOnly refuses writing, stats and verify on a repository opened with OpenReader.
+var ErrReaderOnly = errors.New("repository opened for reading snapshots only")
+
+// refreshReader opens index files that appeared since the last call and forgets removed
+// ones (a gc replaces them).
+func (r *Repository) refreshReader(ctx context.Context) error {
+	sizes := map[string]int64{}
+	if err := r.be.List(ctx, IndexFile, func(name string, size int64) error {
+		sizes[name] = size
+		return nil
+	}); err != nil {
+		return fmt.Errorf("list index files: %w", err)
+	}
+	r.mu.Lock()
+	old := r.reader
+	r.mu.Unlock()
+	next := &readerIndex{files: map[ID]*diskIndex{}, mem: old.mem, found: old.found}
+	rebuildMem := false
+	for id := range old.files {
+		if _, ok := sizes[id.String()]; !ok && old.files[id] == nil {
+			rebuildMem = true // a version 1 file went away: its blobs must go too
+		}
+	}
+	if rebuildMem {
+		next.mem = newBlobIndex()
+	}
+	var errs []error
+	for name, size := range sizes {
+		id, err := ParseID(name)
+		if err != nil {
+			errs = append(errs, corruptf("index file %q: bad name", name))
+			continue
+		}
+		if d, ok := old.files[id]; ok && (d != nil || !rebuildMem) {
+			next.files[id] = d
+			continue
+		}
+		h := Handle{Type: IndexFile, Name: name}
+		read := func(ctx context.Context, p []byte, off int64) (int, error) { return r.be.ReadAt(ctx, h, p, off) }
+		head := make([]byte, 8)
+		if err := readFullAt(ctx, read, head, 0); err != nil {
+			if errors.Is(err, ErrNotExist) {
+				continue // removed by a concurrent gc after it wrote its replacement
+			}
+			errs = append(errs, fmt.Errorf("index file %s: %w", id.Short(), err))
+			continue
+		}
+		if string(head) == indexMagicV1 {
+			b, err := r.be.ReadAll(ctx, h)
+			if err == nil && Hash(b) != id {
+				err = corruptf("content does not match its name")
+			}
+			var packs []indexedPack
+			if err == nil {
+				packs, err = decodeIndex(b)
+			}
+			if err != nil {
+				errs = append(errs, fmt.Errorf("index file %s: %w", id.Short(), err))
+				continue
+			}
+			for _, p := range packs {
+				next.mem.add(p)
+			}
+			next.files[id] = nil
+			continue
+		}
+		d, err := openDiskIndex(ctx, id, size, read)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		next.files[id] = d
+	}
+	for _, err := range errs {
+		r.log.Warn("damaged index file skipped; run `stasis verify`", "err", err)
+	}
+	next.found.Purge() // a gc may have moved blobs
+	seen := map[string]bool{}
+	for name := range sizes {
+		seen[name] = true
+	}
+	r.mu.Lock()
+	r.reader, r.seen = next, seen
+	r.mu.Unlock()
+	return nil
+}
+
+// locate finds a blob's entry and pack.
+func (r *Repository) locate(ctx context.Context, id ID) (packEntry, ID, bool, error) {
+	r.mu.Lock()
+	reader, idx := r.reader, r.idx
+	r.mu.Unlock()
+	if reader != nil {
+		return reader.lookup(ctx, id)
+	}
+	loc, pack, ok := idx.lookup(id)
+	return packEntry{ID: id, Type: loc.typ, Zstd: loc.zstd, Offset: loc.offset, Length: loc.length, RawLen: loc.rawLen}, pack, ok, nil
+}
+
+// reload re-reads the index in whichever form this repository keeps it.
+func (r *Repository) reload(ctx context.Context) error {
+	if r.reader != nil {
+		return r.refreshReader(ctx)
+	}
+	return r.loadIndex(ctx)
+}
+
+// openConfig reads and checks the repository's config.
+func openConfig(ctx context.Context, be Backend, log *slog.Logger) (*Repository, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
@@ -90,11 +227,7 @@ func Open(ctx context.Context, be Backend, log *slog.Logger) (*Repository, error
 		return nil, fmt.Errorf("%s: format version %d, this stasis reads version %d: %w; use a stasis release that supports it", be.Location(), cfg.Version, repoVersion, ErrVersion)
 	}
 	pages, _ := lru.New[ID, []ID](1024)
-	r := &Repository{be: be, log: log, cfg: cfg, pages: pages}
-	if err := r.loadIndex(ctx); err != nil {
-		return nil, err
-	}
-	return r, nil
+	return &Repository{be: be, log: log, cfg: cfg, pages: pages}, nil
 }
 
 // Config returns the repository's config.
@@ -148,8 +281,12 @@ func (r *Repository) loadIndex(ctx context.Context) error {
 	for _, err := range errs {
 		r.log.Warn("damaged index file skipped; run `stasis verify`", "err", err)
 	}
+	seen := map[string]bool{}
+	for _, name := range names {
+		seen[name] = true
+	}
 	r.mu.Lock()
-	r.idx, r.indexFiles, r.indexErrs = idx, files, errs
+	r.idx, r.indexFiles, r.indexErrs, r.seen = idx, files, errs, seen
 	r.mu.Unlock()
 	return nil
 }
@@ -164,6 +301,9 @@ func (r *Repository) index() *blobIndex {
 // example "pid 123 (stasis snapshot data) since 2026-11-23T10:00:00Z". The index is reloaded
 // so that the writer sees every change committed before it got the lock.
 func (r *Repository) Lock(ctx context.Context, holder string) (unlock func(), err error) {
+	if r.reader != nil {
+		return nil, ErrReaderOnly
+	}
 	l, ok := r.be.(Locker)
 	if !ok {
 		return nil, fmt.Errorf("backend %s cannot lock", r.be.Location())
@@ -200,10 +340,11 @@ func (r *Repository) checkLocked() error {
 // A blob that is missing or whose content does not match its ID yields an ErrCorrupt error.
 func (r *Repository) LoadBlob(ctx context.Context, id ID, dst []byte) ([]byte, error) {
 	for attempt := 0; ; attempt++ {
-		out, err := r.loadBlobOnce(ctx, r.index(), id, dst)
-		if errors.Is(err, ErrNotExist) && attempt == 0 {
-			// A gc may have repacked the blob since our index was read: reload and retry.
-			if lerr := r.loadIndex(ctx); lerr != nil {
+		out, err := r.loadBlobOnce(ctx, id, dst)
+		if (errors.Is(err, ErrNotExist) || errors.Is(err, errNotIndexed)) && attempt == 0 && r.indexChanged(ctx) {
+			// A gc may have repacked the blob, or a snapshot committed since our index was
+			// read (a long-running mount sees new snapshots): reload and retry.
+			if lerr := r.reload(ctx); lerr != nil {
 				return nil, lerr
 			}
 			continue
@@ -212,12 +353,35 @@ func (r *Repository) LoadBlob(ctx context.Context, id ID, dst []byte) ([]byte, e
 	}
 }
 
-func (r *Repository) loadBlobOnce(ctx context.Context, idx *blobIndex, id ID, dst []byte) ([]byte, error) {
-	loc, pack, ok := idx.lookup(id)
-	if !ok {
-		return nil, corruptf("blob %s is missing from the index", id.Short())
+// errNotIndexed marks a blob no index file names.
+var errNotIndexed = fmt.Errorf("%w: blob missing from the index", ErrCorrupt)
+
+// indexChanged reports whether the set of index files differs from the one loaded: only
+// then is reloading worth it (a damaged snapshot asks again and again).
+func (r *Repository) indexChanged(ctx context.Context) bool {
+	r.mu.Lock()
+	seen := r.seen
+	r.mu.Unlock()
+	changed, n := false, 0
+	err := r.be.List(ctx, IndexFile, func(name string, _ int64) error {
+		n++
+		if !seen[name] {
+			changed = true
+		}
+		return nil
+	})
+	return err != nil || changed || n != len(seen)
+}
+
+func (r *Repository) loadBlobOnce(ctx context.Context, id ID, dst []byte) ([]byte, error) {
+	e, pack, ok, err := r.locate(ctx, id)
+	if err != nil {
+		return nil, fmt.Errorf("find blob %s: %w", id.Short(), err)
 	}
-	return r.readBlob(ctx, pack, packEntry{ID: id, Type: loc.typ, Zstd: loc.zstd, Offset: loc.offset, Length: loc.length, RawLen: loc.rawLen}, dst)
+	if !ok {
+		return nil, fmt.Errorf("%w: %s", errNotIndexed, id.Short())
+	}
+	return r.readBlob(ctx, pack, e, dst)
 }
 
 func (r *Repository) readBlob(ctx context.Context, pack ID, e packEntry, dst []byte) ([]byte, error) {

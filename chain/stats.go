@@ -35,6 +35,9 @@ type RepoStats struct {
 
 // Stats computes capacity figures by walking every snapshot's block map once.
 func (r *Repository) Stats(ctx context.Context) (*RepoStats, error) {
+	if r.reader != nil {
+		return nil, ErrReaderOnly
+	}
 	snaps, _, err := r.Snapshots(ctx)
 	if err != nil {
 		return nil, err
@@ -105,6 +108,9 @@ func (r *Repository) Stats(ctx context.Context) (*RepoStats, error) {
 // PackBytes is the total size of the pack files the index names: cheap, no tree walk.
 func (r *Repository) PackBytes() int64 {
 	idx := r.index()
+	if idx == nil { // OpenReader
+		return 0
+	}
 	idx.mu.RLock()
 	defer idx.mu.RUnlock()
 	var n int64

@@ -27,6 +27,9 @@ func (v *VerifyReport) OK() bool { return len(v.Problems) == 0 }
 // only indexed blobs. With readData it also reads every pack and checks every blob's hash.
 // progress, if not nil, is called with bytes read so far and the total to read.
 func (r *Repository) Verify(ctx context.Context, readData bool, progress func(done, total int64)) (*VerifyReport, error) {
+	if r.reader != nil {
+		return nil, ErrReaderOnly
+	}
 	rep := &VerifyReport{Damaged: map[string]string{}}
 	r.mu.Lock()
 	for _, err := range r.indexErrs {

@@ -34,7 +34,7 @@ checks each snapshot file's own permissions and ACLs (default_permissions is alw
 A damaged chunk or filesystem gives an I/O error for what it touches, and a log line.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			r, err := g.openRepo(cmd.Context())
+			r, err := g.openReader(cmd.Context())
 			if err != nil {
 				return err
 			}

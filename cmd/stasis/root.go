@@ -99,6 +99,16 @@ func (g *globals) logger() *slog.Logger {
 
 // openRepo opens the repository for reading.
 func (g *globals) openRepo(ctx context.Context) (*chain.Repository, error) {
+	return g.open(ctx, chain.Open)
+}
+
+// openReader opens the repository for reading snapshots only, in memory that does not
+// grow with the repository (for the long-running mount).
+func (g *globals) openReader(ctx context.Context) (*chain.Repository, error) {
+	return g.open(ctx, chain.OpenReader)
+}
+
+func (g *globals) open(ctx context.Context, open func(context.Context, chain.Backend, *slog.Logger) (*chain.Repository, error)) (*chain.Repository, error) {
 	path := g.repoPath()
 	if path == "" {
 		if _, err := config.Load(g.config, nil); err != nil {
@@ -112,7 +122,7 @@ func (g *globals) openRepo(ctx context.Context) (*chain.Repository, error) {
 		}
 		return nil, err
 	}
-	return chain.Open(ctx, be, g.logger())
+	return open(ctx, be, g.logger())
 }
 
 // lockRepo opens the repository and takes the writer lock, naming this command as holder.

@@ -90,11 +90,22 @@ func TestMountImages(t *testing.T) {
 	}
 	testenv.Run(t, "umount", browse)
 	// A new snapshot appears, a deleted one disappears, without remounting.
+	// New data, so the new snapshot's chunks are in an index file the mount has not seen.
+	sf, _ := os.OpenFile(src, os.O_WRONLY, 0)
+	noise := make([]byte, 3<<20)
+	rng.Read(noise)
+	sf.WriteAt(noise, 20<<20)
+	sf.Close()
+	wantB := testenv.HashFile(t, src, 0)
 	testenv.MustStasis(t, "snapshot", "-r", repo, "--source", src, "--volume", "v", "--name", "b")
 	testenv.MustStasis(t, "delete", "-r", repo, "v/a")
+	testenv.MustStasis(t, "gc", "-r", repo) // repacks what the mount had located
 	time.Sleep(2500 * time.Millisecond) // the list is cached for a second
 	if _, err := os.Stat(filepath.Join(mnt, "v", "b.img")); err != nil {
 		t.Fatalf("new snapshot not shown: %v", err)
+	}
+	if testenv.HashFile(t, filepath.Join(mnt, "v", "b.img"), 0) != wantB {
+		t.Fatal("a snapshot committed after the mount started reads back wrong")
 	}
 	if _, err := os.Stat(img); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("deleted snapshot still shown: %v", err)

@@ -1,0 +1,113 @@
+package chain_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"log/slog"
+	"math/rand"
+	"runtime"
+	"testing"
+
+	"github.com/stasis-project/stasis/chain"
+	"github.com/stasis-project/stasis/chain/memory"
+)
+
+// TestOpenReaderMemoryFlat: opening a repository for reading costs the same memory with
+// 200,000 indexed blobs as with 2,000, where Open holds every one in memory.
+func TestOpenReaderMemoryFlat(t *testing.T) {
+	ctx := context.Background()
+	withBlobs := func(n int) chain.Backend {
+		be := memory.New()
+		if err := chain.Init(ctx, be); err != nil {
+			t.Fatal(err)
+		}
+		h, b := chain.FakeIndexFile(n, int64(n))
+		if err := be.Save(ctx, h, b); err != nil {
+			t.Fatal(err)
+		}
+		return be
+	}
+	// heap is what opening adds to the heap and keeps (the backend's own bytes excluded).
+	heap := func(open func(context.Context, chain.Backend, *slog.Logger) (*chain.Repository, error), be chain.Backend) uint64 {
+		runtime.GC()
+		var before, after runtime.MemStats
+		runtime.ReadMemStats(&before)
+		r, err := open(ctx, be, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		runtime.GC()
+		runtime.ReadMemStats(&after)
+		runtime.KeepAlive(r)
+		return after.HeapAlloc - min(after.HeapAlloc, before.HeapAlloc)
+	}
+	small := heap(chain.OpenReader, withBlobs(2000))
+	big := heap(chain.OpenReader, withBlobs(200000))
+	eager := heap(chain.Open, withBlobs(200000))
+	t.Logf("OpenReader: %d bytes with 2,000 blobs, %d with 200,000; Open: %d with 200,000", small, big, eager)
+	if eager < 200000*40 {
+		t.Fatalf("Open holds only %d bytes for 200,000 blobs: the comparison means nothing", eager)
+	}
+	if big > small+256<<10 {
+		t.Fatalf("OpenReader grew by %d bytes with 100× the blobs", big-small)
+	}
+}
+
+// TestOpenReaderReadsEverySnapshot: a repository opened for reading returns every
+// snapshot bit-exact, sees snapshots committed after it opened, keeps reading across a gc
+// that repacks and deletes, and refuses to write.
+func TestOpenReaderReadsEverySnapshot(t *testing.T) {
+	ctx := context.Background()
+	rng := rand.New(rand.NewSource(5))
+	r, be := newRepo(t)
+	v := newVolume(rng, 2<<20+999, 16<<10)
+	want := map[string][]byte{}
+	for _, name := range []string{"a", "b", "c"} {
+		v.scribble(rng, 30)
+		v.snapshot(t, r, name, false, nil)
+		want[name] = append([]byte(nil), v.data...)
+	}
+	// Index files as stasis wrote them before format version 2: still read.
+	if err := chain.RewriteIndexV1(ctx, be); err != nil {
+		t.Fatal(err)
+	}
+	reader, err := chain.OpenReader(ctx, be, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	check := func(when string) {
+		t.Helper()
+		snaps, _, err := reader.Snapshots(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(snaps) != len(want) {
+			t.Fatalf("%s: %d snapshots, want %d", when, len(snaps), len(want))
+		}
+		for _, s := range snaps {
+			if !bytes.Equal(readAll(t, reader, s), want[s.Name]) {
+				t.Fatalf("%s: %s reads back different bytes", when, s.Name)
+			}
+		}
+	}
+	check("at open")
+	v.scribble(rng, 30)
+	v.snapshot(t, r, "d", false, nil) // committed after the reader opened
+	want["d"] = append([]byte(nil), v.data...)
+	check("after a new snapshot")
+	unlock, _ := r.Lock(ctx, "test")
+	snaps, _, _ := r.Snapshots(ctx)
+	if err := r.Delete(ctx, snaps[0]); err != nil {
+		t.Fatal(err)
+	}
+	delete(want, snaps[0].Name)
+	if _, err := r.GC(ctx); err != nil {
+		t.Fatal(err)
+	}
+	unlock()
+	check("after delete and gc")
+	if _, err := reader.Lock(ctx, "test"); !errors.Is(err, chain.ErrReaderOnly) {
+		t.Fatalf("Lock on a reader: %v, want ErrReaderOnly", err)
+	}
+}
