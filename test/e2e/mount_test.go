@@ -100,7 +100,7 @@ func TestMountImages(t *testing.T) {
 	testenv.MustStasis(t, "snapshot", "-r", repo, "--source", src, "--volume", "v", "--name", "b")
 	testenv.MustStasis(t, "delete", "-r", repo, "v/a")
 	testenv.MustStasis(t, "gc", "-r", repo) // repacks what the mount had located
-	time.Sleep(2500 * time.Millisecond) // the list is cached for a second
+	time.Sleep(2500 * time.Millisecond)     // the list is cached for a second
 	if _, err := os.Stat(filepath.Join(mnt, "v", "b.img")); err != nil {
 		t.Fatalf("new snapshot not shown: %v", err)
 	}
