@@ -54,7 +54,7 @@ func (m *volumeFS) open() (fsimage.FS, error) {
 	m.once.Do(func() {
 		m.fsys, m.err = fsimage.OpenAny(m.dev, m.size, openers)
 		if m.err != nil {
-			m.v.opts.Log.Error("cannot read the filesystem in a snapshot", "snapshot", m.label, "err", m.err)
+			m.v.opts.Log.Error("cannot read the filesystem in a snapshot; its raw image is there to loop-mount", "snapshot", m.label, "err", m.err)
 		}
 	})
 	return m.fsys, m.err
@@ -313,6 +313,7 @@ var (
 
 func (d *snapshotDir) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
 	out.Mode = fuse.S_IFDIR | 0o555
+	out.Nlink = 2
 	t := d.snap.Created
 	out.SetTimes(&t, &t, &t)
 	if d.open() == nil && d.whole != nil {
@@ -370,6 +371,7 @@ var (
 
 func (p *partitionDir) fill(out *fuse.Attr) {
 	out.Mode = fuse.S_IFDIR | 0o555
+	out.Nlink = 2
 	out.Ino = p.m.fuseIno(0)
 	t := p.created.Created
 	out.SetTimes(&t, &t, &t)

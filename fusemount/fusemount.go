@@ -141,6 +141,8 @@ func (r *rootNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) 
 			out.SetEntryTimeout(listTTL)
 			out.SetAttrTimeout(listTTL)
 			out.Mode = fuse.S_IFDIR | 0o555
+			out.Nlink = 2
+	out.Nlink = 2
 			return r.NewInode(ctx, &volumeNode{v: r.v, volume: name}, fs.StableAttr{Mode: fuse.S_IFDIR, Ino: ino(name)}), 0
 		}
 	}
@@ -171,6 +173,7 @@ func (n *volumeNode) snapshots(ctx context.Context) []*chain.Snapshot {
 
 func (n *volumeNode) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
 	out.Mode = fuse.S_IFDIR | 0o555
+	out.Nlink = 2
 	out.SetTimeout(listTTL)
 	return 0
 }
@@ -196,9 +199,12 @@ func (n *volumeNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut
 		out.SetEntryTimeout(listTTL)
 		out.SetAttrTimeout(listTTL)
 		out.Mode = fuse.S_IFLNK | 0o777
+		out.Nlink = 1
 		out.Size = uint64(len(target))
+		t := snaps[len(snaps)-1].Created
+		out.SetTimes(&t, &t, &t)
 		// The target changes as snapshots land: a new inode per target.
-		return n.NewInode(ctx, &fs.MemSymlink{Data: []byte(target)}, fs.StableAttr{Mode: fuse.S_IFLNK, Ino: ino(n.volume, "latest", target)}), 0
+		return n.NewInode(ctx, &fs.MemSymlink{Data: []byte(target), Attr: out.Attr}, fs.StableAttr{Mode: fuse.S_IFLNK, Ino: ino(n.volume, "latest", target)}), 0
 	}
 	for _, s := range snaps {
 		if s.Name == name {
@@ -216,6 +222,7 @@ func (n *volumeNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut
 			out.SetEntryTimeout(listTTL)
 			out.SetAttrTimeout(contentTTL)
 			out.Mode = fuse.S_IFREG | 0o444
+			out.Nlink = 1
 			out.Size = uint64(len(b))
 			t := s.Created
 			out.SetTimes(&t, &t, &t)
@@ -257,6 +264,7 @@ var (
 
 func (n *imageNode) fill(a *fuse.Attr) {
 	a.Mode = fuse.S_IFREG | 0o444
+	a.Nlink = 1
 	a.Size = uint64(n.snap.SizeBytes)
 	a.Blocks = (a.Size + 511) / 512
 	t := n.snap.Created
