@@ -49,8 +49,8 @@ func compressBlob(raw, dst []byte) ([]byte, bool) {
 // decompressBlob decodes a stored blob into dst (reused when large enough).
 func decompressBlob(stored []byte, zstd bool, rawLen int, dst []byte) ([]byte, error) {
 	if !zstd {
-		if cap(dst) < len(stored) {
-			return stored, nil // the caller's buffer is too small anyway: no copy
+		if cap(dst) < len(stored) || len(stored) > 0 && &dst[:1][0] == &stored[0] {
+			return stored, nil // already in the caller's buffer, or that is too small: no copy
 		}
 		return append(dst[:0], stored...), nil
 	}

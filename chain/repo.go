@@ -386,13 +386,16 @@ func (r *Repository) loadBlobOnce(ctx context.Context, id ID, dst []byte) ([]byt
 
 func (r *Repository) readBlob(ctx context.Context, pack ID, e packEntry, dst []byte) ([]byte, error) {
 	var stored []byte
-	if e.Zstd && int(e.Length) <= MaxChunkSize+MaxChunkSize/8 {
+	switch {
+	case e.Zstd && int(e.Length) <= MaxChunkSize+MaxChunkSize/8:
 		// Compressed bytes are only a step on the way: reuse their buffer (fresh memory
 		// costs a page fault per 4 KiB).
 		bp := compressBuffers.Get().(*[]byte)
 		defer compressBuffers.Put(bp)
 		stored = (*bp)[:e.Length]
-	} else {
+	case !e.Zstd && cap(dst) >= int(e.Length):
+		stored = dst[:e.Length] // raw: straight into the caller's buffer
+	default:
 		stored = make([]byte, e.Length)
 	}
 	if _, err := r.be.ReadAt(ctx, Handle{Type: PackFile, Name: pack.String()}, stored, int64(e.Offset)); err != nil {

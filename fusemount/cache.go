@@ -7,55 +7,128 @@ import (
 	"sync/atomic"
 
 	lru "github.com/hashicorp/golang-lru/v2"
-	"golang.org/x/sync/singleflight"
 
 	"github.com/stasis-project/stasis/chain"
 )
 
 // chunkCache keeps decompressed chunks by content ID, bounded by bytes and shared by every
 // open file of a mount (and every snapshot: identical chunks are one entry). Concurrent
-// misses on one chunk load it once.
+// misses on one chunk load it once. Buffers of evicted chunks are reused once no reader
+// is copying from them: fresh memory costs the kernel a page fault per 4 KiB, which was a
+// large part of a sequential read's CPU.
 type chunkCache struct {
-	mu     sync.Mutex
-	lru    *lru.Cache[chain.ID, []byte]
-	bytes  int64
-	budget int64
-	loads  singleflight.Group
+	mu      sync.Mutex
+	lru     *lru.Cache[chain.ID, *chunk]
+	loading map[chain.ID]*chunkLoad
+	bytes   int64
+	budget  int64
+	free    [][]byte // buffers of evicted chunks nobody reads any more
 }
 
+// chunk is a cached chunk. refs counts readers copying from data; an evicted chunk's buffer
+// is recycled when the last of them releases it. Both are guarded by chunkCache.mu.
+type chunk struct {
+	data    []byte
+	refs    int
+	evicted bool
+}
+
+type chunkLoad struct {
+	ch   *chunk
+	done chan struct{}
+	err  error
+}
+
+const maxFreeBuffers = 64
+
 func newChunkCache(budget int64) *chunkCache {
-	c := &chunkCache{budget: budget}
-	c.lru, _ = lru.NewWithEvict(1<<20, func(_ chain.ID, b []byte) { c.bytes -= int64(len(b)) })
+	c := &chunkCache{budget: budget, loading: map[chain.ID]*chunkLoad{}}
+	c.lru, _ = lru.NewWithEvict(1<<20, func(_ chain.ID, ch *chunk) {
+		// Called under c.mu, from Add and RemoveOldest.
+		c.bytes -= int64(len(ch.data))
+		ch.evicted = true
+		if ch.refs == 0 {
+			c.recycle(ch)
+		}
+	})
 	return c
 }
 
-// get returns chunk i of sr (with content id), loading it on a miss. The slice is shared:
-// callers must not modify it.
-func (c *chunkCache) get(ctx context.Context, sr *chain.SnapshotReader, i int64, id chain.ID) ([]byte, error) {
-	c.mu.Lock()
-	b, ok := c.lru.Get(id)
-	c.mu.Unlock()
-	if ok {
-		return b, nil
+// recycle keeps an unreferenced chunk's buffer for a later load. Called under c.mu.
+func (c *chunkCache) recycle(ch *chunk) {
+	if ch.data != nil && len(c.free) < maxFreeBuffers {
+		c.free = append(c.free, ch.data[:0])
 	}
-	v, err, _ := c.loads.Do(string(id[:]), func() (any, error) {
-		b, err := sr.LoadChunk(ctx, i, id, nil)
-		if err != nil {
-			return nil, err
+	ch.data = nil
+}
+
+// buffer returns a recycled buffer of at least n bytes, or nil.
+func (c *chunkCache) buffer(n int) []byte {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for i := len(c.free) - 1; i >= 0; i-- {
+		if b := c.free[i]; cap(b) >= n {
+			c.free[i] = c.free[len(c.free)-1]
+			c.free = c.free[:len(c.free)-1]
+			return b[:n]
 		}
-		c.mu.Lock()
-		defer c.mu.Unlock()
-		c.lru.Add(id, b)
-		c.bytes += int64(len(b))
+	}
+	return nil
+}
+
+// get returns chunk i of sr (with content id), loading it on a miss. The caller reads
+// ch.data and MUST call release(ch) exactly once when done with it.
+func (c *chunkCache) get(ctx context.Context, sr *chain.SnapshotReader, i int64, id chain.ID) (*chunk, error) {
+	c.mu.Lock()
+	if ch, ok := c.lru.Get(id); ok {
+		ch.refs++
+		c.mu.Unlock()
+		return ch, nil
+	}
+	if l, ok := c.loading[id]; ok {
+		l.ch.refs++
+		c.mu.Unlock()
+		<-l.done
+		if l.err != nil {
+			c.release(l.ch)
+			return nil, l.err
+		}
+		return l.ch, nil
+	}
+	l := &chunkLoad{ch: &chunk{refs: 1}, done: make(chan struct{})}
+	c.loading[id] = l
+	c.mu.Unlock()
+
+	data, err := sr.LoadChunk(ctx, i, id, c.buffer(sr.ChunkLen(i)))
+	c.mu.Lock()
+	delete(c.loading, id)
+	if err != nil {
+		l.err = err
+	} else {
+		l.ch.data = data
+		c.lru.Add(id, l.ch)
+		c.bytes += int64(len(data))
 		for c.bytes > c.budget && c.lru.Len() > 1 {
 			c.lru.RemoveOldest()
 		}
-		return b, nil
-	})
+	}
+	c.mu.Unlock()
+	close(l.done)
 	if err != nil {
+		c.release(l.ch)
 		return nil, err
 	}
-	return v.([]byte), nil
+	return l.ch, nil
+}
+
+// release ends a reader's use of ch.
+func (c *chunkCache) release(ch *chunk) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	ch.refs--
+	if ch.refs == 0 && ch.evicted {
+		c.recycle(ch)
+	}
 }
 
 // contains reports whether chunk id is cached, without touching its recency.
@@ -105,7 +178,9 @@ func (im *image) prefetch(last int64) {
 			if err != nil || id.IsZero() || im.cache.contains(id) {
 				return
 			}
-			im.cache.get(ctx, im.sr, i, id) // errors surface when the data is really read
+			if ch, err := im.cache.get(ctx, im.sr, i, id); err == nil { // errors surface when the data is really read
+				im.cache.release(ch)
+			}
 		}(i)
 	}
 	im.ahead = max(im.ahead, end)
@@ -133,11 +208,12 @@ func (im *image) ReadAt(p []byte, off int64) (int, error) {
 			c = min(len(p)-n, im.sr.ChunkLen(i)-int(within))
 			clear(p[n : n+c])
 		} else {
-			b, err := im.cache.get(ctx, im.sr, i, id)
+			ch, err := im.cache.get(ctx, im.sr, i, id)
 			if err != nil {
 				return n, err
 			}
-			c = copy(p[n:], b[within:])
+			c = copy(p[n:], ch.data[within:])
+			im.cache.release(ch)
 		}
 		n += c
 		off += int64(c)

@@ -48,7 +48,7 @@ type Options struct {
 const (
 	listTTL    = time.Second    // volumes and snapshot lists
 	contentTTL = 24 * time.Hour // immutable snapshot content
-	cacheBytes = 64 << 20       // decompressed chunks shared by all open files
+	cacheBytes = 16 << 20       // decompressed chunks shared by all open files
 )
 
 // view is the state shared by every node of one mount.
@@ -142,7 +142,7 @@ func (r *rootNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) 
 			out.SetAttrTimeout(listTTL)
 			out.Mode = fuse.S_IFDIR | 0o555
 			out.Nlink = 2
-	out.Nlink = 2
+			out.Nlink = 2
 			return r.NewInode(ctx, &volumeNode{v: r.v, volume: name}, fs.StableAttr{Mode: fuse.S_IFDIR, Ino: ino(name)}), 0
 		}
 	}
