@@ -229,10 +229,29 @@ func (n *fileNode) Readlink(ctx context.Context) ([]byte, syscall.Errno) {
 	return []byte(t), 0
 }
 
-func (n *fileNode) Getxattr(ctx context.Context, attr string, dest []byte) (uint32, syscall.Errno) {
+// visibleXattrs lists the attributes the caller may see: trusted.* only for root, as the
+// kernel shows them only to CAP_SYS_ADMIN on the live filesystem.
+func (n *fileNode) visibleXattrs(ctx context.Context) ([]fsimage.Xattr, syscall.Errno) {
 	xs, err := n.node.Xattrs()
 	if err != nil {
-		return 0, n.m.errno("getxattr", n.ino, err)
+		return nil, n.m.errno("xattrs", n.ino, err)
+	}
+	if caller, ok := fuse.FromContext(ctx); ok && caller.Uid == 0 {
+		return xs, 0
+	}
+	out := xs[:0:0]
+	for _, x := range xs {
+		if !strings.HasPrefix(x.Name, "trusted.") {
+			out = append(out, x)
+		}
+	}
+	return out, 0
+}
+
+func (n *fileNode) Getxattr(ctx context.Context, attr string, dest []byte) (uint32, syscall.Errno) {
+	xs, errno := n.visibleXattrs(ctx)
+	if errno != 0 {
+		return 0, errno
 	}
 	for _, x := range xs {
 		if x.Name == attr {
@@ -246,9 +265,9 @@ func (n *fileNode) Getxattr(ctx context.Context, attr string, dest []byte) (uint
 }
 
 func (n *fileNode) Listxattr(ctx context.Context, dest []byte) (uint32, syscall.Errno) {
-	xs, err := n.node.Xattrs()
-	if err != nil {
-		return 0, n.m.errno("listxattr", n.ino, err)
+	xs, errno := n.visibleXattrs(ctx)
+	if errno != 0 {
+		return 0, errno
 	}
 	var b strings.Builder
 	for _, x := range xs {
