@@ -23,6 +23,7 @@ type chunkCache struct {
 	bytes   int64
 	budget  int64
 	free    [][]byte // buffers of evicted chunks nobody reads any more
+	reused  int64    // loads that got a recycled buffer (for tests)
 }
 
 // chunk is a cached chunk. refs counts readers copying from data; an evicted chunk's buffer
@@ -70,6 +71,7 @@ func (c *chunkCache) buffer(n int) []byte {
 		if b := c.free[i]; cap(b) >= n {
 			c.free[i] = c.free[len(c.free)-1]
 			c.free = c.free[:len(c.free)-1]
+			c.reused++
 			return b[:n]
 		}
 	}
