@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"sort"
 	"sync"
+
+	"golang.org/x/sync/errgroup"
 )
 
 // VerifyReport lists what verify found. A repository is healthy when Problems is empty.
@@ -72,8 +74,8 @@ func (r *Repository) Verify(ctx context.Context, readData bool, progress func(do
 		total += s
 	}
 	var done int64
-	var wg sync.WaitGroup
-	sem := make(chan struct{}, 2)
+	var g errgroup.Group // pack checks never fail: damage is reported, not returned
+	g.SetLimit(2)
 	for pos, id := range packs {
 		h := Handle{Type: PackFile, Name: id.String()}
 		size, err := r.be.Stat(ctx, h)
@@ -91,10 +93,7 @@ func (r *Repository) Verify(ctx context.Context, readData bool, progress func(do
 		if !readData {
 			continue
 		}
-		wg.Add(1)
-		sem <- struct{}{}
-		go func(pos int, id ID) {
-			defer func() { <-sem; wg.Done() }()
+		g.Go(func() error {
 			bad := r.checkPack(ctx, id)
 			dmu.Lock()
 			rep.BytesRead += sizes[pos]
@@ -107,12 +106,13 @@ func (r *Repository) Verify(ctx context.Context, readData bool, progress func(do
 				rep.Problems = append(rep.Problems, reason)
 			}
 			dmu.Unlock()
-		}(pos, id)
+			return nil
+		})
 		if ctx.Err() != nil {
 			break
 		}
 	}
-	wg.Wait()
+	g.Wait()
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}

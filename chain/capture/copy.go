@@ -5,9 +5,9 @@ import (
 	"fmt"
 	"io"
 	"runtime"
-	"sync"
 	"sync/atomic"
 
+	"golang.org/x/sync/errgroup"
 	"golang.org/x/sys/unix"
 )
 
@@ -75,72 +75,61 @@ func Copy(ctx context.Context, src *Source, w ChunkWriter, runs []ChunkRun) (Sta
 		defer unix.Munmap(b)
 		pool <- b
 	}
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
+	g, gctx := errgroup.WithContext(ctx)
 	jobs := make(chan job)
-	var firstErr error
-	var errOnce sync.Once
-	fail := func(err error) {
-		errOnce.Do(func() { firstErr = err; cancel() })
-	}
 	var st Stats
-	var wg sync.WaitGroup
 	for k := 0; k < workers; k++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		g.Go(func() error {
 			for j := range jobs {
 				for c := int64(0); c < j.n; c++ {
 					i := j.first + c
 					end := c*cs + min(cs, src.Size-i*cs) // the last chunk may be short
-					if err := w.Put(ctx, i, j.buf[c*cs:end]); err != nil {
-						fail(fmt.Errorf("chunk %d: %w", i, err))
-						break
+					if err := w.Put(gctx, i, j.buf[c*cs:end]); err != nil {
+						return fmt.Errorf("chunk %d: %w", i, err)
 					}
 					atomic.AddInt64(&st.Chunks, 1)
 				}
 				pool <- j.buf
 			}
-		}()
+			return nil
+		})
 	}
-read:
-	for _, run := range runs {
-		for first := run.Start; first < run.End; first += perRead {
-			n := min(perRead, run.End-first)
-			var buf []byte
-			select {
-			case buf = <-pool:
-			case <-ctx.Done():
-				break read
-			}
-			off := first * cs
-			length := min(n*cs, src.Size-off)
-			// O_DIRECT needs an aligned length; the device size is a multiple of the
-			// sector size, so reading whole chunks stays inside it except at the end.
-			got, err := src.f.ReadAt(buf[:alignUp(length, 4096)], off)
-			if err != nil && err != io.EOF || int64(got) < length {
-				if err == nil || err == io.EOF {
-					err = io.ErrUnexpectedEOF
+	g.Go(func() error {
+		defer close(jobs)
+		for _, run := range runs {
+			for first := run.Start; first < run.End; first += perRead {
+				n := min(perRead, run.End-first)
+				var buf []byte
+				select {
+				case buf = <-pool:
+				case <-gctx.Done():
+					return nil
 				}
-				fail(fmt.Errorf("read %s at %d: %w", src.Path, off, err))
-				pool <- buf
-				break read
-			}
-			atomic.AddInt64(&st.BytesRead, length)
-			select {
-			case jobs <- job{buf: buf, first: first, n: n}:
-			case <-ctx.Done():
-				pool <- buf
-				break read
+				off := first * cs
+				length := min(n*cs, src.Size-off)
+				// O_DIRECT needs an aligned length; the device size is a multiple of the
+				// sector size, so reading whole chunks stays inside it except at the end.
+				got, err := src.f.ReadAt(buf[:alignUp(length, 4096)], off)
+				if err != nil && err != io.EOF || int64(got) < length {
+					if err == nil || err == io.EOF {
+						err = io.ErrUnexpectedEOF
+					}
+					return fmt.Errorf("read %s at %d: %w", src.Path, off, err)
+				}
+				atomic.AddInt64(&st.BytesRead, length)
+				select {
+				case jobs <- job{buf: buf, first: first, n: n}:
+				case <-gctx.Done():
+					return nil
+				}
 			}
 		}
+		return nil
+	})
+	if err := g.Wait(); err != nil {
+		return st, err
 	}
-	close(jobs)
-	wg.Wait()
-	if firstErr == nil && ctx.Err() != nil {
-		firstErr = ctx.Err()
-	}
-	return st, firstErr
+	return st, ctx.Err() // a cancelled caller gets no partial success
 }
 
 func alignUp(n, a int64) int64 { return (n + a - 1) / a * a }
