@@ -341,7 +341,7 @@ func Mount(repo *chain.Repository, repoDir, dir string, opts Options) (*Mounted,
 	}
 	server, err := fs.Mount(absDir, &rootNode{v: v}, &fs.Options{MountOptions: mo, EntryTimeout: &entry, AttrTimeout: &attr})
 	if err != nil {
-		return nil, fmt.Errorf("mount %s: %w (is /dev/fuse there and fusermount3 installed?)", dir, err)
+		return nil, fmt.Errorf("mount %s: %w (FUSE needs /dev/fuse, usable by this user, and fusermount3 from the fuse3 package; `stasis doctor` checks both)", dir, err)
 	}
 	raiseReadahead(absDir, opts.Log)
 	return &Mounted{server: server, dir: absDir}, nil
