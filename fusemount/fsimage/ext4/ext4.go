@@ -1,8 +1,8 @@
 // Package ext4 reads ext2/3/4 filesystem images: extent and block-mapped files, holes and
 // unwritten extents (zeros), linear and htree directories (read linearly: an htree's index
 // blocks look like empty entries), fast, slow and inline symlinks, inline data, xattrs in the
-// inode, in a block and in EA inodes, 64bit and meta_bg layouts. It does not replay the
-// journal: a frozen filesystem is clean; a crash-consistent one shows its last checkpoint.
+// inode, in a block and in EA inodes, 64bit and meta_bg layouts. An image that needs
+// recovery (captured mounted and unfrozen) is read with its journal replayed in memory.
 // Checksums are not verified; structure is, so damage is an error rather than a panic.
 package ext4
 
@@ -63,6 +63,8 @@ type FS struct {
 	descSize       int64
 	filetype       bool
 	hugeFile       bool
+	needsRecovery  bool
+	journalIno     uint64
 
 	// Where group descriptors are: read one at a time, when an inode of that group is
 	// first wanted, so a huge (or hostile) group count costs nothing up front.
@@ -120,8 +122,29 @@ func (f *FS) descriptor(g uint64) ([]byte, error) {
 
 var _ fsimage.FS = (*FS)(nil)
 
-// Open reads the superblock and group descriptors of the image on dev (size bytes).
+// Open reads the superblock and group descriptors of the image on dev (size bytes). A
+// filesystem that needs recovery is seen with its journal's committed transactions
+// replayed (in memory), as the kernel would mount it.
 func Open(dev io.ReaderAt, size int64) (*FS, error) {
+	f, err := open(dev, size)
+	if err != nil || !f.needsRecovery {
+		return f, err
+	}
+	blocks, err := f.journalOverlay(f.journalIno)
+	if err != nil {
+		return nil, fmt.Errorf("replay the journal: %w", err)
+	}
+	if len(blocks) == 0 {
+		return f, nil
+	}
+	f2, err := open(&replayed{dev: dev, bs: f.bs, blocks: blocks}, size)
+	if err != nil {
+		return nil, fmt.Errorf("after replaying the journal: %w", err)
+	}
+	return f2, nil
+}
+
+func open(dev io.ReaderAt, size int64) (*FS, error) {
 	sb := make([]byte, 1024)
 	if err := fsimage.ReadFull(dev, sb, superOffset); err != nil {
 		return nil, fmt.Errorf("ext4 superblock: %w", err)
@@ -140,6 +163,8 @@ func Open(dev io.ReaderAt, size int64) (*FS, error) {
 		return nil, fmt.Errorf("%w: ext4 incompatible features %#x (compression, journal device, dirdata or encryption)", fsimage.ErrUnsupported, bad)
 	}
 	f.filetype = incompat&incompatFiletype != 0
+	f.needsRecovery = incompat&incompatRecover != 0 && compat&compatHasJournal != 0
+	f.journalIno = uint64(le.Uint32(sb[0xE0:]))
 	f.hugeFile = roCompat&roCompatHugeFile != 0
 	f.blocks = uint64(le.Uint32(sb[0x4:]))
 	f.descSize = 32

@@ -2,6 +2,7 @@ package ext4
 
 import (
 	"io"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"testing"
@@ -11,7 +12,7 @@ import (
 	"github.com/stasis-project/stasis/test/testenv"
 )
 
-func open(dev io.ReaderAt, size int64) (fsimage.FS, error) { return Open(dev, size) }
+func openFS(dev io.ReaderAt, size int64) (fsimage.FS, error) { return Open(dev, size) }
 
 // FuzzExt4 walks mutated images: seeds are mkfs.ext4 -d images in several layouts.
 func FuzzExt4(f *testing.F) {
@@ -21,7 +22,10 @@ func FuzzExt4(f *testing.F) {
 		for _, args := range [][]string{nil, {"-O", "inline_data"}, {"-t", "ext3", "-b", "1024"}, {"-O", "meta_bg,^resize_inode"}} {
 			img := filepath.Join(f.TempDir(), "seed.img")
 			testenv.Run(f, "mkfs.ext4", append(append([]string{"-q", "-F", "-d", src}, args...), img, "80M")...)
-			f.Add(fsimagetest.Seed(f, img, open))
+			f.Add(fsimagetest.Seed(f, img, openFS))
+		}
+		if os.Geteuid() == 0 { // a journal to replay
+			f.Add(fsimagetest.Seed(f, crashImage(f, f.TempDir()), openFS))
 		}
 	}
 	f.Fuzz(func(t *testing.T, data []byte) {
