@@ -27,7 +27,7 @@ func openDiskIndex(ctx context.Context, id ID, size int64, read func(context.Con
 	// One pass over the file: its name is the hash of all of it, and its last 32 bytes
 	// the hash of the rest.
 	whole, body := blake3.New(), blake3.New()
-	buf := make([]byte, 1<<20)
+	buf := make([]byte, min(size, 1<<20))
 	var tail [32]byte
 	for off := int64(0); off < size; {
 		n := int(min(int64(len(buf)), size-off))
