@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"math/rand"
 	"runtime"
+	"strings"
 	"testing"
 
 	"github.com/stasis-project/stasis/chain"
@@ -109,5 +110,63 @@ func TestOpenReaderReadsEverySnapshot(t *testing.T) {
 	check("after delete and gc")
 	if _, err := reader.Lock(ctx, "test"); !errors.Is(err, chain.ErrReaderOnly) {
 		t.Fatalf("Lock on a reader: %v, want ErrReaderOnly", err)
+	}
+}
+
+// countingBackend counts manifest reads.
+type countingBackend struct {
+	chain.Backend
+	manifestReads int
+}
+
+func (c *countingBackend) ReadAll(ctx context.Context, h chain.Handle) ([]byte, error) {
+	if h.Type == chain.SnapshotFile {
+		c.manifestReads++
+	}
+	return c.Backend.ReadAll(ctx, h)
+}
+
+// TestSnapshotsReadsEachManifestOnce: listing again reads only manifests not seen before,
+// and still shows new snapshots and drops deleted ones.
+func TestSnapshotsReadsEachManifestOnce(t *testing.T) {
+	ctx := context.Background()
+	rng := rand.New(rand.NewSource(3))
+	w, be := newRepo(t)
+	v := newVolume(rng, 256<<10, 16<<10)
+	for _, name := range []string{"a", "b", "c"} {
+		v.scribble(rng, 5)
+		v.snapshot(t, w, name, false, nil)
+	}
+	cb := &countingBackend{Backend: be}
+	r, err := chain.OpenReader(ctx, cb, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	names := func() string {
+		snaps, _, err := r.Snapshots(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out []string
+		for _, s := range snaps {
+			out = append(out, s.Name)
+		}
+		return strings.Join(out, ",")
+	}
+	if got := names(); got != "a,b,c" || cb.manifestReads != 3 {
+		t.Fatalf("first listing: %s after %d reads", got, cb.manifestReads)
+	}
+	if got := names(); got != "a,b,c" || cb.manifestReads != 3 {
+		t.Fatalf("second listing: %s, %d reads in all (want no new read)", got, cb.manifestReads)
+	}
+	v.snapshot(t, w, "d", false, nil)
+	unlock, _ := w.Lock(ctx, "test")
+	snaps, _, _ := w.Snapshots(ctx)
+	if err := w.Delete(ctx, snaps[0]); err != nil {
+		t.Fatal(err)
+	}
+	unlock()
+	if got := names(); got != "b,c,d" || cb.manifestReads != 4 {
+		t.Fatalf("after adding d and deleting a: %s, %d reads in all (want one new)", got, cb.manifestReads)
 	}
 }

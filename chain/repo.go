@@ -53,8 +53,9 @@ type Repository struct {
 	idx        *blobIndex
 	reader     *readerIndex // set instead of idx by OpenReader
 	indexFiles []ID
-	indexErrs  []error         // index files that could not be read, for verify
-	seen       map[string]bool // every index file name at the last (re)load
+	indexErrs  []error              // index files that could not be read, for verify
+	seen       map[string]bool      // every index file name at the last (re)load
+	manifests  map[string]*Snapshot // decoded manifests by file name, from the last listing
 
 	pages *lru.Cache[ID, []ID] // decoded tree pages, shared by every reader
 
@@ -437,25 +438,38 @@ func (r *Repository) loadPage(ctx context.Context, id ID, level int) ([]ID, erro
 // Snapshots lists every readable snapshot, oldest first. Manifests that cannot be read are
 // skipped and returned as errors in bad (verify reports them).
 func (r *Repository) Snapshots(ctx context.Context) (snaps []*Snapshot, bad []error, err error) {
+	// A manifest never changes (its name is its hash), so one read per repository
+	// lifetime is enough: the agent and the mount list snapshots often.
+	r.mu.Lock()
+	known := r.manifests
+	r.mu.Unlock()
+	seen := make(map[string]*Snapshot, len(known))
 	err = r.be.List(ctx, SnapshotFile, func(name string, _ int64) error {
-		b, err := r.be.ReadAll(ctx, Handle{Type: SnapshotFile, Name: name})
-		if errors.Is(err, ErrNotExist) {
-			return nil // deleted meanwhile
+		s, ok := known[name]
+		if !ok {
+			b, err := r.be.ReadAll(ctx, Handle{Type: SnapshotFile, Name: name})
+			if errors.Is(err, ErrNotExist) {
+				return nil // deleted meanwhile
+			}
+			if err != nil {
+				return err
+			}
+			if s, err = decodeManifest(name, b); err != nil {
+				bad = append(bad, err)
+				return nil
+			}
 		}
-		if err != nil {
-			return err
-		}
-		s, err := decodeManifest(name, b)
-		if err != nil {
-			bad = append(bad, err)
-			return nil
-		}
-		snaps = append(snaps, s)
+		seen[name] = s
+		c := *s // callers get their own copy to keep
+		snaps = append(snaps, &c)
 		return nil
 	})
 	if err != nil {
 		return nil, nil, fmt.Errorf("list snapshots: %w", err)
 	}
+	r.mu.Lock()
+	r.manifests = seen
+	r.mu.Unlock()
 	SortSnapshots(snaps)
 	return snaps, bad, nil
 }
