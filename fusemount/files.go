@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 	"syscall"
+	"time"
 
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
@@ -34,19 +35,26 @@ type volumeFS struct {
 	dev   io.ReaderAt
 	size  int64
 
-	once sync.Once
-	fsys fsimage.FS
-	err  error
+	once     sync.Once
+	fsys     fsimage.FS
+	rootNode fsimage.Inode // parsed once with the filesystem
+	err      error
 
-	// Directory listings, by inode: looked up by name for every entry of `ls -l`, so kept
-	// as maps, a bounded number of them.
-	dirs *lru.Cache[uint64, map[string]uint64]
+	// Directory listings, by inode, a bounded number of them: `ls -l` reads a directory and
+	// then looks up every name in it, which must not parse the directory twice.
+	dirs *lru.Cache[uint64, *listing]
+}
+
+// listing is a parsed directory: in order for readdir, by name for lookup.
+type listing struct {
+	entries []fsimage.DirEntry
+	byName  map[string]uint64
 }
 
 func newVolumeFS(v *view, label string, dev io.ReaderAt, size int64) *volumeFS {
 	h := fnv.New64a()
 	h.Write([]byte(label))
-	dirs, _ := lru.New[uint64, map[string]uint64](64)
+	dirs, _ := lru.New[uint64, *listing](64)
 	return &volumeFS{v: v, label: label, base: h.Sum64(), dev: dev, size: size, dirs: dirs}
 }
 
@@ -55,6 +63,10 @@ func (m *volumeFS) open() (fsimage.FS, error) {
 		m.fsys, m.err = fsimage.OpenAny(m.dev, m.size, openers)
 		if m.err != nil {
 			m.v.opts.Log.Error("cannot read the filesystem in a snapshot; its raw image is there to loop-mount", "snapshot", m.label, "err", m.err)
+			return
+		}
+		if m.rootNode, m.err = m.fsys.Open(m.fsys.Root()); m.err != nil {
+			m.v.opts.Log.Error("cannot read the root directory of a snapshot", "snapshot", m.label, "err", m.err)
 		}
 	})
 	return m.fsys, m.err
@@ -76,7 +88,7 @@ func (m *volumeFS) errno(what string, ino uint64, err error) syscall.Errno {
 	return syscall.EIO
 }
 
-func (m *volumeFS) listing(ino uint64, node fsimage.Inode) (map[string]uint64, error) {
+func (m *volumeFS) listing(ino uint64, node fsimage.Inode) (*listing, error) {
 	if l, ok := m.dirs.Get(ino); ok {
 		return l, nil
 	}
@@ -84,9 +96,9 @@ func (m *volumeFS) listing(ino uint64, node fsimage.Inode) (map[string]uint64, e
 	if err != nil {
 		return nil, err
 	}
-	l := make(map[string]uint64, len(es))
+	l := &listing{entries: es, byName: make(map[string]uint64, len(es))}
 	for _, e := range es {
-		l[e.Name] = e.Ino
+		l.byName[e.Name] = e.Ino
 	}
 	m.dirs.Add(ino, l)
 	return l, nil
@@ -98,7 +110,7 @@ func (m *volumeFS) lookup(ctx context.Context, parent *fs.Inode, ino uint64, dir
 	if err != nil {
 		return nil, m.errno("readdir", ino, err)
 	}
-	child, ok := l[name]
+	child, ok := l.byName[name]
 	if !ok {
 		return nil, syscall.ENOENT
 	}
@@ -114,28 +126,23 @@ func (m *volumeFS) lookup(ctx context.Context, parent *fs.Inode, ino uint64, dir
 }
 
 func (m *volumeFS) readdir(ino uint64, dir fsimage.Inode) (fs.DirStream, syscall.Errno) {
-	es, err := dir.ReadDir()
+	l, err := m.listing(ino, dir)
 	if err != nil {
 		return nil, m.errno("readdir", ino, err)
 	}
-	out := make([]fuse.DirEntry, len(es))
-	for i, e := range es {
+	out := make([]fuse.DirEntry, len(l.entries))
+	for i, e := range l.entries {
 		out[i] = fuse.DirEntry{Name: e.Name, Ino: m.fuseIno(e.Ino)}
 	}
 	return fs.NewListDirStream(out), 0
 }
 
-// root opens the filesystem and its root directory.
+// root opens the filesystem and returns its root directory.
 func (m *volumeFS) root() (fsimage.Inode, syscall.Errno) {
-	fsys, err := m.open()
-	if err != nil {
+	if _, err := m.open(); err != nil {
 		return nil, syscall.EIO
 	}
-	node, err := fsys.Open(fsys.Root())
-	if err != nil {
-		return nil, m.errno("open root", fsys.Root(), err)
-	}
-	return node, 0
+	return m.rootNode, 0
 }
 
 func (m *volumeFS) lookupRoot(ctx context.Context, parent *fs.Inode, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
@@ -154,8 +161,18 @@ func (m *volumeFS) readdirRoot() (fs.DirStream, syscall.Errno) {
 	return m.readdir(m.fsys.Root(), node)
 }
 
-// fillRoot describes the root directory, over the defaults already in out.
-func (m *volumeFS) fillRoot(out *fuse.Attr) {
+// fillFolder describes one of the view's own read-only folders.
+func fillFolder(out *fuse.Attr, created time.Time) {
+	out.Mode = fuse.S_IFDIR | 0o555
+	out.Nlink = 2
+	out.SetTimes(&created, &created, &created)
+}
+
+// fillRootDir describes a folder that shows this filesystem: its root directory's owner,
+// mode and times, or, while it cannot be read, a plain read-only folder of the snapshot's
+// time.
+func (m *volumeFS) fillRootDir(out *fuse.Attr, created time.Time) {
+	fillFolder(out, created)
 	if node, errno := m.root(); errno == 0 {
 		m.fill(out, m.fsys.Root(), node.Attr())
 	}
@@ -331,12 +348,10 @@ var (
 )
 
 func (d *snapshotDir) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
-	out.Mode = fuse.S_IFDIR | 0o555
-	out.Nlink = 2
-	t := d.snap.Created
-	out.SetTimes(&t, &t, &t)
 	if d.open() == nil && d.whole != nil {
-		d.whole.fillRoot(&out.Attr) // the filesystem root's owner and mode
+		d.whole.fillRootDir(&out.Attr, d.snap.Created)
+	} else {
+		fillFolder(&out.Attr, d.snap.Created)
 	}
 	out.SetTimeout(contentTTL)
 	return 0
@@ -351,7 +366,7 @@ func (d *snapshotDir) Lookup(ctx context.Context, name string, out *fuse.EntryOu
 	}
 	for i, n := range d.names {
 		if n == name {
-			pd := &partitionDir{m: d.parts[i], created: d.snap}
+			pd := &partitionDir{m: d.parts[i], created: d.snap.Created}
 			pd.fill(&out.Attr)
 			out.SetEntryTimeout(contentTTL)
 			out.SetAttrTimeout(contentTTL)
@@ -379,7 +394,7 @@ func (d *snapshotDir) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno)
 type partitionDir struct {
 	fs.Inode
 	m       *volumeFS
-	created *chain.Snapshot
+	created time.Time // the snapshot's
 }
 
 var (
@@ -389,12 +404,8 @@ var (
 )
 
 func (p *partitionDir) fill(out *fuse.Attr) {
-	out.Mode = fuse.S_IFDIR | 0o555
-	out.Nlink = 2
 	out.Ino = p.m.fuseIno(0)
-	t := p.created.Created
-	out.SetTimes(&t, &t, &t)
-	p.m.fillRoot(out)
+	p.m.fillRootDir(out, p.created)
 }
 
 func (p *partitionDir) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
