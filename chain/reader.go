@@ -73,6 +73,21 @@ func (sr *SnapshotReader) Walk(ctx context.Context, fn func(i int64, id ID) erro
 
 // ReadAt implements io.ReaderAt semantics over the volume image.
 func (sr *SnapshotReader) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
+	var buf []byte
+	return sr.ReadAtFrom(ctx, p, off, func(ctx context.Context, i int64, id ID) ([]byte, func(), error) {
+		chunk, err := sr.LoadChunk(ctx, i, id, buf)
+		buf = chunk
+		return chunk, func() {}, err
+	})
+}
+
+// ChunkSource returns the content of chunk i, whose ID is id (never ZeroID), and a
+// function the caller calls exactly once when it no longer reads the content.
+type ChunkSource func(ctx context.Context, i int64, id ID) (data []byte, done func(), err error)
+
+// ReadAtFrom is ReadAt with the content of non-zero chunks from src (a cache, say); zero
+// chunks read as zeros without asking it.
+func (sr *SnapshotReader) ReadAtFrom(ctx context.Context, p []byte, off int64, src ChunkSource) (int, error) {
 	if off < 0 {
 		return 0, fmt.Errorf("negative offset")
 	}
@@ -81,15 +96,25 @@ func (sr *SnapshotReader) ReadAt(ctx context.Context, p []byte, off int64) (int,
 	}
 	cs := int64(sr.snap.ChunkSize)
 	n := 0
-	var buf []byte
 	for n < len(p) && off < sr.snap.SizeBytes {
 		i := off / cs
-		chunk, err := sr.ReadChunk(ctx, i, buf)
+		id, err := sr.ChunkID(ctx, i)
 		if err != nil {
-			return n, err
+			return n, fmt.Errorf("snapshot %s/%s chunk %d: %w", sr.snap.Volume, sr.snap.Name, i, err)
 		}
-		buf = chunk
-		c := copy(p[n:], chunk[off-i*cs:])
+		within := off - i*cs
+		var c int
+		if id.IsZero() {
+			c = min(len(p)-n, sr.ChunkLen(i)-int(within))
+			clear(p[n : n+c])
+		} else {
+			data, done, err := src(ctx, i, id)
+			if err != nil {
+				return n, err
+			}
+			c = copy(p[n:], data[within:])
+			done()
+		}
 		n += c
 		off += int64(c)
 	}

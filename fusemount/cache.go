@@ -192,36 +192,19 @@ func (im *image) ReadAt(p []byte, off int64) (int, error) {
 	if off < 0 || off >= im.size {
 		return 0, io.EOF
 	}
-	ctx := context.Background() // io.ReaderAt has no context; reads are bounded chunk loads
 	cs := int64(im.sr.Snapshot().ChunkSize)
 	if im.loaders != nil && len(p) >= 16<<10 && im.next.Swap(off+int64(len(p))) == off {
 		im.prefetch((off + int64(len(p)) - 1) / cs)
 	}
-	n := 0
-	for n < len(p) && off < im.size {
-		i := off / cs
-		id, err := im.sr.ChunkID(ctx, i)
-		if err != nil {
-			return n, err
-		}
-		within := off - i*cs
-		var c int
-		if id.IsZero() {
-			c = min(len(p)-n, im.sr.ChunkLen(i)-int(within))
-			clear(p[n : n+c])
-		} else {
-			ch, err := im.cache.get(ctx, im.sr, i, id)
-			if err != nil {
-				return n, err
-			}
-			c = copy(p[n:], ch.data[within:])
-			im.cache.release(ch)
-		}
-		n += c
-		off += int64(c)
+	// io.ReaderAt has no context; reads are bounded chunk loads.
+	return im.sr.ReadAtFrom(context.Background(), p, off, im.fromCache)
+}
+
+// fromCache is the chain.ChunkSource of the shared cache.
+func (im *image) fromCache(ctx context.Context, i int64, id chain.ID) ([]byte, func(), error) {
+	ch, err := im.cache.get(ctx, im.sr, i, id)
+	if err != nil {
+		return nil, nil, err
 	}
-	if n < len(p) {
-		return n, io.EOF
-	}
-	return n, nil
+	return ch.data, func() { im.cache.release(ch) }, nil
 }
