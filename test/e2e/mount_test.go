@@ -33,23 +33,8 @@ func TestMountImages(t *testing.T) {
 	want := testenv.HashFile(t, src, 0)
 
 	mnt := filepath.Join(dir, "mnt")
-	os.Mkdir(mnt, 0o755)
-	cmd := exec.Command(testenv.Binary(t), "mount", "-r", repo, mnt)
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { exec.Command("fusermount3", "-uz", mnt).Run(); cmd.Process.Kill(); cmd.Wait() }()
+	cmd := startMount(t, repo, mnt, "v/a.img").cmd
 	img := filepath.Join(mnt, "v", "a.img")
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		if _, err := os.Stat(img); err == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the mount never showed v/a.img")
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
 	if testenv.HashFile(t, img, 0) != want {
 		t.Fatal("the image read through the mount differs from the source")
 	}
