@@ -2,6 +2,7 @@ package chain
 
 import (
 	"bytes"
+	"encoding/binary"
 	"context"
 	"fmt"
 	"io"
@@ -55,7 +56,7 @@ func openDiskIndex(ctx context.Context, id ID, size int64, read func(context.Con
 	if string(head[:8]) != indexMagic {
 		return nil, corruptf("index file %s is not version 2", id.Short())
 	}
-	fixed := 12 + int64(le32(head[8:]))*indexPackSize + 4 + indexFanoutSize
+	fixed := 12 + int64(binary.LittleEndian.Uint32(head[8:]))*indexPackSize + 4 + indexFanoutSize
 	if fixed+32 > size {
 		return nil, corruptf("index file %s: header does not fit", id.Short())
 	}
@@ -94,10 +95,6 @@ func readFullAt(ctx context.Context, read func(context.Context, []byte, int64) (
 		return corruptf("index file ends early at %d", off+int64(n))
 	}
 	return err
-}
-
-func le32(b []byte) uint32 {
-	return uint32(b[0]) | uint32(b[1])<<8 | uint32(b[2])<<16 | uint32(b[3])<<24
 }
 
 // lookup finds blob id: its entry and pack, or ok false.
