@@ -17,8 +17,9 @@ import (
 	"github.com/stasis-project/stasis/agent/mysql"
 	"github.com/stasis-project/stasis/chain"
 	"github.com/stasis-project/stasis/chain/capture"
-	"github.com/stasis-project/stasis/chain/capture/allocmap"
 	"github.com/stasis-project/stasis/chain/capture/blocktrace"
+	"github.com/stasis-project/stasis/chain/fsimage"
+	"github.com/stasis-project/stasis/chain/fsimage/filesystems"
 	"github.com/stasis-project/stasis/fsfreeze"
 )
 
@@ -192,7 +193,7 @@ func (v *Volume) Snapshot(ctx context.Context, r *chain.Repository, req Request)
 	var allocated func() ([]capture.ChunkRun, error)
 	if !vol.IsFile {
 		allocated = func() ([]capture.ChunkRun, error) {
-			ext, _, err := allocmap.Allocated(src, src.Size)
+			ext, _, err := filesystems.Allocated(src, src.Size)
 			if err != nil {
 				return nil, err
 			}
@@ -205,7 +206,7 @@ func (v *Volume) Snapshot(ctx context.Context, r *chain.Repository, req Request)
 		if runs, err := allocated(); err == nil {
 			full = runs
 		} else {
-			if !errors.Is(err, allocmap.ErrUnknown) {
+			if !errors.Is(err, fsimage.ErrNoFilesystem) {
 				warn("cannot read the filesystem's allocation map (%v): reading the whole device", err)
 			}
 			allocated = nil

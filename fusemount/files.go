@@ -16,15 +16,9 @@ import (
 	lru "github.com/hashicorp/golang-lru/v2"
 
 	"github.com/stasis-project/stasis/chain"
-	"github.com/stasis-project/stasis/fusemount/fsimage"
-	"github.com/stasis-project/stasis/fusemount/fsimage/ext4"
-	"github.com/stasis-project/stasis/fusemount/fsimage/xfs"
+	"github.com/stasis-project/stasis/chain/fsimage"
+	"github.com/stasis-project/stasis/chain/fsimage/filesystems"
 )
-
-var openers = []fsimage.Opener{
-	{Probe: ext4.Probe, Open: func(dev io.ReaderAt, size int64) (fsimage.FS, error) { return ext4.Open(dev, size) }},
-	{Probe: xfs.Probe, Open: func(dev io.ReaderAt, size int64) (fsimage.FS, error) { return xfs.Open(dev, size) }},
-}
 
 // volumeFS is one filesystem inside a snapshot (the whole image or one partition),
 // opened on first access.
@@ -60,7 +54,7 @@ func newVolumeFS(v *view, label string, dev io.ReaderAt, size int64) *volumeFS {
 
 func (m *volumeFS) open() (fsimage.FS, error) {
 	m.once.Do(func() {
-		m.fsys, m.err = fsimage.OpenAny(m.dev, m.size, openers)
+		m.fsys, m.err = filesystems.Open(m.dev, m.size)
 		if m.err != nil {
 			m.v.opts.Log.Error("cannot read the filesystem in a snapshot; its raw image is there to loop-mount", "snapshot", m.label, "err", m.err)
 			return

@@ -8,7 +8,7 @@ import (
 
 	"github.com/hanwen/go-fuse/v2/fuse"
 
-	"github.com/stasis-project/stasis/fusemount/fsimage"
+	"github.com/stasis-project/stasis/chain/fsimage"
 )
 
 // attrsOnly is an inode that has only xattrs.

@@ -18,7 +18,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/stasis-project/stasis/fusemount/fsimage"
+	"github.com/stasis-project/stasis/chain/fsimage"
 )
 
 // TreeEntry is everything the ground-truth tests compare about one path.

@@ -4,7 +4,7 @@ import (
 	"path/filepath"
 	"testing"
 
-	"github.com/stasis-project/stasis/fusemount/fsimage/fsimagetest"
+	"github.com/stasis-project/stasis/chain/fsimage/fsimagetest"
 	"github.com/stasis-project/stasis/test/testenv"
 )
 

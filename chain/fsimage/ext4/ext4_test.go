@@ -5,7 +5,7 @@ import (
 	"path/filepath"
 	"testing"
 
-	"github.com/stasis-project/stasis/fusemount/fsimage/fsimagetest"
+	"github.com/stasis-project/stasis/chain/fsimage/fsimagetest"
 	"github.com/stasis-project/stasis/test/testenv"
 )
 
@@ -93,4 +93,16 @@ rm d/f3 d/f4; echo replaced | dd of=d/f5 conv=fsync status=none`
 	testenv.Run(t, "cp", "--sparse=always", img, crash) // what a crash-consistent capture sees
 	testenv.Run(t, "umount", live)
 	return crash
+}
+
+// TestTidGEQ: transaction IDs wrap at 2^32, as in the kernel.
+func TestTidGEQ(t *testing.T) {
+	for _, c := range []struct {
+		a, b uint32
+		want bool
+	}{{5, 5, true}, {6, 5, true}, {5, 6, false}, {0, 0xFFFFFFFF, true}, {0xFFFFFFFF, 0, false}, {3, 0xFFFFFFF0, true}} {
+		if got := tidGEQ(c.a, c.b); got != c.want {
+			t.Errorf("tidGEQ(%#x, %#x) = %v, want %v", c.a, c.b, got, c.want)
+		}
+	}
 }

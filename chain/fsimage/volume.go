@@ -58,21 +58,5 @@ func (i imageInfo) ModTime() time.Time { return time.Time{} }
 func (i imageInfo) IsDir() bool        { return false }
 func (i imageInfo) Sys() any           { return nil }
 
-// Opener recognises one filesystem type.
-type Opener struct {
-	Probe func(dev io.ReaderAt) bool
-	Open  func(dev io.ReaderAt, size int64) (FS, error)
-}
-
 // ErrNoFilesystem means no known filesystem starts the image.
 var ErrNoFilesystem = fmt.Errorf("no ext4 or XFS filesystem found")
-
-// OpenAny opens the first filesystem type whose probe matches.
-func OpenAny(dev io.ReaderAt, size int64, openers []Opener) (FS, error) {
-	for _, o := range openers {
-		if o.Probe(dev) {
-			return o.Open(dev, size)
-		}
-	}
-	return nil, ErrNoFilesystem
-}

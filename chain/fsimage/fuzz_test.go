@@ -6,8 +6,8 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/stasis-project/stasis/fusemount/fsimage"
-	"github.com/stasis-project/stasis/fusemount/fsimage/fsimagetest"
+	"github.com/stasis-project/stasis/chain/fsimage"
+	"github.com/stasis-project/stasis/chain/fsimage/fsimagetest"
 	"github.com/stasis-project/stasis/test/testenv"
 )
 

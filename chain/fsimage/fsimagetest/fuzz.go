@@ -6,6 +6,7 @@ package fsimagetest
 
 import (
 	"encoding/binary"
+	"flag"
 	"io"
 	"os"
 	"path"
@@ -13,11 +14,20 @@ import (
 	"sync"
 	"testing"
 
-	"github.com/stasis-project/stasis/fusemount/fsimage"
+	"github.com/stasis-project/stasis/chain/fsimage"
 	"github.com/stasis-project/stasis/test/testenv"
 )
 
 const sector = 512
+
+// BuildSeeds reports whether a fuzz target should build its seed images: not in a fuzzing
+// worker process, which receives its inputs from the coordinator. Workers are killed when
+// -fuzztime runs out, without running cleanups, so whatever a worker sets up (a loop mount,
+// a temporary image) would be left behind.
+func BuildSeeds() bool {
+	w := flag.Lookup("test.fuzzworker")
+	return w == nil || w.Value.String() != "true"
+}
 
 // sparse is the decoded image.
 type sparse struct {
@@ -156,8 +166,9 @@ func isZero(b []byte) bool {
 	return true
 }
 
-// Exercise walks a filesystem the way the FUSE view does, within fixed bounds, ignoring
-// errors: every call must return, and never panic.
+// Exercise walks a filesystem the way the FUSE view does, within fixed bounds, and reads
+// its allocation map as capture does, ignoring errors: every call must return, and never
+// panic.
 func Exercise(fsys fsimage.FS) {
 	budget := 500
 	buf := make([]byte, 8192)
@@ -192,4 +203,7 @@ func Exercise(fsys fsimage.FS) {
 		}
 	}
 	walk("/", fsys.Root(), 0)
+	if a, ok := fsys.(fsimage.Allocator); ok {
+		a.Allocated()
+	}
 }

@@ -13,7 +13,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/stasis-project/stasis/fusemount/fsimage"
+	"github.com/stasis-project/stasis/chain/fsimage"
 )
 
 var le = binary.LittleEndian
@@ -32,6 +32,7 @@ const (
 
 	roCompatSparseSuper = 0x1
 	roCompatHugeFile    = 0x8
+	roCompatBigalloc    = 0x200
 	compatSparseSuper2  = 0x200
 
 	flagHugeFile   = 0x40000
@@ -55,6 +56,7 @@ func Probe(dev io.ReaderAt) bool {
 // FS is an ext4 image.
 type FS struct {
 	dev            io.ReaderAt
+	size           int64
 	bs             int64
 	blocks         uint64
 	inodes         uint32
@@ -72,6 +74,9 @@ type FS struct {
 	metaBG, sparseSuper, sparseSuper2 bool
 	firstMeta                         uint64
 	backups                           [2]uint64
+	reservedGDT                       uint64
+	bigalloc                          bool
+	uuid                              [16]byte
 }
 
 // hasSuper reports whether group g holds a superblock backup (and so, with meta_bg, its
@@ -104,7 +109,16 @@ func (f *FS) descriptor(g uint64) ([]byte, error) {
 	if g >= f.groups {
 		return nil, fsimage.Corruptf("group %d of %d", g, f.groups)
 	}
-	nr := g / f.perBlock
+	loc, err := f.descriptorBlock(g / f.perBlock)
+	if err != nil {
+		return nil, err
+	}
+	d := make([]byte, f.descSize)
+	return d, fsimage.ReadFull(f.dev, d, int64(loc)*f.bs+int64(g%f.perBlock)*f.descSize)
+}
+
+// descriptorBlock returns where descriptor block nr (of groups nr*perBlock...) is.
+func (f *FS) descriptorBlock(nr uint64) (uint64, error) {
 	loc := f.first + nr + 1
 	if f.metaBG && nr >= f.firstMeta {
 		mg := nr * f.perBlock
@@ -114,10 +128,9 @@ func (f *FS) descriptor(g uint64) ([]byte, error) {
 		}
 	}
 	if loc >= f.blocks {
-		return nil, fsimage.Corruptf("descriptor block %d beyond the filesystem", loc)
+		return 0, fsimage.Corruptf("descriptor block %d beyond the filesystem", loc)
 	}
-	d := make([]byte, f.descSize)
-	return d, fsimage.ReadFull(f.dev, d, int64(loc)*f.bs+int64(g%f.perBlock)*f.descSize)
+	return loc, nil
 }
 
 var _ fsimage.FS = (*FS)(nil)
@@ -152,7 +165,7 @@ func open(dev io.ReaderAt, size int64) (*FS, error) {
 	if le.Uint16(sb[0x38:]) != magic {
 		return nil, fsimage.Corruptf("no ext4 superblock")
 	}
-	f := &FS{dev: dev}
+	f := &FS{dev: dev, size: size}
 	logBS := le.Uint32(sb[0x18:])
 	if logBS > 6 {
 		return nil, fsimage.Corruptf("ext4 block size 2^%d KiB", logBS)
@@ -204,6 +217,9 @@ func open(dev io.ReaderAt, size int64) (*FS, error) {
 	f.sparseSuper = roCompat&roCompatSparseSuper != 0
 	f.sparseSuper2 = compat&compatSparseSuper2 != 0
 	f.backups = [2]uint64{uint64(le.Uint32(sb[0x24C:])), uint64(le.Uint32(sb[0x250:]))}
+	f.reservedGDT = uint64(le.Uint16(sb[0xCE:]))
+	f.bigalloc = roCompat&roCompatBigalloc != 0
+	copy(f.uuid[:], sb[0x68:0x78])
 	if _, err := f.descriptor(0); err != nil {
 		return nil, fmt.Errorf("ext4 group descriptors: %w", err)
 	}

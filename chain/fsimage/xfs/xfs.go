@@ -15,7 +15,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/stasis-project/stasis/fusemount/fsimage"
+	"github.com/stasis-project/stasis/chain/fsimage"
 )
 
 var be = binary.BigEndian
@@ -67,6 +67,9 @@ type FS struct {
 	rootIno   uint64
 	dirBlk    int64 // directory block size in bytes
 	ftype     bool
+	size      int64 // of the device
+	sectSize  int64
+	uuid      [16]byte
 }
 
 var _ fsimage.FS = (*FS)(nil)
@@ -83,8 +86,10 @@ func Open(dev io.ReaderAt, size int64) (*FS, error) {
 	if v := be.Uint16(sb[100:]) & 0xF; v != 5 {
 		return nil, fmt.Errorf("%w: XFS version %d (only v5, the default since xfsprogs 3.2.3, is read)", fsimage.ErrUnsupported, v)
 	}
-	f := &FS{dev: dev}
+	f := &FS{dev: dev, size: size}
 	f.bs = int64(be.Uint32(sb[4:]))
+	f.sectSize = int64(be.Uint16(sb[102:]))
+	copy(f.uuid[:], sb[32:48])
 	f.dblocks = be.Uint64(sb[8:])
 	f.rootIno = be.Uint64(sb[56:])
 	f.agblocks = uint64(be.Uint32(sb[84:]))
@@ -105,6 +110,8 @@ func Open(dev io.ReaderAt, size int64) (*FS, error) {
 		return nil, fsimage.Corruptf("xfs allocation groups (%d of %d blocks)", f.agcount, f.agblocks)
 	case f.dblocks > uint64(size/f.bs)+1 || f.dblocks > f.agcount*f.agblocks:
 		return nil, fsimage.Corruptf("xfs has %d blocks of %d bytes but the image is %d bytes", f.dblocks, f.bs, size)
+	case f.sectSize < 512 || f.sectSize > f.bs || f.sectSize&(f.sectSize-1) != 0:
+		return nil, fsimage.Corruptf("xfs sector size %d", f.sectSize)
 	case dirblklog > 8 || f.bs<<dirblklog > 1<<16:
 		return nil, fsimage.Corruptf("xfs directory block size")
 	case incompat&incompatNeedsRepair != 0:
@@ -273,10 +280,13 @@ func (n *inode) forkExtents(fork []byte, format byte, count uint64) ([]extent, e
 		if level == 0 || level > maxBtreeLvl || recs > maxrecs {
 			return nil, fsimage.Corruptf("inode %d: B+tree root with level %d and %d records", n.ino, level, recs)
 		}
+		// Every block is read once: a block reached twice is damage, and without the
+		// check a tree whose nodes all point at one child costs maxrecs^levels reads.
+		visited := map[uint64]bool{}
 		for i := 0; i < recs; i++ {
 			ptr := be.Uint64(fork[4+maxrecs*8+i*8:])
 			var err error
-			if out, err = n.btreeBlock(out, ptr, level-1); err != nil {
+			if out, err = n.btreeBlock(out, ptr, level-1, visited); err != nil {
 				return nil, err
 			}
 		}
@@ -296,7 +306,11 @@ func (n *inode) forkExtents(fork []byte, format byte, count uint64) ([]extent, e
 
 const bmbtMagic = 0x424d4133 // BMA3
 
-func (n *inode) btreeBlock(out []extent, ptr uint64, level int) ([]extent, error) {
+func (n *inode) btreeBlock(out []extent, ptr uint64, level int, visited map[uint64]bool) ([]extent, error) {
+	if visited[ptr] || len(visited) > maxExtents {
+		return nil, fsimage.Corruptf("inode %d: B+tree block %d reached twice, or too many blocks", n.ino, ptr)
+	}
+	visited[ptr] = true
 	b, err := n.fs.block(ptr)
 	if err != nil {
 		return nil, fmt.Errorf("inode %d B+tree: %w", n.ino, err)
@@ -323,7 +337,7 @@ func (n *inode) btreeBlock(out []extent, ptr uint64, level int) ([]extent, error
 		return nil, fsimage.Corruptf("inode %d: B+tree node with %d records", n.ino, recs)
 	}
 	for i := 0; i < recs; i++ {
-		if out, err = n.btreeBlock(out, be.Uint64(b[hdr+maxrecs*8+i*8:]), level-1); err != nil {
+		if out, err = n.btreeBlock(out, be.Uint64(b[hdr+maxrecs*8+i*8:]), level-1, visited); err != nil {
 			return nil, err
 		}
 	}

@@ -5,7 +5,7 @@ import (
 	"fmt"
 	"io"
 
-	"github.com/stasis-project/stasis/fusemount/fsimage"
+	"github.com/stasis-project/stasis/chain/fsimage"
 )
 
 // A filesystem captured while mounted and not frozen (a crash-consistent snapshot) may
@@ -125,7 +125,9 @@ func (f *FS) journalOverlay(ino uint64) (map[uint64]journalCopy, error) {
 	if incompat&^(jbdRevokeFeature|jbd64Bit|jbdAsyncCommit|jbdCsumV2|jbdCsumV3|jbdFastCommit) != 0 {
 		return nil, fmt.Errorf("%w: journal features %#x", fsimage.ErrUnsupported, incompat)
 	}
-	if maxlen*uint64(f.bs) > j.size || first == 0 || first >= maxlen || start < first || start >= maxlen {
+	// The scan reads at most maxlen blocks: bound it by the image as well as by the journal
+	// inode's (equally untrusted) size.
+	if maxlen*uint64(f.bs) > j.size || maxlen > f.blocks || first == 0 || first >= maxlen || start < first || start >= maxlen {
 		return nil, fsimage.Corruptf("journal geometry (first %d, start %d, length %d)", first, start, maxlen)
 	}
 	wide, csumV3 := incompat&jbd64Bit != 0, incompat&jbdCsumV3 != 0
@@ -239,7 +241,7 @@ func (f *FS) journalOverlay(ino uint64) (map[uint64]journalCopy, error) {
 	out := map[uint64]journalCopy{}
 	for _, t := range done {
 		for _, tg := range t.tags {
-			if r, ok := revoked[tg.fsBlock]; ok && r >= t.seq {
+			if r, ok := revoked[tg.fsBlock]; ok && tidGEQ(r, t.seq) {
 				continue
 			}
 			if tg.fsBlock >= f.blocks {
@@ -254,3 +256,7 @@ func (f *FS) journalOverlay(ino uint64) (map[uint64]journalCopy, error) {
 	}
 	return out, nil
 }
+
+// tidGEQ compares journal transaction IDs as the kernel's tid_geq does: they are 32-bit
+// and wrap, so a is at or after b when the signed distance from b to a is not negative.
+func tidGEQ(a, b uint32) bool { return int32(a-b) >= 0 }
