@@ -34,6 +34,7 @@ type ControlResponse struct {
 	Error     string            `json:"error,omitempty"`
 	Status    []VolumeStatus    `json:"status,omitempty"`
 	Snapshot  *SnapshotReport   `json:"snapshot,omitempty"`
+	Group     []*SnapshotReport `json:"group,omitempty"` // every member, for a group snapshot
 	Decisions []PruneDecision   `json:"decisions,omitempty"`
 	Snapshots []*chain.Snapshot `json:"snapshots,omitempty"`
 	Final     bool              `json:"final"`
@@ -125,11 +126,17 @@ func (s *Service) handle(conn net.Conn) {
 	case "status":
 		resp.Status = s.Status()
 	case "snapshot":
-		out, err := s.Snapshot(req.Volume, req.Name, func(note string) { enc.Encode(ControlResponse{Note: note}) })
+		outs, err := s.Snapshot(req.Volume, req.Name, func(note string) { enc.Encode(ControlResponse{Note: note}) })
 		if err != nil {
 			resp.Error = err.Error()
 		} else {
-			resp.Snapshot = Report(out)
+			for _, o := range outs {
+				resp.Group = append(resp.Group, Report(o))
+			}
+			resp.Snapshot = resp.Group[0]
+			if len(outs) == 1 {
+				resp.Group = nil
+			}
 		}
 	case "prune":
 		d, err := s.Prune(req.Volume, req.DryRun)

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -79,7 +80,7 @@ func Doctor(ctx context.Context, cfg *config.Config, env DoctorEnv) []Finding {
 		env.Tracing = blocktrace.Available
 	}
 	if err := env.Tracing(); err != nil {
-		add("tracking", "", SevWarning, fmt.Sprintf("%v: snapshots of mounted volumes will be crash-consistent full scans", err),
+		add("tracking", "", SevWarning, fmt.Sprintf("%v: every snapshot reads its volume whole (full scans), frozen only if a second whole read fits max_freeze, else crash-consistent", err),
 			"mount tracefs: mount -t tracefs none /sys/kernel/tracing")
 	} else if foreign := blocktrace.ForeignInstances(); len(foreign) > 0 {
 		add("tracking", "", SevWarning, "other programs trace block events now (tracefs instances "+strings.Join(foreign, ", ")+"): they compete for trace buffers",
@@ -192,13 +193,15 @@ func doctorVolume(ctx context.Context, cfg *config.Config, v config.Volume, snap
 	if vol.IsFile {
 		add("source", SevWarning, v.Source+" is an image file, not a block device: snapshots read it as it is (crash-consistent)", "point source: at the block device or mount point")
 	} else {
-		add("source", SevOK, fmt.Sprintf("%s is block device %d:%d", vol.Device, unix.Major(vol.Dev), unix.Minor(vol.Dev)), "")
-		if untrackable(vol.Dev, filepath.Base(vol.Device)) {
-			add("tracking", SevWarning, vol.Device+" is a device-mapper or md device: its writes cannot be tracked, so snapshots are crash-consistent full scans",
-				"snapshot the underlying disk, or accept crash-consistent snapshots")
-		}
+		add("source", SevOK, fmt.Sprintf("%s is block device %d:%d (%s)", vol.Device, unix.Major(vol.Dev), unix.Minor(vol.Dev), deviceKind(vol.Disk)), "")
+		fs = append(fs, trackingFinding(v, vol))
 	}
 	for _, m := range vol.Mounts {
+		if m.Point == "" && !m.ReadOnly {
+			add("filesystem", SevError, fmt.Sprintf("the %s filesystem on %s is mounted at %s, but something else is mounted over it there: it cannot be frozen, so snapshots fail", m.FSType, vol.Device, strings.Join(m.Covered, ", ")),
+				"unmount what covers it, or mount the filesystem somewhere visible too")
+			continue
+		}
 		f := filesystemFinding(m)
 		f.Volume = v.Name
 		fs = append(fs, f)
@@ -254,14 +257,38 @@ func doctorVolume(ctx context.Context, cfg *config.Config, v config.Volume, snap
 	return fs
 }
 
-// untrackable: device-mapper and md devices are not request-based, so block_rq_complete
-// never fires for them.
-func untrackable(dev uint64, name string) bool {
-	if unix.Major(dev) == 9 || strings.HasPrefix(name, "md") || strings.HasPrefix(name, "dm-") {
-		return true
+// deviceKind says how the kernel's block layer drives a device: request-based devices
+// (with a blk-mq queue) report completions as block_rq_complete, bio-based ones
+// (device-mapper, md, zram) as block_bio_complete.
+func deviceKind(disk uint64) string {
+	if _, err := os.Stat(fmt.Sprintf("/sys/dev/block/%d:%d/mq", unix.Major(disk), unix.Minor(disk))); err == nil {
+		return "request-based"
 	}
-	_, err := os.Stat(fmt.Sprintf("/sys/dev/block/%d:%d/dm", unix.Major(dev), unix.Minor(dev)))
-	return err == nil
+	return "bio-based: device-mapper, md, zram or similar"
+}
+
+// trackingFinding proves, as every snapshot does, that a tracker sees the device's I/O.
+func trackingFinding(v config.Volume, vol *capture.Volume) Finding {
+	f := Finding{Check: "tracking", Volume: v.Name}
+	src, err := capture.OpenSource(vol.Device)
+	if err != nil {
+		f.Severity, f.Message = SevError, err.Error()
+		return f
+	}
+	size := src.Size
+	src.Close()
+	err = blocktrace.Probe(vol.Device, vol.Disk, vol.Start, size)
+	switch {
+	case err == nil:
+		f.Severity, f.Message = SevOK, "a tracker saw this device's I/O (a proof read): incrementals read only what changed, and freezes last milliseconds"
+	case errors.Is(err, blocktrace.ErrUnproven):
+		f.Severity, f.Message = SevWarning, "the device's writes cannot be tracked ("+err.Error()+"): every snapshot reads the whole volume and, if a second whole read fits max_freeze, compares it while frozen; otherwise it is crash-consistent"
+		f.Fix = "snapshot the underlying disk if there is one, or raise max_freeze for a small volume"
+	default:
+		f.Severity, f.Message = SevWarning, "changed-block tracking is unavailable: "+err.Error()
+		f.Fix = "mount tracefs (mount -t tracefs none /sys/kernel/tracing) and run as root"
+	}
+	return f
 }
 
 // filesystemFinding judges one mounted filesystem of a volume.

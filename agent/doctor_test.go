@@ -7,8 +7,6 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/stasis-project/stasis/chain/capture"
 	"github.com/stasis-project/stasis/config"
 )
@@ -24,22 +22,6 @@ func TestDoctorUnfreezableFilesystem(t *testing.T) {
 	}
 	if f := filesystemFinding(capture.Mount{Point: "/data", FSType: "xfs"}); f.Severity != SevOK {
 		t.Fatalf("xfs: %+v", f)
-	}
-}
-
-func TestDoctorDeviceMapperAndMD(t *testing.T) {
-	for _, c := range []struct {
-		dev  uint64
-		name string
-		want bool
-	}{
-		{unix.Mkdev(9, 0), "md0", true},
-		{unix.Mkdev(253, 4), "dm-4", true},
-		{unix.Mkdev(252, 0), "vdb", false},
-	} {
-		if got := untrackable(c.dev, c.name); got != c.want {
-			t.Errorf("%s: untrackable = %v", c.name, got)
-		}
 	}
 }
 

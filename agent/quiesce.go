@@ -31,9 +31,9 @@ func (a *appState) record() map[string]any {
 
 // quiescer runs, around each frozen final round: pre hooks, then the database lock and
 // binlog coordinates; and after the thaw: unlock, then post hooks (also after failures).
-func (v *Volume) quiescer(app *appState, warn func(string, ...any)) func(ctx context.Context) (func(), error) {
-	spec := v.spec.App
-	env := []string{"STASIS_VOLUME=" + v.spec.Name, "STASIS_SOURCE=" + v.spec.Source}
+// name is the volume's or the group's.
+func (v *Volume) quiescer(spec *AppSpec, name string, app *appState, warn func(string, ...any)) func(ctx context.Context) (func(), error) {
+	env := []string{"STASIS_VOLUME=" + name, "STASIS_SOURCE=" + v.spec.Source}
 	post := func() {
 		if len(spec.PostHooks) == 0 {
 			return

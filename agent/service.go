@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"runtime/debug"
 	"sort"
 	"strconv"
 	"strings"
@@ -36,6 +37,7 @@ type Service struct {
 	mu      sync.Mutex
 	cfg     *config.Config
 	vols    map[string]*serviceVolume
+	groups  map[string]*serviceGroup
 	cron    *cron.Cron
 	state   *stateFile
 	metrics *metrics
@@ -52,10 +54,61 @@ type serviceVolume struct {
 	smu    sync.Mutex
 }
 
-// VolumeStatus is what `stasis status` shows for a volume.
+// serviceGroup is one configured consistency group.
+type serviceGroup struct {
+	spec    config.Group
+	members []*serviceVolume // in name order
+	status  VolumeStatus
+	smu     sync.Mutex
+}
+
+// job is what one snapshot takes: a volume alone, or a group and its members.
+type job struct {
+	name   string
+	vols   []*serviceVolume // in name order
+	group  *serviceGroup    // nil for a volume alone
+	status *VolumeStatus
+	smu    *sync.Mutex
+}
+
+func (s *Service) volumeJob(v *serviceVolume) *job {
+	return &job{name: v.spec.Name, vols: []*serviceVolume{v}, status: &v.status, smu: &v.smu}
+}
+
+func (s *Service) groupJob(g *serviceGroup) *job {
+	return &job{name: g.spec.Name, vols: g.members, group: g, status: &g.status, smu: &g.smu}
+}
+
+// tryLock takes every member's busy lock, or none.
+func (j *job) tryLock() bool {
+	for i, v := range j.vols {
+		if !v.busy.TryLock() {
+			for _, u := range j.vols[:i] {
+				u.busy.Unlock()
+			}
+			return false
+		}
+	}
+	return true
+}
+
+func (j *job) lock() {
+	for _, v := range j.vols {
+		v.busy.Lock()
+	}
+}
+
+func (j *job) unlock() {
+	for _, v := range j.vols {
+		v.busy.Unlock()
+	}
+}
+
+// VolumeStatus is what `stasis status` shows for a volume or a group.
 type VolumeStatus struct {
 	Volume       string    `json:"volume"`
-	Source       string    `json:"source"`
+	Members      []string  `json:"members,omitempty"` // a group's volumes
+	Source       string    `json:"source,omitempty"`
 	Running      bool      `json:"running"`
 	LastSnapshot string    `json:"last_snapshot,omitempty"`
 	LastResult   string    `json:"last_result,omitempty"` // "ok" or the error
@@ -165,12 +218,32 @@ func (s *Service) apply(cfg *config.Config) {
 			old.vol.Close()
 		}
 	}
-	s.cfg, s.vols = cfg, next
+	groups := map[string]*serviceGroup{}
+	for _, spec := range cfg.Groups {
+		g := &serviceGroup{spec: spec, status: VolumeStatus{Volume: spec.Name}}
+		if old, ok := s.groups[spec.Name]; ok {
+			g.status = old.status
+		}
+		members := append([]string(nil), spec.Volumes...)
+		sort.Strings(members)
+		for _, m := range members {
+			g.members = append(g.members, next[m])
+		}
+		g.status.Members = members
+		groups[spec.Name] = g
+	}
+	s.cfg, s.vols, s.groups = cfg, next, groups
 	s.cron = cron.New()
 	for _, v := range next {
 		for _, sched := range v.spec.Parsed {
-			v := v
-			s.cron.Schedule(sched, cron.FuncJob(func() { s.scheduled(v) }))
+			j := s.volumeJob(v)
+			s.cron.Schedule(sched, cron.FuncJob(func() { s.scheduled(j) }))
+		}
+	}
+	for _, g := range groups {
+		for _, sched := range g.spec.Parsed {
+			j := s.groupJob(g)
+			s.cron.Schedule(sched, cron.FuncJob(func() { s.scheduled(j) }))
 		}
 	}
 	s.cron.Start()
@@ -182,132 +255,185 @@ func sameSpec(a, b config.Volume) bool {
 
 // SpecFromConfig turns a configured volume into what a Volume needs.
 func SpecFromConfig(v config.Volume) VolumeSpec {
-	spec := VolumeSpec{Name: v.Name, Source: v.Source, MaxFreeze: time.Duration(v.MaxFreeze), NoFreeze: v.NoFreeze, ChunkSize: v.ChunkSize}
-	if v.MySQL == nil && v.Hooks == nil {
-		return spec
+	return VolumeSpec{Name: v.Name, Source: v.Source, MaxFreeze: time.Duration(v.MaxFreeze), NoFreeze: v.NoFreeze,
+		ChunkSize: v.ChunkSize, App: appSpec(v.MySQL, v.Hooks, time.Duration(v.MaxFreeze))}
+}
+
+// appSpec turns configured database and hooks into quiescing, or nil for none.
+func appSpec(m *config.MySQL, h *config.Hooks, maxFreeze time.Duration) *AppSpec {
+	if m == nil && h == nil {
+		return nil
 	}
 	app := &AppSpec{}
-	if h := v.Hooks; h != nil {
+	if h != nil {
 		app.PreHooks, app.PostHooks, app.HookTimeout = h.Pre, h.Post, time.Duration(h.Timeout)
 	}
-	if m := v.MySQL; m != nil {
+	if m != nil {
 		app.DSNFile = m.DSNFile
 		app.CrashConsistentOnFailure = m.OnFailure == "crash-consistent"
 		app.MySQL = &mysql.Config{Mode: m.Mode, LockTimeout: time.Duration(m.LockTimeout),
 			LongQueryThreshold: time.Duration(m.LongQueryThreshold), KillLongQueries: m.KillLongQueries,
-			MaxHold: time.Duration(v.MaxFreeze) + time.Duration(m.LockTimeout) + 30*time.Second}
+			MaxHold: maxFreeze + time.Duration(m.LockTimeout) + 30*time.Second}
 	}
-	spec.App = app
-	return spec
+	return app
 }
 
-// scheduled runs from cron: a schedule firing during a running snapshot is skipped.
-func (s *Service) scheduled(v *serviceVolume) {
-	if !v.busy.TryLock() {
-		s.log.Warn("schedule fired while a snapshot of this volume is running: skipped", "volume", v.spec.Name)
+// scheduled runs from cron: a schedule firing during a running snapshot of the volume (or
+// of any member of the group) is skipped.
+func (s *Service) scheduled(j *job) {
+	if !j.tryLock() {
+		s.log.Warn("schedule fired while a snapshot of this volume is running: skipped", "volume", j.name)
 		return
 	}
 	s.running.Add(1)
 	defer s.running.Done()
-	defer v.busy.Unlock()
-	s.state.setLastRun(v.spec.Name, time.Now())
-	s.snapshot(v, "", chain.KindAuto)
+	defer j.unlock()
+	s.state.setLastRun(j.name, time.Now())
+	s.snapshot(j, "", chain.KindAuto)
 }
 
-// catchUp takes one snapshot for each volume whose schedule should have fired while the
-// agent was not running (like systemd's Persistent=true).
+// catchUp takes one snapshot for each volume or group whose schedule should have fired
+// while the agent was not running (like systemd's Persistent=true).
 func (s *Service) catchUp() {
 	if !*s.cfg.CatchUp {
 		return
 	}
 	s.mu.Lock()
-	vols := s.vols
+	var jobs []*job
+	var scheds [][]cron.Schedule
+	for _, v := range s.vols {
+		jobs, scheds = append(jobs, s.volumeJob(v)), append(scheds, v.spec.Parsed)
+	}
+	for _, g := range s.groups {
+		jobs, scheds = append(jobs, s.groupJob(g)), append(scheds, g.spec.Parsed)
+	}
 	s.mu.Unlock()
 	now := time.Now()
-	for _, v := range vols {
-		last, ok := s.state.lastRun(v.spec.Name)
+	for i, j := range jobs {
+		last, ok := s.state.lastRun(j.name)
 		if !ok {
-			s.state.setLastRun(v.spec.Name, now) // first start: nothing was missed
+			s.state.setLastRun(j.name, now) // first start: nothing was missed
 			continue
 		}
 		missed := false
-		for _, sched := range v.spec.Parsed {
+		for _, sched := range scheds[i] {
 			if sched.Next(last).Before(now) {
 				missed = true
 			}
 		}
 		if missed {
-			s.log.Info("a scheduled snapshot was missed while the agent was down: catching up", "volume", v.spec.Name, "last_run", last)
-			go s.scheduled(v)
+			s.log.Info("a scheduled snapshot was missed while the agent was down: catching up", "volume", j.name, "last_run", last)
+			go s.scheduled(j)
 		}
 	}
 }
 
-// Snapshot takes a manual (or named auto) snapshot now, waiting for a running one; said is
-// told when it has to wait.
-func (s *Service) Snapshot(volume, name string, said func(string)) (*Outcome, error) {
+// Snapshot takes a manual snapshot of a volume or group now, waiting for a running one;
+// said is told when it has to wait.
+func (s *Service) Snapshot(name, snapName string, said func(string)) ([]*Outcome, error) {
 	s.mu.Lock()
-	v, ok := s.vols[volume]
-	s.mu.Unlock()
-	if !ok {
-		return nil, fmt.Errorf("no volume %q in %s", volume, s.cfg.Path)
+	var j *job
+	if v, ok := s.vols[name]; ok {
+		j = s.volumeJob(v)
+	} else if g, ok := s.groups[name]; ok {
+		j = s.groupJob(g)
 	}
-	if !v.busy.TryLock() {
+	s.mu.Unlock()
+	if j == nil {
+		return nil, fmt.Errorf("no volume or group %q in %s", name, s.cfg.Path)
+	}
+	if !j.tryLock() {
 		if said != nil {
-			said(fmt.Sprintf("a snapshot of %s is running; waiting for it to finish", volume))
+			said(fmt.Sprintf("a snapshot of %s is running; waiting for it to finish", name))
 		}
-		v.busy.Lock()
+		j.lock()
 	}
 	s.running.Add(1)
 	defer s.running.Done()
-	defer v.busy.Unlock()
-	return s.snapshot(v, name, chain.KindManual)
+	defer j.unlock()
+	return s.snapshot(j, snapName, chain.KindManual)
 }
 
-// snapshot takes one snapshot with the volume's busy lock held, then applies retention.
-func (s *Service) snapshot(v *serviceVolume, name, kind string) (*Outcome, error) {
+// snapshot takes one snapshot of the job with its busy locks held, then applies retention.
+// A panic while snapshotting is that snapshot's failure, not the agent's end.
+func (s *Service) snapshot(j *job, name, kind string) (outs []*Outcome, err error) {
 	ctx := s.ctx
-	v.smu.Lock()
-	v.status.Running = true
-	v.smu.Unlock()
+	j.smu.Lock()
+	j.status.Running = true
+	j.smu.Unlock()
 	defer func() {
-		v.smu.Lock()
-		v.status.Running = false
-		v.smu.Unlock()
+		if r := recover(); r != nil {
+			err = fmt.Errorf("internal error (a bug in stasis; please report it): %v\n%s", r, debug.Stack())
+			s.recordFailure(j, err)
+		}
+		j.smu.Lock()
+		j.status.Running = false
+		j.smu.Unlock()
 		s.notifyStatus()
 	}()
-	holder := fmt.Sprintf("pid %d (stasis agent: snapshot of %s) since %s", os.Getpid(), v.spec.Name, time.Now().UTC().Format(time.RFC3339))
+	holder := fmt.Sprintf("pid %d (stasis agent: snapshot of %s) since %s", os.Getpid(), j.name, time.Now().UTC().Format(time.RFC3339))
 	unlock, err := s.lock(ctx, holder)
 	if err != nil {
-		s.recordFailure(v, err)
+		s.recordFailure(j, err)
 		return nil, err
 	}
 	defer unlock()
 	if kind == chain.KindAuto && name == "" {
-		if name, err = s.autoName(ctx, v.spec.Name, time.Now()); err != nil {
-			s.recordFailure(v, err)
+		if name, err = s.autoName(ctx, j, time.Now()); err != nil {
+			s.recordFailure(j, err)
 			return nil, err
 		}
 	}
-	out, err := v.vol.Snapshot(ctx, s.repo, Request{Name: name, Kind: kind})
-	s.metrics.observe(v.spec.Name, out, err)
+	req := Request{Name: name, Kind: kind}
+	if j.group == nil {
+		var out *Outcome
+		if out, err = j.vols[0].vol.Snapshot(ctx, s.repo, req); err == nil {
+			outs = []*Outcome{out}
+		}
+	} else {
+		vols := make([]*Volume, len(j.vols))
+		for i, v := range j.vols {
+			vols[i] = v.vol
+		}
+		outs, err = SnapshotGroup(ctx, s.repo, GroupSpecFromConfig(j.group.spec), vols, req)
+	}
+	for i, v := range j.vols {
+		var out *Outcome
+		if err == nil {
+			out = outs[i]
+		}
+		s.metrics.observe(v.spec.Name, out, err)
+	}
 	if err != nil {
-		s.recordFailure(v, err)
+		s.recordFailure(j, err)
 		return nil, err
 	}
-	s.log.Info("snapshot taken", "volume", v.spec.Name, "snapshot", out.Snapshot.Name, "consistency", out.Snapshot.Consistency,
-		"tracking", out.Capture.Tracking, "read_bytes", out.Capture.BytesRead, "new_bytes", out.Snapshot.NewBytes,
-		"freeze_ms", Millis(out.Capture.Freeze), "duration", out.Duration.Round(time.Millisecond))
-	v.smu.Lock()
-	v.status.LastSnapshot, v.status.LastResult, v.status.LastAt = out.Snapshot.Name, "ok", time.Now()
-	v.status.LastFreezeMS = Millis(out.Capture.Freeze)
-	v.smu.Unlock()
-	s.state.setResult(v.spec.Name, "ok", "")
-	if _, err := s.prune(ctx, v.spec, false); err != nil {
-		s.log.Error("retention failed", "volume", v.spec.Name, "err", err)
+	for i, v := range j.vols {
+		out := outs[i]
+		s.log.Info("snapshot taken", "volume", v.spec.Name, "group", out.Snapshot.Group, "snapshot", out.Snapshot.Name, "consistency", out.Snapshot.Consistency,
+			"tracking", out.Capture.Tracking, "read_bytes", out.Capture.BytesRead, "new_bytes", out.Snapshot.NewBytes,
+			"freeze_ms", Millis(out.Capture.Freeze), "duration", out.Duration.Round(time.Millisecond))
+	}
+	j.smu.Lock()
+	j.status.LastSnapshot, j.status.LastResult, j.status.LastAt = outs[0].Snapshot.Name, "ok", time.Now()
+	j.status.LastFreezeMS = Millis(outs[0].Capture.Freeze)
+	j.smu.Unlock()
+	s.state.setResult(j.name, "ok", "")
+	if j.group != nil {
+		if _, err := s.pruneGroup(ctx, j.group.spec, false); err != nil {
+			s.log.Error("retention failed", "group", j.name, "err", err)
+		}
+	} else if _, err := s.prune(ctx, j.vols[0].spec, false); err != nil {
+		s.log.Error("retention failed", "volume", j.name, "err", err)
 	}
 	s.metrics.packBytes.Set(float64(s.repo.PackBytes()))
-	return out, nil
+	return outs, nil
+}
+
+// GroupSpecFromConfig turns a configured group into what SnapshotGroup needs.
+func GroupSpecFromConfig(g config.Group) *GroupSpec {
+	app := appSpec(g.MySQL, g.Hooks, time.Duration(g.MaxFreeze))
+	return &GroupSpec{Name: g.Name, MaxFreeze: time.Duration(g.MaxFreeze), App: app}
 }
 
 func (s *Service) lock(ctx context.Context, holder string) (func(), error) {
@@ -326,17 +452,18 @@ func (s *Service) lock(ctx context.Context, holder string) (func(), error) {
 	}
 }
 
-func (s *Service) recordFailure(v *serviceVolume, err error) {
-	s.log.Error("snapshot failed", "volume", v.spec.Name, "err", err)
-	v.smu.Lock()
-	v.status.LastResult, v.status.LastAt = err.Error(), time.Now()
-	v.status.LastFailure, v.status.LastFailedAt = err.Error(), time.Now()
-	v.smu.Unlock()
-	s.state.setResult(v.spec.Name, "failed", err.Error())
+func (s *Service) recordFailure(j *job, err error) {
+	s.log.Error("snapshot failed", "volume", j.name, "err", err)
+	j.smu.Lock()
+	j.status.LastResult, j.status.LastAt = err.Error(), time.Now()
+	j.status.LastFailure, j.status.LastFailedAt = err.Error(), time.Now()
+	j.smu.Unlock()
+	s.state.setResult(j.name, "failed", err.Error())
 }
 
-// autoName returns auto_YYYYMMDD_N, N counting the volume's auto snapshots of that day.
-func (s *Service) autoName(ctx context.Context, volume string, now time.Time) (string, error) {
+// autoName returns auto_YYYYMMDD_N, N counting the automatic snapshots of that day of the
+// volume (or of every member of the group, which all get the same name).
+func (s *Service) autoName(ctx context.Context, j *job, now time.Time) (string, error) {
 	snaps, _, err := s.repo.Snapshots(ctx)
 	if err != nil {
 		return "", err
@@ -344,41 +471,52 @@ func (s *Service) autoName(ctx context.Context, volume string, now time.Time) (s
 	prefix := "auto_" + now.Format("20060102") + "_"
 	n := 0
 	for _, sn := range snaps {
-		if sn.Volume == volume && strings.HasPrefix(sn.Name, prefix) {
-			if k, err := strconv.Atoi(strings.TrimPrefix(sn.Name, prefix)); err == nil && k > n {
-				n = k
+		for _, v := range j.vols {
+			if sn.Volume == v.spec.Name && strings.HasPrefix(sn.Name, prefix) {
+				if k, err := strconv.Atoi(strings.TrimPrefix(sn.Name, prefix)); err == nil && k > n {
+					n = k
+				}
 			}
 		}
 	}
 	return fmt.Sprintf("%s%d", prefix, n+1), nil
 }
 
-// Prune applies a volume's retention (all volumes if volume is ""), or only reports with
-// dryRun. The caller must not hold the repository lock.
-func (s *Service) Prune(volume string, dryRun bool) ([]PruneDecision, error) {
+// Prune applies the retention of a volume or group (of all of them if name is ""), or
+// only reports with dryRun. The caller must not hold the repository lock.
+func (s *Service) Prune(name string, dryRun bool) ([]PruneDecision, error) {
 	s.mu.Lock()
 	cfg := s.cfg
 	s.mu.Unlock()
 	var out []PruneDecision
-	for _, v := range cfg.Volumes {
-		if volume != "" && v.Name != volume {
-			continue
-		}
+	run := func(what string, f func() ([]PruneDecision, error)) error {
 		var unlock func()
 		if !dryRun {
 			var err error
-			if unlock, err = s.lock(s.ctx, fmt.Sprintf("pid %d (stasis agent: prune %s)", os.Getpid(), v.Name)); err != nil {
-				return nil, err
+			if unlock, err = s.lock(s.ctx, fmt.Sprintf("pid %d (stasis agent: prune %s)", os.Getpid(), what)); err != nil {
+				return err
 			}
 		}
-		d, err := s.prune(s.ctx, v, dryRun)
+		d, err := f()
 		if unlock != nil {
 			unlock()
 		}
-		if err != nil {
-			return nil, err
-		}
 		out = append(out, d...)
+		return err
+	}
+	for _, v := range cfg.Volumes {
+		if name == "" || v.Name == name {
+			if err := run(v.Name, func() ([]PruneDecision, error) { return s.prune(s.ctx, v, dryRun) }); err != nil {
+				return out, err
+			}
+		}
+	}
+	for _, g := range cfg.Groups {
+		if name == "" || g.Name == name {
+			if err := run(g.Name, func() ([]PruneDecision, error) { return s.pruneGroup(s.ctx, g, dryRun) }); err != nil {
+				return out, err
+			}
+		}
 	}
 	return out, nil
 }
@@ -386,6 +524,7 @@ func (s *Service) Prune(volume string, dryRun bool) ([]PruneDecision, error) {
 // PruneDecision is one snapshot's fate under retention.
 type PruneDecision struct {
 	Volume  string    `json:"volume"`
+	Group   string    `json:"group,omitempty"`
 	Name    string    `json:"name"`
 	ID      string    `json:"id"`
 	Created time.Time `json:"created"`
@@ -400,43 +539,56 @@ func (s *Service) prune(ctx context.Context, v config.Volume, dryRun bool) ([]Pr
 		return nil, err
 	}
 	decisions, victims := Plan(snaps, v, time.Now())
+	return decisions, s.deleteVictims(ctx, v.Name, victims, dryRun)
+}
+
+// pruneGroup applies a group's retention to its group snapshots: the members of one group
+// snapshot are kept or deleted together.
+func (s *Service) pruneGroup(ctx context.Context, g config.Group, dryRun bool) ([]PruneDecision, error) {
+	snaps, _, err := s.repo.Snapshots(ctx)
+	if err != nil {
+		return nil, err
+	}
+	decisions, victims := PlanGroup(snaps, g, time.Now())
+	return decisions, s.deleteVictims(ctx, g.Name, victims, dryRun)
+}
+
+func (s *Service) deleteVictims(ctx context.Context, name string, victims []*chain.Snapshot, dryRun bool) error {
 	if dryRun || len(victims) == 0 {
-		return decisions, nil
+		return nil
 	}
 	if err := s.repo.Delete(ctx, victims...); err != nil {
-		return decisions, err
+		return err
 	}
 	for _, d := range victims {
-		s.log.Info("retention deleted a snapshot", "volume", v.Name, "snapshot", d.Name)
+		s.log.Info("retention deleted a snapshot", "volume", d.Volume, "snapshot", d.Name, "of", name)
 	}
 	if *s.cfg.GCAfterPrune {
 		st, err := s.repo.GC(ctx)
 		if err != nil {
-			return decisions, fmt.Errorf("gc after retention: %w", err)
+			return fmt.Errorf("gc after retention: %w", err)
 		}
 		s.log.Info("gc", "freed_bytes", st.BytesFreed, "packs_deleted", st.PacksDeleted)
 	}
-	return decisions, nil
+	return nil
 }
 
-// Plan applies a volume's retention policy to the repository's snapshots, in the local
-// time zone, returning every decision and the snapshots to delete.
+// Plan applies a volume's retention policy to its own snapshots (a group's snapshots follow
+// the group's policy), in the local time zone, returning every decision and the snapshots
+// to delete.
 func Plan(snaps []*chain.Snapshot, v config.Volume, now time.Time) ([]PruneDecision, []*chain.Snapshot) {
 	byID := map[string]*chain.Snapshot{}
 	var in []retention.Snapshot
 	for _, sn := range snaps {
-		if sn.Volume != v.Name {
+		if sn.Volume != v.Name || sn.GroupID != "" {
 			continue
 		}
 		byID[sn.ID] = sn
 		in = append(in, retention.Snapshot{ID: sn.ID, Name: sn.Name, Created: sn.Created, Auto: sn.Kind == chain.KindAuto})
 	}
-	r := v.Retention
-	ds := retention.Apply(in, retention.Policy{KeepAuto: *r.KeepAuto, KeepDays: *r.KeepDays, KeepDaily: *r.KeepDaily,
-		KeepWeekly: *r.KeepWeekly, KeepMonthly: *r.KeepMonthly}, now, time.Local)
 	var out []PruneDecision
 	var victims []*chain.Snapshot
-	for _, d := range ds {
+	for _, d := range retention.Apply(in, policy(v.Retention), now, time.Local) {
 		out = append(out, PruneDecision{Volume: v.Name, Name: d.Snapshot.Name, ID: d.Snapshot.ID, Created: d.Snapshot.Created, Keep: d.Keep, Reason: d.Reason})
 		if !d.Keep {
 			victims = append(victims, byID[d.Snapshot.ID])
@@ -446,13 +598,72 @@ func Plan(snaps []*chain.Snapshot, v config.Volume, now time.Time) ([]PruneDecis
 	return out, victims
 }
 
+// PlanGroup applies a group's retention policy to its group snapshots, each (all its
+// members) one unit.
+func PlanGroup(snaps []*chain.Snapshot, g config.Group, now time.Time) ([]PruneDecision, []*chain.Snapshot) {
+	members := map[string][]*chain.Snapshot{}
+	var in []retention.Snapshot
+	for _, sn := range snaps {
+		if sn.Group != g.Name || sn.GroupID == "" {
+			continue
+		}
+		if _, ok := members[sn.GroupID]; !ok {
+			in = append(in, retention.Snapshot{ID: sn.GroupID, Name: sn.Name, Created: sn.Created, Auto: sn.Kind == chain.KindAuto})
+		}
+		members[sn.GroupID] = append(members[sn.GroupID], sn)
+	}
+	var out []PruneDecision
+	var victims []*chain.Snapshot
+	for _, d := range retention.Apply(in, policy(g.Retention), now, time.Local) {
+		for _, sn := range members[d.Snapshot.ID] {
+			out = append(out, PruneDecision{Volume: sn.Volume, Group: g.Name, Name: sn.Name, ID: sn.ID, Created: sn.Created, Keep: d.Keep, Reason: d.Reason})
+			if !d.Keep {
+				victims = append(victims, sn)
+			}
+		}
+	}
+	sort.Slice(out, func(i, j int) bool {
+		if !out[i].Created.Equal(out[j].Created) {
+			return out[i].Created.Before(out[j].Created)
+		}
+		return out[i].Volume < out[j].Volume
+	})
+	return out, victims
+}
+
+// PlanConfig applies the retention of every configured volume and group (or only the one
+// named), as Plan and PlanGroup do.
+func PlanConfig(snaps []*chain.Snapshot, cfg *config.Config, name string, now time.Time) ([]PruneDecision, []*chain.Snapshot) {
+	var all []PruneDecision
+	var victims []*chain.Snapshot
+	for _, v := range cfg.Volumes {
+		if name == "" || v.Name == name {
+			d, vs := Plan(snaps, v, now)
+			all, victims = append(all, d...), append(victims, vs...)
+		}
+	}
+	for _, g := range cfg.Groups {
+		if name == "" || g.Name == name {
+			d, vs := PlanGroup(snaps, g, now)
+			all, victims = append(all, d...), append(victims, vs...)
+		}
+	}
+	return all, victims
+}
+
+func policy(r config.Retention) retention.Policy {
+	return retention.Policy{KeepAuto: *r.KeepAuto, KeepDays: *r.KeepDays, KeepDaily: *r.KeepDaily,
+		KeepWeekly: *r.KeepWeekly, KeepMonthly: *r.KeepMonthly}
+}
+
 // Status reports every volume, with its snapshot count read from the repository.
 func (s *Service) Status() []VolumeStatus { return s.status(true) }
 
-// status reports every volume; without counts it does no I/O, for the periodic STATUS=.
+// status reports every volume and group; without counts it does no I/O, for the periodic
+// STATUS=.
 func (s *Service) status(counts bool) []VolumeStatus {
 	s.mu.Lock()
-	vols := s.vols
+	vols, groups := s.vols, s.groups
 	c := s.cron
 	s.mu.Unlock()
 	var snaps []*chain.Snapshot
@@ -460,6 +671,24 @@ func (s *Service) status(counts bool) []VolumeStatus {
 		snaps, _, _ = s.repo.Snapshots(s.ctx)
 	}
 	entries := c.Entries()
+	fill := func(name string, st VolumeStatus, scheds []cron.Schedule, count func(*chain.Snapshot) bool) VolumeStatus {
+		for _, sn := range snaps {
+			if count(sn) {
+				st.Snapshots++
+			}
+		}
+		for _, e := range entries {
+			for _, sched := range scheds {
+				if e.Schedule == sched && (st.NextRun.IsZero() || e.Next.Before(st.NextRun)) {
+					st.NextRun = e.Next
+				}
+			}
+		}
+		if f, ok := s.state.failure(name); ok && st.LastFailure == "" {
+			st.LastFailure = f
+		}
+		return st
+	}
 	var out []VolumeStatus
 	for name, v := range vols {
 		v.smu.Lock()
@@ -470,22 +699,21 @@ func (s *Service) status(counts bool) []VolumeStatus {
 		} else {
 			st.Tracking = "full scan next: " + why
 		}
-		for _, sn := range snaps {
-			if sn.Volume == name {
-				st.Snapshots++
+		out = append(out, fill(name, st, v.spec.Parsed, func(sn *chain.Snapshot) bool { return sn.Volume == name }))
+	}
+	for name, g := range groups {
+		g.smu.Lock()
+		st := g.status
+		g.smu.Unlock()
+		st.Tracking = "group of " + strings.Join(st.Members, ", ")
+		seen := map[string]bool{}
+		out = append(out, fill(name, st, g.spec.Parsed, func(sn *chain.Snapshot) bool {
+			if sn.Group != name || seen[sn.GroupID] {
+				return false
 			}
-		}
-		for _, e := range entries {
-			for _, sched := range v.spec.Parsed {
-				if e.Schedule == sched && (st.NextRun.IsZero() || e.Next.Before(st.NextRun)) {
-					st.NextRun = e.Next
-				}
-			}
-		}
-		if f, ok := s.state.failure(name); ok && st.LastFailure == "" {
-			st.LastFailure = f
-		}
-		out = append(out, st)
+			seen[sn.GroupID] = true
+			return true
+		}))
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Volume < out[j].Volume })
 	return out

@@ -1,18 +1,25 @@
 // Package agent takes snapshots of volumes: it resolves the source, keeps a changed-block
 // tracker per volume, runs the capture rounds with a guarded freeze, and commits to the
 // repository. The CLI uses it for one snapshot; the long-running service keeps Volumes (and
-// their trackers) between snapshots so incrementals read only what changed.
+// their trackers) between snapshots so incrementals read only what changed. Several
+// volumes can be snapshotted as one consistency group, frozen in one window.
 package agent
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
 	"os"
+	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/stasis-project/stasis/agent/mysql"
 	"github.com/stasis-project/stasis/chain"
@@ -30,6 +37,14 @@ type VolumeSpec struct {
 	MaxFreeze time.Duration
 	NoFreeze  bool
 	ChunkSize int // for the volume's first snapshot; 0 for the default
+	App       *AppSpec
+}
+
+// GroupSpec is a consistency group: volumes snapshotted at one instant, with the group's
+// own freeze limit (for the whole window) and application quiescing.
+type GroupSpec struct {
+	Name      string
+	MaxFreeze time.Duration
 	App       *AppSpec
 }
 
@@ -61,6 +76,9 @@ type Options struct {
 	KeepTracking bool
 	// FreezeHook runs inside every freeze window (test seam; nil in production).
 	FreezeHook func()
+	// TrackerDisk, if set, replaces the device number the tracker watches (test seam: a
+	// tracker of the wrong device must be caught by its proof).
+	TrackerDisk func(actual uint64) uint64
 }
 
 // Request is one snapshot to take.
@@ -89,14 +107,15 @@ type Volume struct {
 	tracker *blocktrace.Tracker
 	trackOf trackedState // what the running tracker's dirty set is relative to
 	// tracking mirrors "tracker kept after a committed snapshot", readable without mu,
-	// which a running snapshot holds.
-	tracking atomic.Bool
+	// which a running snapshot holds; untracked says why the last snapshot had no usable
+	// tracker.
+	tracking  atomic.Bool
+	untracked atomic.Value
 }
 
 type trackedState struct {
 	snapshot string // ID of the snapshot whose freeze the tracker's dirty set starts at
-	size     int64
-	chunk    int
+	identity *chain.SourceIdentity
 }
 
 // NewVolume prepares a volume; nothing is opened until the first snapshot.
@@ -107,13 +126,19 @@ func NewVolume(spec VolumeSpec, opts Options) *Volume {
 	return &Volume{spec: spec, opts: opts}
 }
 
+// Name is the volume's name.
+func (v *Volume) Name() string { return v.spec.Name }
+
 // Tracking says whether the next snapshot can be a tracked incremental, and if not why.
 // It does not wait for a running snapshot.
 func (v *Volume) Tracking() (bool, string) {
-	if !v.tracking.Load() {
-		return false, "no tracker running (first snapshot since start, or tracking unavailable)"
+	if v.tracking.Load() {
+		return true, ""
 	}
-	return true, ""
+	if why, _ := v.untracked.Load().(string); why != "" {
+		return false, "the device's writes cannot be tracked: " + why
+	}
+	return false, "no tracker running (first snapshot since start, or tracking unavailable)"
 }
 
 // Close stops the tracker.
@@ -133,15 +158,166 @@ func (v *Volume) stopTracker() {
 
 // Snapshot takes one snapshot into r, whose writer lock the caller holds.
 func (v *Volume) Snapshot(ctx context.Context, r *chain.Repository, req Request) (*Outcome, error) {
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	start := time.Now()
-	out := &Outcome{}
-	warn := func(format string, args ...any) {
-		msg := fmt.Sprintf(format, args...)
-		out.Warnings = append(out.Warnings, msg)
-		v.opts.Log.Warn(msg, "volume", v.spec.Name)
+	outs, err := SnapshotGroup(ctx, r, nil, []*Volume{v}, req)
+	if err != nil {
+		return nil, err
 	}
+	return outs[0], nil
+}
+
+// prepared is one volume made ready for a capture.
+type prepared struct {
+	v        *Volume
+	src      *capture.Source
+	w        *chain.SnapshotWriter
+	member   *capture.Member
+	targets  []fsfreeze.Target
+	identity *chain.SourceIdentity
+	// fullReason says why this is not a tracked incremental ("" if it is).
+	fullReason string
+	warnings   []string
+	committed  bool
+}
+
+func (p *prepared) warn(format string, args ...any) {
+	msg := fmt.Sprintf(format, args...)
+	p.warnings = append(p.warnings, msg)
+	p.v.opts.Log.Warn(msg, "volume", p.v.spec.Name)
+}
+
+// SnapshotGroup takes one snapshot of each volume into r (whose writer lock the caller
+// holds), with every filesystem of every volume frozen in one window: the snapshots are
+// the volumes at one instant. With g nil it is a single volume with its own settings.
+// Either every volume's snapshot is committed, or none is.
+func SnapshotGroup(ctx context.Context, r *chain.Repository, g *GroupSpec, vols []*Volume, req Request) ([]*Outcome, error) {
+	start := time.Now()
+	byName := append([]*Volume(nil), vols...)
+	sort.Slice(byName, func(i, j int) bool { return byName[i].spec.Name < byName[j].spec.Name })
+	for _, v := range byName { // in name order, so two groups never deadlock
+		v.mu.Lock()
+		defer v.mu.Unlock()
+	}
+	lead := vols[0]
+	maxFreeze, app := lead.spec.MaxFreeze, lead.spec.App
+	var groupName, groupID string
+	if g != nil {
+		maxFreeze, app = g.MaxFreeze, g.App
+		groupName, groupID = g.Name, newGroupID()
+	}
+	now := time.Now()
+	ps := make([]*prepared, 0, len(vols))
+	defer func() {
+		for _, p := range ps {
+			if !p.committed {
+				p.w.Abort()
+				p.v.stopTracker() // its dirty set now belongs to no snapshot
+			}
+			p.src.Close()
+		}
+	}()
+	for _, v := range vols {
+		p, err := v.prepare(ctx, r, req, chain.SnapshotOptions{Group: groupName, GroupID: groupID, Now: now})
+		if err != nil {
+			if g != nil {
+				err = fmt.Errorf("group %s: volume %s: %w", g.Name, v.spec.Name, err)
+			}
+			return nil, err
+		}
+		ps = append(ps, p)
+	}
+	opts := capture.Options{MaxFreeze: maxFreeze, FinalReadHook: lead.opts.FreezeHook}
+	var targets []fsfreeze.Target
+	for _, p := range ps {
+		opts.Members = append(opts.Members, p.member)
+		targets = append(targets, p.targets...)
+	}
+	appState := &appState{}
+	if len(targets) > 0 {
+		opts.Freeze = lead.freezer(targets, maxFreeze)
+		if app != nil {
+			opts.Quiesce = lead.quiescer(app, groupOrVolume(g, lead), appState, ps[0].warn)
+		}
+	} else if app != nil {
+		ps[0].warn("application quiescing needs a frozen final round, which this snapshot does not have: hooks and database lock skipped")
+	}
+	results, err := capture.Run(ctx, opts)
+	if errors.Is(err, fsfreeze.ErrNotSupported) {
+		for _, p := range ps {
+			p.warn("%v: taking a crash-consistent snapshot instead", err)
+			p.member.Tracker = nil
+			p.v.stopTracker()
+		}
+		opts.Freeze, opts.Quiesce = nil, nil
+		results, err = capture.Run(ctx, opts)
+	}
+	what := lead.spec.Source
+	if g != nil {
+		what = "group " + g.Name
+	}
+	if err != nil {
+		return nil, fmt.Errorf("snapshot of %s failed, nothing was committed: %w", what, err)
+	}
+	outs := make([]*Outcome, len(ps))
+	for i, p := range ps {
+		res := results[i]
+		consistency := chain.ConsistencyCrash
+		if res.Frozen {
+			consistency = chain.ConsistencyFSFrozen
+			if appState.quiesced {
+				consistency = chain.ConsistencyApp
+			}
+		}
+		p.w.Snapshot().Consistency = consistency
+		s, err := p.w.Commit(ctx, captureInfo(res, p, time.Since(start)), appState.record())
+		if err != nil {
+			for _, done := range ps[:i] {
+				if derr := r.Delete(ctx, done.w.Snapshot()); derr != nil {
+					p.warn("could not remove %s/%s of the failed group snapshot: %v", done.v.spec.Name, done.w.Snapshot().Name, derr)
+				}
+				done.committed = false
+			}
+			return nil, fmt.Errorf("snapshot of %s failed, nothing was committed: %w", what, err)
+		}
+		p.committed = true
+		if !res.Frozen && res.NotFrozen != "" && opts.Freeze != nil {
+			p.warn("the snapshot is crash-consistent: %s", res.NotFrozen)
+		}
+		outs[i] = &Outcome{Snapshot: s, Capture: res, Write: p.w.Stats(), Warnings: p.warnings}
+	}
+	for i, p := range ps {
+		outs[i].Duration = time.Since(start)
+		v := p.v
+		if results[i].Tracking == capture.Untracked {
+			v.untracked.Store(results[i].Untracked)
+		} else {
+			v.untracked.Store("")
+		}
+		if v.tracker != nil && v.opts.KeepTracking && results[i].Tracking != capture.Untracked && results[i].Frozen {
+			v.trackOf = trackedState{snapshot: outs[i].Snapshot.ID, identity: p.identity}
+			v.tracking.Store(true)
+		} else {
+			v.stopTracker()
+		}
+	}
+	return outs, nil
+}
+
+func groupOrVolume(g *GroupSpec, v *Volume) string {
+	if g != nil {
+		return g.Name
+	}
+	return v.spec.Name
+}
+
+func newGroupID() string {
+	var b [8]byte
+	rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// prepare resolves the volume, decides between a tracked incremental and a full scan,
+// starts its writer (and tracker), and describes it as a capture member.
+func (v *Volume) prepare(ctx context.Context, r *chain.Repository, req Request, so chain.SnapshotOptions) (*prepared, error) {
 	vol, err := capture.Resolve(v.spec.Source)
 	if err != nil {
 		return nil, err
@@ -150,142 +326,160 @@ func (v *Volume) Snapshot(ctx context.Context, r *chain.Repository, req Request)
 	if err != nil {
 		return nil, err
 	}
-	defer src.Close()
+	p := &prepared{v: v, src: src}
+	ok := false
+	defer func() {
+		if !ok {
+			src.Close()
+		}
+	}()
 	var mounts []string
-	for _, m := range vol.Mounts {
-		if !m.ReadOnly {
+	if !v.spec.NoFreeze {
+		for _, m := range vol.Mounts {
+			if m.ReadOnly {
+				continue
+			}
+			if m.Point == "" {
+				return nil, fmt.Errorf("the %s filesystem on %s is mounted at %s, but something else is mounted over it there: it cannot be frozen, and a snapshot would be torn; unmount what covers it (or set no_freeze for a crash-consistent snapshot)",
+					m.FSType, devName(m.Dev), strings.Join(m.Covered, ", "))
+			}
 			mounts = append(mounts, m.Point)
+			p.targets = append(p.targets, fsfreeze.Target{Path: m.Point, Dev: m.Dev})
 		}
 	}
-	freeze := len(mounts) > 0 && !v.spec.NoFreeze
+	freeze := len(p.targets) > 0
+	p.identity = sourceIdentity(vol, src)
 
 	// A tracked incremental needs a tracker that has run since this volume's newest
-	// snapshot froze, and that snapshot still there with the same geometry.
+	// snapshot froze, that snapshot still there, on the same device and filesystems.
 	snaps, _, err := r.Snapshots(ctx)
 	if err != nil {
 		return nil, err
 	}
 	parent := chain.Latest(snaps, v.spec.Name)
-	tracked := v.tracker != nil && parent != nil && parent.ID == v.trackOf.snapshot &&
-		parent.SizeBytes == src.Size && v.trackOf.size == src.Size && freeze
+	switch {
+	case parent == nil:
+		p.fullReason = "first snapshot of the volume"
+	case !freeze:
+		p.fullReason = "no filesystem to freeze: tracked incrementals need a frozen final round"
+	case v.tracker == nil:
+		p.fullReason = "no tracker was running since the previous snapshot"
+	case parent.ID != v.trackOf.snapshot:
+		p.fullReason = "the tracker's changes are relative to another snapshot than the newest"
+	default:
+		if d := v.trackOf.identity.Differs(p.identity); d != "" {
+			p.fullReason = "the source is not the one tracked: " + d
+		}
+	}
+	tracked := p.fullReason == ""
 	if !tracked {
 		v.stopTracker()
 	}
 	host, _ := os.Hostname()
-	w, err := r.NewSnapshot(ctx, chain.SnapshotOptions{Volume: v.spec.Name, Name: req.Name, Kind: req.Kind,
-		Size: src.Size, ChunkSize: v.spec.ChunkSize, Source: v.spec.Source, Host: host, FromParent: tracked})
-	if err != nil {
+	so.Volume, so.Name, so.Kind = v.spec.Name, req.Name, req.Kind
+	so.Size, so.ChunkSize, so.Source, so.Host, so.Identity, so.FromParent = src.Size, v.spec.ChunkSize, v.spec.Source, host, p.identity, tracked
+	if p.w, err = r.NewSnapshot(ctx, so); err != nil {
 		return nil, err
 	}
-	committed := false
 	defer func() {
-		if !committed {
-			w.Abort()
-			v.stopTracker() // its dirty set now belongs to no snapshot
+		if !ok {
+			p.w.Abort()
 		}
 	}()
-
-	ranges, err := src.DataRanges()
+	full, allocated, err := p.fullRuns(vol)
 	if err != nil {
 		return nil, err
 	}
-	full := capture.Chunks(ranges, w.ChunkSize(), src.Size)
-	var allocated func() ([]capture.ChunkRun, error)
-	if !vol.IsFile {
-		allocated = func() ([]capture.ChunkRun, error) {
-			ext, _, err := filesystems.Allocated(src, src.Size)
-			if err != nil {
-				return nil, err
-			}
-			rs := make([]capture.Range, len(ext))
-			for i, e := range ext {
-				rs[i] = capture.Range{Start: e.Start, End: e.End}
-			}
-			return capture.Chunks(rs, w.ChunkSize(), src.Size), nil
-		}
-		if runs, err := allocated(); err == nil {
-			full = runs
-		} else {
-			if !errors.Is(err, fsimage.ErrNoFilesystem) {
-				warn("cannot read the filesystem's allocation map (%v): reading the whole device", err)
-			}
-			allocated = nil
-		}
-	}
-	var cw capture.Writer = w
+	var cw capture.Writer = p.w
 	if req.Progress != nil {
-		cw = progressWriter{w, req.Progress}
+		cw = progressWriter{p.w, req.Progress}
 	}
-	opts := capture.Options{Source: src, Writer: cw, Full: full, FullScan: !tracked, Allocated: allocated}
-	if freeze && v.tracker == nil {
-		blocktrace.RemoveStale()
-		v.tracker, err = blocktrace.Start(blocktrace.Config{Disk: vol.Disk, Start: vol.Start, Sectors: src.Size / 512, ChunkSize: w.ChunkSize()})
-		if err != nil {
-			warn("%v; without tracking the device cannot be read while frozen, so the snapshot is crash-consistent", err)
-			v.tracker = nil
-			freeze = false
-		}
-	}
-	consistency := chain.ConsistencyCrash
-	app := &appState{}
+	p.member = &capture.Member{Name: v.spec.Name, Source: src, Writer: cw, Full: full, FullScan: !tracked, Allocated: allocated}
 	if freeze {
-		consistency = chain.ConsistencyFSFrozen
-		opts.Tracker = v.tracker
-		opts.Sync = capture.SyncMounts(mounts)
-		opts.Freeze = v.freezer(mounts)
-		opts.FinalReadHook = v.opts.FreezeHook
-		if v.spec.App != nil {
-			opts.Quiesce = v.quiescer(app, warn)
+		p.member.Sync = capture.SyncMounts(mounts)
+		if v.tracker == nil {
+			blocktrace.RemoveStale()
+			disk := vol.Disk
+			if v.opts.TrackerDisk != nil {
+				disk = v.opts.TrackerDisk(disk)
+			}
+			v.tracker, err = blocktrace.Start(blocktrace.Config{Disk: disk, Start: vol.Start, Sectors: src.Size / 512, ChunkSize: p.w.ChunkSize()})
+			if err != nil {
+				p.warn("%v; the volume is read whole and compared while frozen, if that fits max-freeze", err)
+				v.tracker = nil
+			}
 		}
-	} else if v.spec.App != nil {
-		warn("application quiescing needs a frozen final round, which this snapshot does not have: hooks and database lock skipped")
+		if v.tracker != nil {
+			p.member.Tracker = v.tracker
+		}
 	}
-	res, err := capture.Run(ctx, opts)
-	if errors.Is(err, fsfreeze.ErrNotSupported) {
-		warn("%v: taking a crash-consistent snapshot instead", err)
-		consistency = chain.ConsistencyCrash
-		opts.Freeze, opts.Tracker, opts.FullScan = nil, nil, true
-		v.stopTracker()
-		res, err = capture.Run(ctx, opts)
-	}
+	ok = true
+	return p, nil
+}
+
+// fullRuns lists what a full scan reads: the allocated blocks of a filesystem stasis can
+// map, else every byte (an image file's data extents).
+func (p *prepared) fullRuns(vol *capture.Volume) ([]capture.ChunkRun, func() ([]capture.ChunkRun, error), error) {
+	src, cs := p.src, p.w.ChunkSize()
+	ranges, err := src.DataRanges()
 	if err != nil {
-		return nil, fmt.Errorf("snapshot of %s failed, nothing was committed: %w", v.spec.Source, err)
+		return nil, nil, err
 	}
-	if app.quiesced && consistency == chain.ConsistencyFSFrozen {
-		consistency = chain.ConsistencyApp
+	full := capture.Chunks(ranges, cs, src.Size)
+	if vol.IsFile {
+		return full, nil, nil
 	}
-	w.Snapshot().Consistency = consistency
+	allocated := func() ([]capture.ChunkRun, error) {
+		ext, _, err := filesystems.Allocated(src, src.Size)
+		if err != nil {
+			return nil, err
+		}
+		rs := make([]capture.Range, len(ext))
+		for i, e := range ext {
+			rs[i] = capture.Range{Start: e.Start, End: e.End}
+		}
+		return capture.Chunks(rs, cs, src.Size), nil
+	}
+	runs, err := allocated()
+	if err != nil {
+		if !errors.Is(err, fsimage.ErrNoFilesystem) {
+			p.warn("cannot read the filesystem's allocation map (%v): reading the whole device", err)
+		}
+		return full, nil, nil
+	}
+	return runs, allocated, nil
+}
+
+// captureInfo is what the manifest records of how the snapshot was read.
+func captureInfo(res capture.Result, p *prepared, d time.Duration) map[string]any {
 	info := map[string]any{"tracking": res.Tracking, "rounds": res.Rounds, "bytes_read": res.BytesRead,
-		"freeze_ms": Millis(res.Freeze), "final_chunks": res.FinalChunks, "unread_allocated_chunks": res.Unread,
-		"duration_ms": time.Since(start).Milliseconds()}
+		"freeze_ms": Millis(res.Freeze), "final_chunks": res.FinalChunks, "final_read_bytes": res.FinalRead,
+		"unread_allocated_chunks": res.Unread, "duration_ms": d.Milliseconds()}
+	if res.Untracked != "" {
+		info["untracked"] = res.Untracked
+	}
+	if !res.Frozen && res.NotFrozen != "" {
+		info["not_frozen"] = res.NotFrozen
+	}
+	if p.fullReason != "" && res.Tracking != capture.Tracked {
+		info["full_scan"] = p.fullReason
+	}
 	if len(res.Gaps) > 0 {
 		info["tracking_gaps"] = res.Gaps
 	}
-	s, err := w.Commit(ctx, info, app.record())
-	if err != nil {
-		return nil, fmt.Errorf("snapshot of %s failed, nothing was committed: %w", v.spec.Source, err)
-	}
-	committed = true
-	if v.tracker != nil && v.opts.KeepTracking {
-		v.trackOf = trackedState{snapshot: s.ID, size: src.Size, chunk: w.ChunkSize()}
-		v.tracking.Store(true)
-	} else {
-		v.stopTracker()
-	}
-	out.Snapshot, out.Capture, out.Write, out.Duration = s, res, w.Stats(), time.Since(start)
-	return out, nil
+	return info
 }
 
 // Millis converts a duration to fractional milliseconds, as reports show freeze times.
 func Millis(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 
-// freezer freezes mounts under a guard, holding log output while they are frozen.
-func (v *Volume) freezer(mounts []string) capture.Freezer {
+// freezer freezes the targets under a guard, holding log output while they are frozen.
+func (v *Volume) freezer(targets []fsfreeze.Target, maxFreeze time.Duration) capture.Freezer {
 	return func() (func() (time.Duration, error), error) {
 		if v.opts.Hold != nil {
 			v.opts.Hold.Hold()
 		}
-		fz, err := fsfreeze.Freeze(mounts, fsfreeze.Options{MaxFreeze: v.spec.MaxFreeze, GuardCommand: v.opts.GuardCommand})
+		fz, err := fsfreeze.Freeze(targets, fsfreeze.Options{MaxFreeze: maxFreeze, GuardCommand: v.opts.GuardCommand})
 		if err != nil {
 			if v.opts.Hold != nil {
 				v.opts.Hold.Release()
@@ -297,12 +491,19 @@ func (v *Volume) freezer(mounts []string) capture.Freezer {
 			if v.opts.Hold != nil {
 				v.opts.Hold.Release()
 			}
-			if errors.Is(err, fsfreeze.ErrTimeout) {
-				err = fmt.Errorf("the filesystems stayed frozen for max-freeze %s, so they were thawed and this attempt discarded (the device is too busy, or reads too slow; raise max-freeze or retry): %w", v.spec.MaxFreeze, err)
+			switch {
+			case errors.Is(err, fsfreeze.ErrTimeout):
+				err = fmt.Errorf("the filesystems stayed frozen for max-freeze %s, so they were thawed and this attempt discarded (the device is too busy, or reads too slow; raise max-freeze or retry): %w", maxFreeze, err)
+			case errors.Is(err, fsfreeze.ErrThawedEarly):
+				err = fmt.Errorf("%w: %w", capture.ErrWindowBroken, err)
 			}
 			return d, err
 		}, nil
 	}
+}
+
+func devName(dev uint64) string {
+	return fmt.Sprintf("device %d:%d", unix.Major(dev), unix.Minor(dev))
 }
 
 type progressWriter struct {

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"regexp"
+	"strings"
 	"time"
 )
 
@@ -45,10 +46,64 @@ type Snapshot struct {
 	NewBytes    int64     `json:"new_bytes"`
 	Source      string    `json:"source,omitempty"`
 	Host        string    `json:"host,omitempty"`
+	// Identity is what the source was when the snapshot was taken: a later snapshot of the
+	// volume from another device or filesystem is not an incremental of this one.
+	Identity *SourceIdentity `json:"identity,omitempty"`
+	// Group names the consistency group the snapshot was taken in and GroupID that group
+	// snapshot: its members were frozen in one window and share GroupID and Created.
+	Group   string `json:"group,omitempty"`
+	GroupID string `json:"group_id,omitempty"`
 	// Capture describes how the data was read (rounds, freeze time, bytes read...).
 	Capture map[string]any `json:"capture,omitempty"`
 	// App holds what application quiescing recorded (database flavour, binlog position...).
 	App map[string]any `json:"app,omitempty"`
+}
+
+// SourceIdentity says which device and filesystems a snapshot was read from.
+type SourceIdentity struct {
+	Device      string         `json:"device,omitempty"` // "MAJOR:MINOR"; empty for an image file
+	StartSector int64          `json:"start_sector,omitempty"`
+	SizeBytes   int64          `json:"size_bytes"`
+	Filesystems []FilesystemID `json:"filesystems,omitempty"`
+}
+
+// FilesystemID is one filesystem on a source: at its start (Partition 0) or in a partition.
+type FilesystemID struct {
+	Partition int    `json:"partition,omitempty"`
+	Type      string `json:"type"`
+	UUID      string `json:"uuid"`
+}
+
+// Differs says how b differs from a, or "" if they name the same source.
+func (a *SourceIdentity) Differs(b *SourceIdentity) string {
+	switch {
+	case a == nil || b == nil:
+		return "no identity was recorded"
+	case a.Device != b.Device:
+		return fmt.Sprintf("device %s is now %s", a.Device, b.Device)
+	case a.StartSector != b.StartSector:
+		return fmt.Sprintf("the partition started at sector %d, now at %d", a.StartSector, b.StartSector)
+	case a.SizeBytes != b.SizeBytes:
+		return fmt.Sprintf("the size was %d bytes, now %d", a.SizeBytes, b.SizeBytes)
+	}
+	fs := func(x *SourceIdentity) string {
+		var parts []string
+		for _, f := range x.Filesystems {
+			parts = append(parts, fmt.Sprintf("%d:%s:%s", f.Partition, f.Type, f.UUID))
+		}
+		return strings.Join(parts, ",")
+	}
+	if fa, fb := fs(a), fs(b); fa != fb {
+		return fmt.Sprintf("the filesystems were %s, now %s", orNone(fa), orNone(fb))
+	}
+	return ""
+}
+
+func orNone(s string) string {
+	if s == "" {
+		return "none"
+	}
+	return s
 }
 
 // Chunks is the number of chunks in the volume.

@@ -23,6 +23,9 @@ type SnapshotOptions struct {
 	ChunkSize   int    // 0: the volume's chunk size, or DefaultChunkSize for its first snapshot
 	Source      string
 	Host        string
+	Identity    *SourceIdentity
+	// Group and GroupID mark a member of a consistency group snapshot.
+	Group, GroupID string
 	// FromParent starts the block map from the parent's, so that only chunks Put are
 	// changed: for a tracked incremental. Otherwise the map starts empty (all zeros) and the
 	// caller must Put every non-zero chunk: a full scan, where unchanged chunks and pages
@@ -134,7 +137,7 @@ func (r *Repository) NewSnapshot(ctx context.Context, opts SnapshotOptions) (*Sn
 		r: r, parent: parent,
 		snap: Snapshot{Format: manifestVersion, Volume: opts.Volume, Name: opts.Name, Kind: opts.Kind,
 			Consistency: opts.Consistency, Created: now, SizeBytes: opts.Size, ChunkSize: chunkSize,
-			Fanout: Fanout, Source: opts.Source, Host: opts.Host},
+			Fanout: Fanout, Source: opts.Source, Host: opts.Host, Identity: opts.Identity, Group: opts.Group, GroupID: opts.GroupID},
 		session: map[ID]sessionBlob{},
 		saves:   make(chan *sessionPack, 1),
 	}

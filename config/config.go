@@ -33,6 +33,7 @@ type Config struct {
 	SocketGroup     string   `yaml:"socket_group"`
 	MetricsListen   string   `yaml:"metrics_listen"`
 	Volumes         []Volume `yaml:"volumes"`
+	Groups          []Group  `yaml:"groups"`
 	GCAfterPrune    *bool    `yaml:"gc_after_prune"`
 	CatchUp         *bool    `yaml:"catch_up"`
 	lines           map[string]int
@@ -46,6 +47,23 @@ type Volume struct {
 	MaxFreeze Duration  `yaml:"max_freeze"`
 	NoFreeze  bool      `yaml:"no_freeze"`
 	ChunkSize int       `yaml:"chunk_size"`
+	Retention Retention `yaml:"retention"`
+	MySQL     *MySQL    `yaml:"mysql"`
+	Hooks     *Hooks    `yaml:"hooks"`
+
+	// Parsed schedules, in the order given.
+	Parsed []cron.Schedule `yaml:"-"`
+}
+
+// Group is a consistency group: volumes snapshotted together, frozen in one window, so the
+// snapshots are the volumes at one instant (a database's data and log disks). For group
+// snapshots the group's schedules, freeze limit, retention, database and hooks apply, not
+// the members' own (which still apply to a member's solo snapshots).
+type Group struct {
+	Name      string    `yaml:"name"`
+	Volumes   []string  `yaml:"volumes"`
+	Schedules []string  `yaml:"schedules"`
+	MaxFreeze Duration  `yaml:"max_freeze"`
 	Retention Retention `yaml:"retention"`
 	MySQL     *MySQL    `yaml:"mysql"`
 	Hooks     *Hooks    `yaml:"hooks"`
@@ -102,7 +120,8 @@ var (
 // Duration is a time.Duration written as "5s", "1m30s".
 type Duration time.Duration
 
-// UnmarshalYAML parses a Go duration string.
+// UnmarshalYAML parses a Go duration string. A bad one is reported as a type error, so
+// decoding goes on and every other problem in the file is reported in the same run.
 func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
 	var s string
 	if err := n.Decode(&s); err != nil {
@@ -110,7 +129,7 @@ func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
 	}
 	v, err := time.ParseDuration(s)
 	if err != nil {
-		return fmt.Errorf("line %d: %q is not a duration: write it like 5s, 500ms or 1m30s", n.Line, s)
+		return &yaml.TypeError{Errors: []string{fmt.Sprintf("line %d: %q is not a duration: write it like 5s, 500ms or 1m30s", n.Line, s)}}
 	}
 	*d = Duration(v)
 	return nil
@@ -276,22 +295,18 @@ func (c *Config) validate(probe Prober) Errors {
 		c.CatchUp = &t
 	}
 	// No volumes is valid (a fresh install): the agent runs and snapshots nothing.
-	names := map[string]int{}
+	names := map[string]string{}   // volume and group names share one namespace
 	devices := map[string]string{} // device → volume using it
+	inGroup := map[string]string{}
+	for i := range c.Groups {
+		for _, m := range c.Groups[i].Volumes {
+			inGroup[m] = c.Groups[i].Name
+		}
+	}
 	for i := range c.Volumes {
 		v := &c.Volumes[i]
 		key := fmt.Sprintf("volumes[%d]", i)
-		switch {
-		case v.Name == "":
-			c.errf(&es, key, "name is missing: give the volume a name (letters, digits, . _ - @ +)")
-		case !volumeNameRE.MatchString(v.Name):
-			c.errf(&es, key+".name", "%q is not a valid volume name: use letters, digits, '.', '_', '@', '+' or '-', starting with a letter or digit", v.Name)
-		default:
-			if j, dup := names[v.Name]; dup {
-				c.errf(&es, key+".name", "volume %q is already defined at line %d: names must be unique", v.Name, c.lines[fmt.Sprintf("volumes[%d]", j)])
-			}
-			names[v.Name] = i
-		}
+		c.checkName(&es, key, "volume", v.Name, names)
 		if v.Source == "" {
 			c.errf(&es, key, "source is missing: give a block device, partition, mount point or image file")
 		} else if probe != nil {
@@ -309,107 +324,237 @@ func (c *Config) validate(probe Prober) Errors {
 				devices[d] = v.Name
 			}
 		}
-		if len(v.Schedules) == 0 && c.lines[key+".schedules"] == 0 {
-			v.Schedules = []string{DefaultSchedule}
+		// A group member takes no solo snapshots unless it asks for them.
+		def := DefaultSchedule
+		if inGroup[v.Name] != "" {
+			def = ""
 		}
-		v.Parsed = nil
-		for j, s := range v.Schedules {
-			sched, err := cronParser.Parse(s)
-			if err != nil {
-				msg := err.Error()
-				if strings.Contains(msg, "provided bad location") {
-					msg = "unknown time zone in " + strings.Fields(s)[0] + ": use an IANA name such as Asia/Shanghai or UTC"
-				} else {
-					msg += `: use 5 fields (minute hour day-of-month month day-of-week), a descriptor (@hourly, @daily, @weekly, @monthly) or "@every 4h"`
-				}
-				c.errf(&es, fmt.Sprintf("%s.schedules[%d]", key, j), "bad schedule %q: %s", s, msg)
-				continue
-			}
-			v.Parsed = append(v.Parsed, sched)
-		}
-		if v.MaxFreeze == 0 {
-			v.MaxFreeze = Duration(DefaultMaxFreeze)
-		}
-		if v.MaxFreeze < Duration(10*time.Millisecond) || v.MaxFreeze > Duration(time.Minute) {
-			c.errf(&es, key+".max_freeze", "%s is out of range: use 10ms to 1m (5s is the default)", time.Duration(v.MaxFreeze))
-		}
+		v.Schedules, v.Parsed = c.checkSchedules(&es, key, v.Schedules, def)
+		c.checkMaxFreeze(&es, key, &v.MaxFreeze)
 		if cs := v.ChunkSize; cs != 0 && (cs < 4096 || cs > 4<<20 || cs&(cs-1) != 0) {
 			c.errf(&es, key+".chunk_size", "%d is not a power of two from 4096 to 4194304", cs)
 		}
-		if m := v.MySQL; m != nil {
-			k := key + ".mysql"
-			if m.DSNFile == "" {
-				c.errf(&es, k, "dsn_file is missing: name a file (mode 0600) holding the DSN, e.g. stasis:PASSWORD@unix(/run/mysqld/mysqld.sock)/")
+		c.checkMySQL(&es, key+".mysql", v.MySQL, probe)
+		c.checkHooks(&es, key+".hooks", v.Hooks, probe)
+		c.checkRetention(&es, key+".retention", &v.Retention)
+	}
+	for i := range c.Groups {
+		g := &c.Groups[i]
+		key := fmt.Sprintf("groups[%d]", i)
+		c.checkName(&es, key, "group", g.Name, names)
+		if len(g.Volumes) < 2 {
+			c.errf(&es, key+".volumes", "a group needs at least two volumes (a volume alone is snapshotted on its own)")
+		}
+		seen := map[string]bool{}
+		for j, m := range g.Volumes {
+			mk := fmt.Sprintf("%s.volumes[%d]", key, j)
+			switch {
+			case c.VolumeByName(m) == nil:
+				c.errf(&es, mk, "%q is not a volume defined under volumes:", m)
+			case seen[m]:
+				c.errf(&es, mk, "volume %q is listed twice", m)
+			case inGroup[m] != g.Name:
+				c.errf(&es, mk, "volume %q is already in group %q: a volume belongs to one group at most", m, inGroup[m])
+			}
+			seen[m] = true
+		}
+		g.Schedules, g.Parsed = c.checkSchedules(&es, key, g.Schedules, DefaultSchedule)
+		c.checkMaxFreeze(&es, key, &g.MaxFreeze)
+		c.checkMySQL(&es, key+".mysql", g.MySQL, probe)
+		c.checkHooks(&es, key+".hooks", g.Hooks, probe)
+		c.checkRetention(&es, key+".retention", &g.Retention)
+	}
+	return es
+}
+
+// checkName checks a volume's or group's name, unique across both.
+func (c *Config) checkName(es *Errors, key, what, name string, names map[string]string) {
+	switch {
+	case name == "":
+		c.errf(es, key, "name is missing: give the %s a name (letters, digits, . _ - @ +)", what)
+	case !volumeNameRE.MatchString(name):
+		c.errf(es, key+".name", "%q is not a valid %s name: use letters, digits, '.', '_', '@', '+' or '-', starting with a letter or digit", name, what)
+	default:
+		if other, dup := names[name]; dup {
+			kind, at := strings.Fields(other)[0], c.lines[strings.Fields(other)[1]]
+			if kind == what {
+				c.errf(es, key+".name", "%s %q is already defined at line %d: names must be unique", what, name, at)
+			} else {
+				c.errf(es, key+".name", "%q is already the name of a %s at line %d: volume and group names must be unique", name, kind, at)
+			}
+		}
+		names[name] = what + " " + key
+	}
+}
+
+// checkSchedules parses schedules; with none given (no key at all) it uses def ("" for
+// none). A spec the cron library would choke on is refused before it sees it.
+func (c *Config) checkSchedules(es *Errors, key string, specs []string, def string) ([]string, []cron.Schedule) {
+	if len(specs) == 0 && c.lines[key+".schedules"] == 0 && def != "" {
+		specs = []string{def}
+	}
+	var parsed []cron.Schedule
+	for j, spec := range specs {
+		sched, err := parseSchedule(spec)
+		if err != nil {
+			c.errf(es, fmt.Sprintf("%s.schedules[%d]", key, j), "bad schedule %q: %v", spec, err)
+			continue
+		}
+		parsed = append(parsed, sched)
+	}
+	return specs, parsed
+}
+
+// parseSchedule parses one cron spec, turning the library's errors (and panics, which
+// some malformed time-zone prefixes cause) into messages that say how to write it.
+func parseSchedule(spec string) (sched cron.Schedule, err error) {
+	const how = `use 5 fields (minute hour day-of-month month day-of-week), a descriptor (@hourly, @daily, @weekly, @monthly) or "@every 4h", optionally after CRON_TZ=Zone and a space`
+	body := spec
+	if tz, ok := strings.CutPrefix(spec, "CRON_TZ="); ok || strings.HasPrefix(spec, "TZ=") {
+		if !ok {
+			tz = strings.TrimPrefix(spec, "TZ=")
+		}
+		zone, rest, found := strings.Cut(tz, " ")
+		if !found || zone == "" || strings.TrimSpace(rest) == "" {
+			return nil, fmt.Errorf("a time zone prefix needs a zone and then the schedule, like \"CRON_TZ=Asia/Shanghai 30 2 * * *\"")
+		}
+		if _, err := time.LoadLocation(zone); err != nil {
+			return nil, fmt.Errorf("unknown time zone %q: use an IANA name such as Asia/Shanghai or UTC", zone)
+		}
+		body = strings.TrimSpace(rest)
+	}
+	if d, ok := strings.CutPrefix(body, "@every "); ok {
+		if dur, err := time.ParseDuration(strings.TrimSpace(d)); err == nil && dur <= 0 {
+			return nil, fmt.Errorf("@every needs a positive interval, like @every 4h")
+		}
+	}
+	defer func() {
+		if r := recover(); r != nil {
+			sched, err = nil, fmt.Errorf("%v: %s", r, how)
+		}
+	}()
+	sched, err = cronParser.Parse(spec)
+	if err != nil {
+		return nil, fmt.Errorf("%v: %s", err, how)
+	}
+	return sched, nil
+}
+
+func (c *Config) checkMaxFreeze(es *Errors, key string, d *Duration) {
+	if *d == 0 {
+		*d = Duration(DefaultMaxFreeze)
+	}
+	if *d < Duration(10*time.Millisecond) || *d > Duration(time.Minute) {
+		c.errf(es, key+".max_freeze", "%s is out of range: use 10ms to 1m (5s is the default)", time.Duration(*d))
+	}
+}
+
+func (c *Config) checkMySQL(es *Errors, k string, m *MySQL, probe Prober) {
+	if m == nil {
+		return
+	}
+	if m.DSNFile == "" {
+		c.errf(es, k, "dsn_file is missing: name a file (mode 0600) holding the DSN, e.g. stasis:PASSWORD@unix(/run/mysqld/mysqld.sock)/")
+	} else if probe != nil {
+		if _, err := os.Stat(m.DSNFile); err != nil {
+			c.errf(es, k+".dsn_file", "%v", err)
+		}
+	}
+	switch m.Mode {
+	case "":
+		m.Mode = "auto"
+	case "auto", "ftwrl", "backup-stage", "none":
+	default:
+		c.errf(es, k+".mode", "%q is not one of auto, ftwrl, backup-stage, none", m.Mode)
+	}
+	if m.LockTimeout == 0 {
+		m.LockTimeout = Duration(10 * time.Second)
+	}
+	if m.LockTimeout < Duration(100*time.Millisecond) || m.LockTimeout > Duration(10*time.Minute) {
+		c.errf(es, k+".lock_timeout", "%s is out of range: use 100ms to 10m", time.Duration(m.LockTimeout))
+	}
+	if c.lines[k+".long_query_threshold"] == 0 {
+		m.LongQueryThreshold = Duration(20 * time.Second)
+	}
+	switch m.OnFailure {
+	case "":
+		m.OnFailure = "fail"
+	case "fail", "crash-consistent":
+	default:
+		c.errf(es, k+".on_failure", "%q is not one of fail, crash-consistent", m.OnFailure)
+	}
+}
+
+func (c *Config) checkHooks(es *Errors, k string, h *Hooks, probe Prober) {
+	if h == nil {
+		return
+	}
+	if h.Timeout == 0 {
+		h.Timeout = Duration(30 * time.Second)
+	}
+	for _, phase := range []struct {
+		name string
+		list []string
+	}{{"pre", h.Pre}, {"post", h.Post}} {
+		for j, p := range phase.list {
+			hk := fmt.Sprintf("%s.%s[%d]", k, phase.name, j)
+			if !filepath.IsAbs(p) {
+				c.errf(es, hk, "%q is not an absolute path to an executable", p)
 			} else if probe != nil {
-				if _, err := os.Stat(m.DSNFile); err != nil {
-					c.errf(&es, k+".dsn_file", "%v", err)
+				if st, err := os.Stat(p); err != nil {
+					c.errf(es, hk, "%v", err)
+				} else if st.Mode()&0o111 == 0 {
+					c.errf(es, hk, "%s is not executable: chmod +x %s", p, p)
 				}
-			}
-			switch m.Mode {
-			case "":
-				m.Mode = "auto"
-			case "auto", "ftwrl", "backup-stage", "none":
-			default:
-				c.errf(&es, k+".mode", "%q is not one of auto, ftwrl, backup-stage, none", m.Mode)
-			}
-			if m.LockTimeout == 0 {
-				m.LockTimeout = Duration(10 * time.Second)
-			}
-			if m.LockTimeout < Duration(100*time.Millisecond) || m.LockTimeout > Duration(10*time.Minute) {
-				c.errf(&es, k+".lock_timeout", "%s is out of range: use 100ms to 10m", time.Duration(m.LockTimeout))
-			}
-			if c.lines[k+".long_query_threshold"] == 0 {
-				m.LongQueryThreshold = Duration(20 * time.Second)
-			}
-			switch m.OnFailure {
-			case "":
-				m.OnFailure = "fail"
-			case "fail", "crash-consistent":
-			default:
-				c.errf(&es, k+".on_failure", "%q is not one of fail, crash-consistent", m.OnFailure)
-			}
-		}
-		if h := v.Hooks; h != nil {
-			if h.Timeout == 0 {
-				h.Timeout = Duration(30 * time.Second)
-			}
-			for _, phase := range []struct {
-				name string
-				list []string
-			}{{"pre", h.Pre}, {"post", h.Post}} {
-				for j, p := range phase.list {
-					hk := fmt.Sprintf("%s.hooks.%s[%d]", key, phase.name, j)
-					if !filepath.IsAbs(p) {
-						c.errf(&es, hk, "%q is not an absolute path to an executable", p)
-					} else if probe != nil {
-						if st, err := os.Stat(p); err != nil {
-							c.errf(&es, hk, "%v", err)
-						} else if st.Mode()&0o111 == 0 {
-							c.errf(&es, hk, "%s is not executable: chmod +x %s", p, p)
-						}
-					}
-				}
-			}
-		}
-		r := &v.Retention
-		for _, f := range []struct {
-			name string
-			p    **int
-			def  int
-			min  int
-		}{{"keep_auto", &r.KeepAuto, DefaultKeepAuto, 1}, {"keep_days", &r.KeepDays, DefaultKeepDays, -1},
-			{"keep_daily", &r.KeepDaily, DefaultKeepDaily, 0}, {"keep_weekly", &r.KeepWeekly, DefaultKeepWeekly, 0},
-			{"keep_monthly", &r.KeepMonthly, DefaultKeepMonthly, 0}} {
-			if *f.p == nil {
-				d := f.def
-				*f.p = &d
-			}
-			if **f.p < f.min {
-				c.errf(&es, key+".retention."+f.name, "%d is below the minimum %d", **f.p, f.min)
 			}
 		}
 	}
-	return es
+}
+
+// maxKeepDays keeps keep_days (in days) far from overflowing a time.Duration.
+const maxKeepDays = 100000
+
+func (c *Config) checkRetention(es *Errors, k string, r *Retention) {
+	for _, f := range []struct {
+		name     string
+		p        **int
+		def, min int
+	}{{"keep_auto", &r.KeepAuto, DefaultKeepAuto, 1}, {"keep_days", &r.KeepDays, DefaultKeepDays, -1},
+		{"keep_daily", &r.KeepDaily, DefaultKeepDaily, 0}, {"keep_weekly", &r.KeepWeekly, DefaultKeepWeekly, 0},
+		{"keep_monthly", &r.KeepMonthly, DefaultKeepMonthly, 0}} {
+		if *f.p == nil {
+			d := f.def
+			*f.p = &d
+		}
+		if **f.p < f.min {
+			c.errf(es, k+"."+f.name, "%d is below the minimum %d", **f.p, f.min)
+		}
+	}
+	if *r.KeepDays > maxKeepDays {
+		c.errf(es, k+".keep_days", "%d days is more than %d: use -1 to keep snapshots forever", *r.KeepDays, maxKeepDays)
+	}
+}
+
+// GroupByName returns the named group, or nil.
+func (c *Config) GroupByName(name string) *Group {
+	for i := range c.Groups {
+		if c.Groups[i].Name == name {
+			return &c.Groups[i]
+		}
+	}
+	return nil
+}
+
+// GroupOf returns the group a volume belongs to, or nil.
+func (c *Config) GroupOf(volume string) *Group {
+	for i := range c.Groups {
+		for _, m := range c.Groups[i].Volumes {
+			if m == volume {
+				return &c.Groups[i]
+			}
+		}
+	}
+	return nil
 }
 
 // VolumeByName returns the named volume, or nil.

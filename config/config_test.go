@@ -103,6 +103,17 @@ func TestBadConfigs(t *testing.T) {
 		{"relative repository", "repository: repo\nvolumes:\n  - name: a\n    source: /dev/vdb\n", `stasis.yaml:1: repository: "repo" is not an absolute path`},
 		{"mount inside repository", "repository: /r\nmount: /r/view\nvolumes:\n  - name: a\n    source: /dev/vdb\n", "stasis.yaml:2: mount: \"/r/view\" is inside the repository"},
 		{"bad chunk size", "volumes:\n  - name: a\n    source: /dev/vdb\n    chunk_size: 1000\n", "volumes[0].chunk_size: 1000 is not a power of two"},
+		// The cron library panics on these; they must be refused before it sees them.
+		{"time zone without schedule", "volumes:\n  - name: a\n    source: /dev/vdb\n    schedules: [\"CRON_TZ=UTC\"]\n", `volumes[0].schedules[0]: bad schedule "CRON_TZ=UTC": a time zone prefix needs a zone and then the schedule`},
+		{"TZ=0", "volumes:\n  - name: a\n    source: /dev/vdb\n    schedules: [\"TZ=0\"]\n", `bad schedule "TZ=0"`},
+		{"empty time zone", "volumes:\n  - name: a\n    source: /dev/vdb\n    schedules: [\"CRON_TZ=\"]\n", `bad schedule "CRON_TZ="`},
+		{"every zero", "volumes:\n  - name: a\n    source: /dev/vdb\n    schedules: [\"@every 0s\"]\n", `bad schedule "@every 0s": @every needs a positive interval`},
+		{"keep_days overflow", "volumes:\n  - name: a\n    source: /dev/vdb\n    retention: {keep_days: 999999}\n", "keep_days: 999999 days is more than 100000"},
+		{"group of one", "volumes:\n  - name: a\n    source: /dev/vdb\ngroups:\n  - name: g\n    volumes: [a]\n", "groups[0].volumes: a group needs at least two volumes"},
+		{"group of unknown volume", "volumes:\n  - name: a\n    source: /dev/vdb\ngroups:\n  - name: g\n    volumes: [a, b]\n", `groups[0].volumes[1]: "b" is not a volume defined under volumes:`},
+		{"group named like a volume", "volumes:\n  - name: a\n    source: /dev/vdb\n  - name: b\n    source: /dev/vdc\ngroups:\n  - name: a\n    volumes: [a, b]\n", `groups[0].name: "a" is already the name of a volume at line 2`},
+		{"volume in two groups", "volumes:\n  - name: a\n    source: /dev/vdb\n  - name: b\n    source: /dev/vdc\ngroups:\n  - name: g\n    volumes: [a, b]\n  - name: h\n    volumes: [b, a]\n", `is already in group`},
+		{"bad group schedule", "volumes:\n  - name: a\n    source: /dev/vdb\n  - name: b\n    source: /dev/vdc\ngroups:\n  - name: g\n    volumes: [a, b]\n    schedules: [\"CRON_TZ=UTC\"]\n", `groups[0].schedules[0]: bad schedule`},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -114,5 +125,51 @@ func TestBadConfigs(t *testing.T) {
 				t.Fatalf("error %q does not contain %q", err, c.want)
 			}
 		})
+	}
+}
+
+// TestEveryProblemAtOnce: a bad duration does not hide the problems after it.
+func TestEveryProblemAtOnce(t *testing.T) {
+	_, err := Parse("stasis.yaml", []byte("volumes:\n  - name: a\n    source: /dev/vdb\n    max_freeze: soon\n  - name: ../b\n    source: /dev/vdc\n    max_freeze: later\n"), probe)
+	if err == nil {
+		t.Fatal("accepted")
+	}
+	for _, want := range []string{`stasis.yaml:4: "soon" is not a duration`, `stasis.yaml:7: "later" is not a duration`} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("%q missing from:\n%v", want, err)
+		}
+	}
+}
+
+// TestGroups: a group's members take no solo snapshots unless they have schedules of their
+// own; the group gets the defaults a volume would.
+func TestGroups(t *testing.T) {
+	c, err := Parse("stasis.yaml", []byte(`
+volumes:
+  - name: data
+    source: /dev/vdb
+  - name: logs
+    source: /dev/vdc
+    schedules: ["@hourly"]
+groups:
+  - name: db
+    volumes: [data, logs]
+    max_freeze: 2s
+`), probe)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := c.GroupByName("db")
+	if g == nil || len(g.Parsed) != 1 || g.Schedules[0] != "@daily" || time.Duration(g.MaxFreeze) != 2*time.Second || *g.Retention.KeepAuto != 64 {
+		t.Fatalf("group %+v", g)
+	}
+	if d := c.VolumeByName("data"); len(d.Parsed) != 0 {
+		t.Fatalf("a member without schedules got solo schedules %v", d.Schedules)
+	}
+	if l := c.VolumeByName("logs"); len(l.Parsed) != 1 {
+		t.Fatalf("a member's own schedules were dropped: %v", l.Schedules)
+	}
+	if c.GroupOf("logs") != g || c.GroupOf("nope") != nil {
+		t.Fatal("GroupOf")
 	}
 }

@@ -41,11 +41,17 @@ func freezeFD(fd int) error {
 	return errno
 }
 
-// thawFD thaws; a filesystem that is not frozen (EINVAL) counts as thawed.
+// errNotFrozen is FITHAW's EINVAL: the filesystem was not frozen.
+var errNotFrozen = errors.New("not frozen")
+
+// thawFD thaws; a filesystem that is not frozen gives errNotFrozen.
 func thawFD(fd int) error {
 	_, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), ioctlThaw, 0)
-	if errno == 0 || errno == unix.EINVAL {
+	switch errno {
+	case 0:
 		return nil
+	case unix.EINVAL:
+		return errNotFrozen
 	}
 	return errno
 }
@@ -57,7 +63,7 @@ func ThawPath(path string) error {
 		return fmt.Errorf("thaw %s: %w", path, err)
 	}
 	defer f.Close()
-	if err := thawFD(int(f.Fd())); err != nil {
+	if err := thawFD(int(f.Fd())); err != nil && !errors.Is(err, errNotFrozen) {
 		return fmt.Errorf("thaw %s: %w", path, err)
 	}
 	return nil
@@ -75,7 +81,10 @@ func IsFrozen(path string) (bool, error) {
 	case errors.Is(err, ErrAlreadyFrozen):
 		return true, nil
 	case err == nil:
-		return false, thawFD(int(f.Fd()))
+		if err := thawFD(int(f.Fd())); err != nil && !errors.Is(err, errNotFrozen) {
+			return false, err
+		}
+		return false, nil
 	default:
 		return false, err
 	}

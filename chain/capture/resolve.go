@@ -13,10 +13,15 @@ import (
 
 // Mount is one mounted filesystem on a volume.
 type Mount struct {
-	Point    string
-	FSType   string
+	Point  string // a mount point where this filesystem is visible ("" if none is)
+	FSType string
+	// ReadOnly: the filesystem itself (its superblock) is read-only, so nothing can write
+	// to it through any mount. A read-only bind mount of a writable filesystem is not.
 	ReadOnly bool
 	Dev      uint64 // device number of the mounted block device (partition or disk)
+	// Covered lists mount points of this filesystem that show another filesystem, mounted
+	// over them; if Point is "" every mount point is covered and it cannot be frozen.
+	Covered []string
 }
 
 // Volume is a resolved source: the block device to read and the filesystems mounted on it.
@@ -108,22 +113,38 @@ func Resolve(source string) (*Volume, error) {
 			}
 		}
 	}
-	seen := map[uint64]bool{}
+	byDev := map[uint64]int{}
 	for _, m := range mounts {
-		if ours[m.dev] && !seen[m.dev] { // one mount per superblock: bind mounts share it
-			seen[m.dev] = true
-			v.Mounts = append(v.Mounts, Mount{Point: m.point, FSType: m.fstype, ReadOnly: m.readOnly, Dev: m.dev})
+		if !ours[m.dev] {
+			continue
+		}
+		i, ok := byDev[m.dev]
+		if !ok { // one Mount per superblock: bind mounts share it
+			i = len(v.Mounts)
+			byDev[m.dev] = i
+			v.Mounts = append(v.Mounts, Mount{FSType: m.fstype, ReadOnly: m.superRO, Dev: m.dev})
+		}
+		mt := &v.Mounts[i]
+		if mt.Point != "" {
+			continue
+		}
+		// The path must show this filesystem: something mounted over the point hides it.
+		var st unix.Stat_t
+		if err := unix.Stat(m.point, &st); err == nil && st.Dev == m.dev {
+			mt.Point = m.point
+		} else {
+			mt.Covered = append(mt.Covered, m.point)
 		}
 	}
 	return v, nil
 }
 
 type mountEntry struct {
-	dev      uint64
-	root     string
-	point    string
-	fstype   string
-	readOnly bool
+	dev     uint64
+	root    string
+	point   string
+	fstype  string
+	superRO bool // the superblock's options say ro
 }
 
 func readMountinfo() ([]mountEntry, error) {
@@ -149,9 +170,13 @@ func readMountinfo() ([]mountEntry, error) {
 			continue
 		}
 		e := mountEntry{dev: parseDevNum(fields[2]), root: unescape(fields[3]), point: unescape(fields[4]), fstype: fields[sep+1]}
-		for _, o := range strings.Split(fields[5], ",") {
-			if o == "ro" {
-				e.readOnly = true
+		// Per-mount options (field 6) may say ro for a read-only bind of a writable
+		// filesystem; the superblock's options (after the source) say what it is.
+		if sep+3 < len(fields) {
+			for _, o := range strings.Split(fields[sep+3], ",") {
+				if o == "ro" {
+					e.superRO = true
+				}
 			}
 		}
 		if e.root != "/" {

@@ -7,6 +7,7 @@ import (
 	"math/rand"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -18,11 +19,15 @@ import (
 )
 
 // fakeTracker is a scripted tracker for testing Run's round logic: each Take returns the
-// next scripted answer; Drain applies the scripted writes to the source file first.
+// next scripted answer; Drain applies the scripted writes to the source file first. Its
+// proofs pass unless readsErr or writesErr say otherwise.
 type fakeTracker struct {
-	takes []take
-	n     int
-	drain func()
+	takes     []take
+	n         int
+	drain     func()
+	readsErr  error
+	writesErr func() error
+	expected  [][]capture.Range
 }
 
 type take struct {
@@ -50,7 +55,24 @@ func (f *fakeTracker) Drain(context.Context) error {
 	return nil
 }
 
-func setup(t *testing.T) (*chain.Repository, *chain.SnapshotWriter, *capture.Source, []byte, string) {
+func (f *fakeTracker) ExpectReads(r []capture.Range) { f.expected = append(f.expected, r) }
+func (f *fakeTracker) CheckReads() error             { return f.readsErr }
+func (f *fakeTracker) CheckWrites() error {
+	if f.writesErr != nil {
+		return f.writesErr()
+	}
+	return nil
+}
+
+type fixture struct {
+	r    *chain.Repository
+	w    *chain.SnapshotWriter
+	src  *capture.Source
+	data []byte // what the source holds now
+	file *os.File
+}
+
+func setup(t *testing.T) *fixture {
 	t.Helper()
 	ctx := context.Background()
 	be := memory.New()
@@ -71,71 +93,89 @@ func setup(t *testing.T) (*chain.Repository, *chain.SnapshotWriter, *capture.Sou
 	if err != nil {
 		t.Fatal(err)
 	}
-	return r, w, src, data, path
+	f, _ := os.OpenFile(path, os.O_RDWR, 0)
+	t.Cleanup(func() { f.Close() })
+	return &fixture{r: r, w: w, src: src, data: data, file: f}
 }
 
-func readBack(t *testing.T, r *chain.Repository, s *chain.Snapshot) []byte {
-	out := make([]byte, s.SizeBytes)
-	if _, err := r.Reader(s).ReadAt(context.Background(), out, 0); err != nil {
+// change writes n bytes of value v at chunk c, in the file and in the expected data.
+func (fx *fixture) change(c int64, v byte) {
+	copy(fx.data[c*65536:], bytes.Repeat([]byte{v}, 100))
+	fx.file.WriteAt(fx.data[c*65536:c*65536+100], c*65536)
+}
+
+func (fx *fixture) member(tr capture.Tracker, fullScan bool) *capture.Member {
+	m := &capture.Member{Name: "v", Source: fx.src, Writer: fx.w, Full: []capture.ChunkRun{{Start: 0, End: 64}}, FullScan: fullScan}
+	if tr != nil {
+		m.Tracker = tr
+	}
+	return m
+}
+
+// commitAndCompare commits the snapshot and checks it holds want.
+func (fx *fixture) commitAndCompare(t *testing.T, want []byte) {
+	t.Helper()
+	s, err := fx.w.Commit(context.Background(), nil, nil)
+	if err != nil {
 		t.Fatal(err)
 	}
-	return out
+	out := make([]byte, s.SizeBytes)
+	if _, err := fx.r.Reader(s).ReadAt(context.Background(), out, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(out, want) {
+		t.Fatal("snapshot differs from the source at the freeze")
+	}
+}
+
+// freezer counts freezes; atFreeze runs inside the window and may change the source (it
+// stands for the state the freeze captures: later changes must not be in the snapshot).
+func freezer(count *int, atFreeze func()) capture.Freezer {
+	return func() (func() (time.Duration, error), error) {
+		*count++
+		if atFreeze != nil {
+			atFreeze()
+		}
+		return func() (time.Duration, error) { return time.Millisecond, nil }, nil
+	}
 }
 
 // TestGapFallsBackToFullScan: a tracker gap between rounds makes Run re-read everything,
 // and the result still matches the source as it was when frozen.
 func TestGapFallsBackToFullScan(t *testing.T) {
-	r, w, src, data, path := setup(t)
-	f, _ := os.OpenFile(path, os.O_RDWR, 0)
-	defer f.Close()
+	fx := setup(t)
 	writes := 0
-	tr := &fakeTracker{
-		takes: []take{{gap: "3 trace events were lost"}, {dirty: []uint{1}}, {dirty: []uint{2}}, {dirty: []uint{5}}},
-	}
+	tr := &fakeTracker{takes: []take{{gap: "3 trace events were lost"}, {dirty: []uint{1}}, {dirty: []uint{2}}, {dirty: []uint{5}}}}
 	// Every Drain models writes that happened meanwhile: chunk 1, 2 and 5 change.
 	tr.drain = func() {
 		if writes < 3 {
-			c := []int64{1, 2, 5}[writes]
-			copy(data[c*65536:], bytes.Repeat([]byte{byte(writes + 1)}, 100))
-			f.WriteAt(data[c*65536:c*65536+100], c*65536)
+			fx.change([]int64{1, 2, 5}[writes], byte(writes+1))
 			writes++
 		}
 	}
-	frozen := false
-	res, err := capture.Run(context.Background(), capture.Options{
-		Source: src, Writer: w, Full: []capture.ChunkRun{{Start: 0, End: 64}}, Tracker: tr, FullScan: true,
-		Freeze: func() (func() (time.Duration, error), error) {
-			frozen = true
-			return func() (time.Duration, error) { return time.Millisecond, nil }, nil
-		},
-	})
+	frozen := 0
+	res, err := capture.Run(context.Background(), capture.Options{Members: []*capture.Member{fx.member(tr, true)}, Freeze: freezer(&frozen, nil)})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !frozen || res.Tracking != "full-scan" || len(res.Gaps) != 1 || res.Gaps[0] != "3 trace events were lost" {
-		t.Fatalf("result %+v", res)
+	r := res[0]
+	if frozen != 1 || !r.Frozen || r.Tracking != capture.FullScan || len(r.Gaps) != 1 || r.Gaps[0] != "3 trace events were lost" {
+		t.Fatalf("result %+v", r)
 	}
-	if res.BytesRead < 2*int64(len(data)) {
-		t.Fatalf("read %d bytes: the gap did not trigger a second full read", res.BytesRead)
+	if r.BytesRead < 2*int64(len(fx.data)) {
+		t.Fatalf("read %d bytes: the gap did not trigger a second full read", r.BytesRead)
 	}
-	s, err := w.Commit(context.Background(), nil, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !bytes.Equal(readBack(t, r, s), data) {
-		t.Fatal("snapshot differs from the source at the freeze")
-	}
+	fx.commitAndCompare(t, fx.data)
 }
 
 // TestFinalRoundFailures: a gap under the freeze retries; a freeze that times out fails the
 // capture, and the writer can still be aborted cleanly.
 func TestFinalRoundFailures(t *testing.T) {
-	_, w, src, _, _ := setup(t)
+	fx := setup(t)
 	gaps := []take{{}, {gap: "x"}, {}, {gap: "y"}, {}, {gap: "z"}} // pre-copy, then every final round has a gap
 	tr := &fakeTracker{takes: append([]take{{}}, gaps...)}
 	thaws := 0
-	_, err := capture.Run(context.Background(), capture.Options{
-		Source: src, Writer: w, Full: []capture.ChunkRun{{Start: 0, End: 64}}, Tracker: tr, FullScan: true, MaxRounds: 1,
+	_, err := capture.Run(context.Background(), capture.Options{Members: []*capture.Member{fx.member(tr, true)}, MaxRounds: 1,
 		Freeze: func() (func() (time.Duration, error), error) {
 			return func() (time.Duration, error) { thaws++; return time.Millisecond, nil }, nil
 		},
@@ -143,12 +183,11 @@ func TestFinalRoundFailures(t *testing.T) {
 	if !errors.Is(err, capture.ErrFinalRound) || thaws != 3 {
 		t.Fatalf("err %v after %d thaws; want ErrFinalRound after 3 attempts, each thawed", err, thaws)
 	}
-	w.Abort()
+	fx.w.Abort()
 
-	_, w2, src2, _, _ := setup(t)
+	fx2 := setup(t)
 	timeout := errors.New("freeze exceeded its time limit")
-	_, err = capture.Run(context.Background(), capture.Options{
-		Source: src2, Writer: w2, Full: []capture.ChunkRun{{Start: 0, End: 64}}, Tracker: &fakeTracker{}, FullScan: true,
+	_, err = capture.Run(context.Background(), capture.Options{Members: []*capture.Member{fx2.member(&fakeTracker{}, true)},
 		Freeze: func() (func() (time.Duration, error), error) {
 			return func() (time.Duration, error) { return 6 * time.Second, timeout }, nil
 		},
@@ -156,5 +195,117 @@ func TestFinalRoundFailures(t *testing.T) {
 	if !errors.Is(err, timeout) {
 		t.Fatalf("a timed-out freeze returned %v", err)
 	}
-	w2.Abort()
+	fx2.w.Abort()
+}
+
+// TestProofReads: every capture with a tracker first reads one chunk of its own and expects
+// the tracker to see it, also when the tracked incremental has nothing to read.
+func TestProofReads(t *testing.T) {
+	fx := setup(t)
+	tr := &fakeTracker{}
+	frozen := 0
+	res, err := capture.Run(context.Background(), capture.Options{Members: []*capture.Member{fx.member(tr, false)}, Freeze: freezer(&frozen, nil)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res[0].Tracking != capture.Tracked || !res[0].Frozen || len(tr.expected) != 1 || len(tr.expected[0]) != 1 ||
+		tr.expected[0][0].End-tr.expected[0][0].Start != 65536 {
+		t.Fatalf("result %+v, expected reads %v: want one proof read of one chunk", res[0], tr.expected)
+	}
+	fx.w.Abort()
+}
+
+// TestUnprovenTracker: a tracker that does not see the proof read is not used: the member
+// is read whole, and with a freeze re-read whole while frozen, holding what changed; the
+// snapshot equals the device at the freeze, and says why it was not tracked.
+func TestUnprovenTracker(t *testing.T) {
+	fx := setup(t)
+	tr := &fakeTracker{readsErr: errors.New("0 of 128 sectors read were reported")}
+	// The tracker's (wrong) dirty sets would say nothing changed; chunk 9 changes before
+	// the freeze and chunk 10 at it: both must be in the snapshot.
+	tr.drain = func() { fx.change(9, 7) }
+	frozen := 0
+	var atFreeze []byte
+	res, err := capture.Run(context.Background(), capture.Options{Members: []*capture.Member{fx.member(tr, false)},
+		Freeze: freezer(&frozen, func() { fx.change(10, 8); atFreeze = append([]byte(nil), fx.data...) })})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := res[0]
+	if r.Tracking != capture.Untracked || !strings.Contains(r.Untracked, "0 of 128 sectors") || !r.Frozen || frozen != 1 {
+		t.Fatalf("result %+v", r)
+	}
+	if r.FinalRead < int64(len(fx.data)) || r.FinalChunks < 1 {
+		t.Fatalf("frozen read %d bytes, held %d chunks: want the whole device read and chunk 10 held", r.FinalRead, r.FinalChunks)
+	}
+	fx.change(11, 9) // after the thaw: not in the snapshot
+	fx.commitAndCompare(t, atFreeze)
+}
+
+// TestUntrackedTooLarge: an untracked member whose frozen full read would not fit max-freeze
+// is not frozen at all (nor is its database locked): the snapshot is crash-consistent and
+// says why.
+func TestUntrackedTooLarge(t *testing.T) {
+	fx := setup(t)
+	frozen, quiesced := 0, 0
+	res, err := capture.Run(context.Background(), capture.Options{Members: []*capture.Member{fx.member(nil, true)},
+		MaxFreeze: time.Nanosecond, Freeze: freezer(&frozen, nil),
+		Quiesce: func(context.Context) (func(), error) { quiesced++; return func() {}, nil }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := res[0]
+	if frozen != 0 || quiesced != 0 || r.Frozen || r.Tracking != capture.Untracked || !strings.Contains(r.NotFrozen, "max-freeze") {
+		t.Fatalf("frozen %d, quiesced %d, result %+v", frozen, quiesced, r)
+	}
+	fx.commitAndCompare(t, fx.data)
+}
+
+// TestMissedWritesDemote: when the kernel counted writes the tracker did not see (checked
+// under the freeze), the attempt is retried with the member read whole and compared.
+func TestMissedWritesDemote(t *testing.T) {
+	fx := setup(t)
+	missed := true
+	tr := &fakeTracker{writesErr: func() error {
+		if missed {
+			return errors.New("the kernel counted 8 sectors written, the tracker saw 0")
+		}
+		return nil
+	}}
+	frozen := 0
+	var atFreeze []byte
+	res, err := capture.Run(context.Background(), capture.Options{Members: []*capture.Member{fx.member(tr, false)},
+		Freeze: freezer(&frozen, func() { fx.change(3, byte(frozen)); atFreeze = append([]byte(nil), fx.data...) })})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := res[0]
+	if frozen != 2 || r.Tracking != capture.Untracked || !strings.Contains(r.Untracked, "tracker saw 0") || !r.Frozen {
+		t.Fatalf("freezes %d, result %+v", frozen, r)
+	}
+	fx.commitAndCompare(t, atFreeze)
+}
+
+// TestGroupOneFreeze: two members are frozen in one window; both snapshots hold the state at
+// that instant.
+func TestGroupOneFreeze(t *testing.T) {
+	a, b := setup(t), setup(t)
+	ta, tb := &fakeTracker{}, &fakeTracker{}
+	ta.drain = func() { a.change(4, 1) } // written before the freeze: in the dirty set...
+	ta.takes = []take{{}, {dirty: []uint{4}}, {dirty: []uint{4}}}
+	frozen := 0
+	var wantA, wantB []byte
+	res, err := capture.Run(context.Background(), capture.Options{
+		Members: []*capture.Member{a.member(ta, true), b.member(tb, true)},
+		Freeze: freezer(&frozen, func() {
+			wantA, wantB = append([]byte(nil), a.data...), append([]byte(nil), b.data...)
+		})})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if frozen != 1 || !res[0].Frozen || !res[1].Frozen || res[0].Freeze != res[1].Freeze {
+		t.Fatalf("%d freezes, results %+v", frozen, res)
+	}
+	a.commitAndCompare(t, wantA)
+	b.commitAndCompare(t, wantB)
 }

@@ -108,6 +108,20 @@ func (s *Source) DataRanges() ([]Range, error) {
 	return out, nil
 }
 
+// readDirect reads len(buf) bytes at off straight from the device: buf must be page-aligned
+// and off and len(buf) multiples of 4096, as O_DIRECT requires; a short read at the end of
+// the device is fine.
+func (s *Source) readDirect(buf []byte, off int64) error {
+	n, err := s.f.ReadAt(buf, off)
+	if int64(n) < min(int64(len(buf)), s.Size-off) {
+		if err == nil || errors.Is(err, io.EOF) {
+			err = io.ErrUnexpectedEOF
+		}
+		return fmt.Errorf("read %s at %d: %w", s.Path, off, err)
+	}
+	return nil
+}
+
 // ReadAt reads at any offset and length; O_DIRECT's alignment is handled with a bounce
 // buffer. For metadata reads (allocation maps), not the bulk copy.
 func (s *Source) ReadAt(p []byte, off int64) (int, error) {

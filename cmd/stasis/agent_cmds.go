@@ -279,7 +279,7 @@ func trim(s string, n int) string {
 func newPruneCmd(g *globals) *cobra.Command {
 	var dryRun, asJSON bool
 	cmd := &cobra.Command{
-		Use:   "prune [VOLUME] [--dry-run]",
+		Use:   "prune [VOLUME|GROUP] [--dry-run]",
 		Short: "Apply retention: delete automatic snapshots the policy does not keep, then gc",
 		Long: `Apply each volume's retention policy (or one volume's). Manual snapshots are never
 deleted; neither is a volume's newest snapshot. With --dry-run, show every snapshot with the
@@ -293,8 +293,8 @@ reason it would be kept or deleted, and change nothing. Goes through the agent w
 			volume := ""
 			if len(args) == 1 {
 				volume = args[0]
-				if cfg.VolumeByName(volume) == nil {
-					return fmt.Errorf("no volume %q in %s", volume, cfg.Path)
+				if cfg.VolumeByName(volume) == nil && cfg.GroupByName(volume) == nil {
+					return fmt.Errorf("no volume or group %q in %s", volume, cfg.Path)
 				}
 			}
 			var decisions []agent.PruneDecision
@@ -351,20 +351,13 @@ func pruneDirect(ctx context.Context, g *globals, cfg *config.Config, volume str
 	if err != nil {
 		return nil, err
 	}
-	var all []agent.PruneDecision
+	all, victims := agent.PlanConfig(snaps, cfg, volume, time.Now())
 	deleted := false
-	for _, v := range cfg.Volumes {
-		if volume != "" && v.Name != volume {
-			continue
+	if !dryRun && len(victims) > 0 {
+		if err := r.Delete(ctx, victims...); err != nil {
+			return nil, err
 		}
-		d, victims := agent.Plan(snaps, v, time.Now())
-		all = append(all, d...)
-		if !dryRun && len(victims) > 0 {
-			if err := r.Delete(ctx, victims...); err != nil {
-				return nil, err
-			}
-			deleted = true
-		}
+		deleted = true
 	}
 	if deleted && *cfg.GCAfterPrune {
 		if _, err := r.GC(ctx); err != nil {

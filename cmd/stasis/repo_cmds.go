@@ -24,6 +24,8 @@ type listEntry struct {
 	Parent      *string        `json:"parent"`
 	ChunkSize   int            `json:"chunk_size"`
 	Source      string         `json:"source,omitempty"`
+	Group       string         `json:"group,omitempty"`
+	GroupID     string         `json:"group_id,omitempty"`
 	Capture     map[string]any `json:"capture,omitempty"`
 	App         map[string]any `json:"app,omitempty"`
 }
@@ -31,7 +33,7 @@ type listEntry struct {
 func toListEntry(s *chain.Snapshot) listEntry {
 	e := listEntry{ID: s.ID, Volume: s.Volume, Name: s.Name, Created: s.Created.Format(time.RFC3339),
 		Kind: s.Kind, Consistency: s.Consistency, SizeBytes: s.SizeBytes, NewBytes: s.NewBytes,
-		ChunkSize: s.ChunkSize, Source: s.Source, Capture: s.Capture, App: s.App}
+		ChunkSize: s.ChunkSize, Source: s.Source, Group: s.Group, GroupID: s.GroupID, Capture: s.Capture, App: s.App}
 	if s.Parent != "" {
 		p := s.Parent
 		e.Parent = &p
@@ -40,12 +42,14 @@ func toListEntry(s *chain.Snapshot) listEntry {
 }
 
 func newListCmd(g *globals) *cobra.Command {
-	var volume string
+	var volume, group string
 	var asJSON bool
 	cmd := &cobra.Command{
-		Use:   "list [--volume NAME] [--json]",
+		Use:   "list [--volume NAME] [--group NAME] [--json]",
 		Short: "List snapshots, oldest first",
-		Args:  cobra.NoArgs,
+		Long: `List snapshots, oldest first. Members of a group snapshot (volumes frozen in one window)
+show the group's name and share a group ID.`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			r, err := g.openRepo(cmd.Context())
 			if err != nil {
@@ -60,7 +64,7 @@ func newListCmd(g *globals) *cobra.Command {
 			}
 			out := []listEntry{}
 			for _, s := range snaps {
-				if volume == "" || s.Volume == volume {
+				if (volume == "" || s.Volume == volume) && (group == "" || s.Group == group) {
 					out = append(out, toListEntry(s))
 				}
 			}
@@ -68,17 +72,22 @@ func newListCmd(g *globals) *cobra.Command {
 				return printJSON(cmd, out)
 			}
 			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 0, 2, ' ', 0)
-			fmt.Fprintln(tw, "ID\tVOLUME\tNAME\tCREATED\tKIND\tCONSISTENCY\tSIZE\tNEW")
+			fmt.Fprintln(tw, "ID\tVOLUME\tNAME\tCREATED\tKIND\tCONSISTENCY\tSIZE\tNEW\tGROUP")
 			for _, s := range out {
 				created, _ := time.Parse(time.RFC3339, s.Created)
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.ID[:12], s.Volume, s.Name,
+				grp := "-"
+				if s.Group != "" {
+					grp = s.Group + "/" + s.GroupID[:8]
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.ID[:12], s.Volume, s.Name,
 					created.Local().Format("2006-01-02 15:04:05"), s.Kind, s.Consistency,
-					humanize.IBytes(uint64(s.SizeBytes)), humanize.IBytes(uint64(s.NewBytes)))
+					humanize.IBytes(uint64(s.SizeBytes)), humanize.IBytes(uint64(s.NewBytes)), grp)
 			}
 			return tw.Flush()
 		},
 	}
 	cmd.Flags().StringVar(&volume, "volume", "", "only this volume's snapshots")
+	cmd.Flags().StringVar(&group, "group", "", "only the members of this group's snapshots")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	return cmd
 }

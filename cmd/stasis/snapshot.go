@@ -9,10 +9,12 @@ import (
 
 	"github.com/dustin/go-humanize"
 	"github.com/spf13/cobra"
+	"golang.org/x/sys/unix"
 
 	"github.com/stasis-project/stasis/agent"
 	"github.com/stasis-project/stasis/chain"
 	"github.com/stasis-project/stasis/chain/capture"
+	"github.com/stasis-project/stasis/config"
 )
 
 // snapshotJSON is what `snapshot --json` prints: the list fields plus how it was captured.
@@ -74,24 +76,34 @@ settings; when the agent runs, it takes the snapshot (waiting for a running one)
 	return cmd
 }
 
-// runConfiguredSnapshot snapshots a configured volume, through the agent when it runs.
-func runConfiguredSnapshot(cmd *cobra.Command, g *globals, volume string, f snapshotFlags) error {
+// runConfiguredSnapshot snapshots a configured volume or group, through the agent when it
+// runs.
+func runConfiguredSnapshot(cmd *cobra.Command, g *globals, name string, f snapshotFlags) error {
 	if f.source != "" || f.volume != "" {
-		return fmt.Errorf("give either a configured VOLUME or --source and --volume, not both")
+		return fmt.Errorf("give either a configured VOLUME (or GROUP) or --source and --volume, not both")
 	}
 	cfg, err := g.loadConfig()
 	if err != nil {
 		return err
 	}
-	v := cfg.VolumeByName(volume)
-	if v == nil {
-		return fmt.Errorf("no volume %q in %s", volume, cfg.Path)
+	v, grp := cfg.VolumeByName(name), cfg.GroupByName(name)
+	if v == nil && grp == nil {
+		return fmt.Errorf("no volume or group %q in %s", name, cfg.Path)
 	}
-	resp, err := agent.Call(cfg.Socket, agent.ControlRequest{Op: "snapshot", Volume: volume, Name: f.name},
+	resp, err := agent.Call(cfg.Socket, agent.ControlRequest{Op: "snapshot", Volume: name, Name: f.name},
 		func(note string) { fmt.Fprintln(cmd.ErrOrStderr(), note) })
 	if err == nil {
-		resp.Snapshot.Snapshot.ID = resp.Snapshot.ID // manifests carry their ID in their name, not their JSON
-		return printSnapshot(cmd, f.asJSON, resp.Snapshot)
+		reports := resp.Group
+		if len(reports) == 0 {
+			reports = []*agent.SnapshotReport{resp.Snapshot}
+		}
+		for _, r := range reports {
+			r.Snapshot.ID = r.ID           // manifests carry their ID in their name, not their JSON
+			for _, w := range r.Warnings { // the agent logged them to its journal, not here
+				fmt.Fprintf(cmd.ErrOrStderr(), "stasis: warning: %s: %s\n", r.Snapshot.Volume, w)
+			}
+		}
+		return printSnapshots(cmd, f.asJSON, reports)
 	}
 	if !errors.Is(err, agent.ErrNoAgent) {
 		return err
@@ -101,6 +113,9 @@ func runConfiguredSnapshot(cmd *cobra.Command, g *globals, volume string, f snap
 	if _, err := openOrCreateRepo(g.logger())(cfg.Repository); err != nil {
 		return err
 	}
+	if grp != nil {
+		return runGroupSnapshot(cmd, g, cfg, grp, f)
+	}
 	f.source, f.volume = v.Source, v.Name
 	if !cmd.Flags().Changed("max-freeze") {
 		f.maxFreeze = time.Duration(v.MaxFreeze)
@@ -109,6 +124,56 @@ func runConfiguredSnapshot(cmd *cobra.Command, g *globals, volume string, f snap
 	f.chunkSize = v.ChunkSize
 	f.app = agent.SpecFromConfig(*v).App
 	return runSnapshot(cmd, g, f)
+}
+
+// runGroupSnapshot snapshots a configured group without the agent.
+func runGroupSnapshot(cmd *cobra.Command, g *globals, cfg *config.Config, grp *config.Group, f snapshotFlags) error {
+	ctx := cmd.Context()
+	opts, err := g.volumeOptions()
+	if err != nil {
+		return err
+	}
+	var vols []*agent.Volume
+	for _, name := range grp.Volumes {
+		vc := cfg.VolumeByName(name)
+		if _, err := capture.Resolve(vc.Source); err != nil {
+			return fmt.Errorf("volume %s: %w", name, err)
+		}
+		vol := agent.NewVolume(agent.SpecFromConfig(*vc), opts)
+		defer vol.Close()
+		vols = append(vols, vol)
+	}
+	spec := agent.GroupSpecFromConfig(*grp)
+	if cmd.Flags().Changed("max-freeze") {
+		spec.MaxFreeze = f.maxFreeze
+	}
+	r, unlock, err := g.lockRepo(ctx)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	prog := newProgress(cmd.ErrOrStderr(), "reading group "+grp.Name, 0)
+	outs, err := agent.SnapshotGroup(ctx, r, spec, vols, agent.Request{Name: f.name, Kind: chain.KindManual, Progress: prog.add})
+	prog.done()
+	if err != nil {
+		return err
+	}
+	var reports []*agent.SnapshotReport
+	for _, o := range outs {
+		reports = append(reports, agent.Report(o))
+	}
+	return printSnapshots(cmd, f.asJSON, reports)
+}
+
+// volumeOptions is how the CLI's volumes work: its logger and log holder, its own
+// executable as the freeze guard, and the test seams.
+func (g *globals) volumeOptions() (agent.Options, error) {
+	exe, err := os.Executable()
+	if err != nil {
+		return agent.Options{}, err
+	}
+	return agent.Options{Log: g.logger(), GuardCommand: []string{exe, "freeze-guard"}, Hold: g.logHold,
+		FreezeHook: testFreezeHook(), TrackerDisk: testTrackerDisk()}, nil
 }
 
 func runSnapshot(cmd *cobra.Command, g *globals, f snapshotFlags) error {
@@ -126,14 +191,12 @@ func runSnapshot(cmd *cobra.Command, g *globals, f snapshotFlags) error {
 	if _, err := capture.Resolve(f.source); err != nil {
 		return err
 	}
-	exe, err := os.Executable()
+	opts, err := g.volumeOptions()
 	if err != nil {
 		return err
 	}
-	log := g.logger()
 	vol := agent.NewVolume(agent.VolumeSpec{Name: f.volume, Source: f.source, MaxFreeze: f.maxFreeze,
-		NoFreeze: f.noFreeze, ChunkSize: f.chunkSize, App: f.app},
-		agent.Options{Log: log, GuardCommand: []string{exe, "freeze-guard"}, Hold: g.logHold, FreezeHook: testFreezeHook()})
+		NoFreeze: f.noFreeze, ChunkSize: f.chunkSize, App: f.app}, opts)
 	defer vol.Close()
 	r, unlock, err := g.lockRepo(ctx)
 	if err != nil {
@@ -146,14 +209,29 @@ func runSnapshot(cmd *cobra.Command, g *globals, f snapshotFlags) error {
 	if err != nil {
 		return err
 	}
-	return printSnapshot(cmd, f.asJSON, agent.Report(out))
+	return printSnapshots(cmd, f.asJSON, []*agent.SnapshotReport{agent.Report(out)})
 }
 
-func printSnapshot(cmd *cobra.Command, asJSON bool, r *agent.SnapshotReport) error {
-	s := r.Snapshot
+// printSnapshots prints one snapshot, or a group snapshot's members (a JSON array).
+func printSnapshots(cmd *cobra.Command, asJSON bool, reports []*agent.SnapshotReport) error {
 	if asJSON {
-		return printJSON(cmd, snapshotJSON{listEntry: toListEntry(s), Figures: r.Figures})
+		if len(reports) == 1 {
+			return printJSON(cmd, snapshotJSON{listEntry: toListEntry(reports[0].Snapshot), Figures: reports[0].Figures})
+		}
+		out := []snapshotJSON{}
+		for _, r := range reports {
+			out = append(out, snapshotJSON{listEntry: toListEntry(r.Snapshot), Figures: r.Figures})
+		}
+		return printJSON(cmd, out)
 	}
+	for _, r := range reports {
+		printSnapshot(cmd, r)
+	}
+	return nil
+}
+
+func printSnapshot(cmd *cobra.Command, r *agent.SnapshotReport) {
+	s := r.Snapshot
 	frozen := ""
 	if r.FreezeMS > 0 {
 		frozen = fmt.Sprintf(", frozen %.1f ms", r.FreezeMS)
@@ -161,7 +239,6 @@ func printSnapshot(cmd *cobra.Command, asJSON bool, r *agent.SnapshotReport) err
 	fmt.Fprintf(cmd.OutOrStdout(), "snapshot %s/%s (%s, %s): %s volume, read %s in %d rounds, %s new in %s%s\n",
 		s.Volume, s.Name, s.ID[:12], s.Consistency, humanize.IBytes(uint64(s.SizeBytes)), humanize.IBytes(uint64(r.BytesRead)),
 		r.Rounds, humanize.IBytes(uint64(s.NewBytes)), (time.Duration(r.DurationMS) * time.Millisecond).String(), frozen)
-	return nil
 }
 
 // testFreezeHook is a seam for the end-to-end tests, which must observe the device at the
@@ -180,4 +257,18 @@ func testFreezeHook() func() {
 		}
 		time.Sleep(hold)
 	}
+}
+
+// testTrackerDisk is a seam for the end-to-end tests: STASIS_TEST_TRACKER_DISK=MAJ:MIN
+// makes the tracker watch another device than the snapshot's, which its proof must catch.
+func testTrackerDisk() func(uint64) uint64 {
+	d := os.Getenv("STASIS_TEST_TRACKER_DISK")
+	if d == "" {
+		return nil
+	}
+	var maj, min uint32
+	if _, err := fmt.Sscanf(d, "%d:%d", &maj, &min); err != nil {
+		return nil
+	}
+	return func(uint64) uint64 { return unix.Mkdev(maj, min) }
 }

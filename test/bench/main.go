@@ -32,6 +32,7 @@ var (
 	freezeBench = flag.Bool("freeze", true, "measure freeze windows on 2 and 8 GiB volumes")
 	mountBenchF = flag.Bool("mount", true, "measure the FUSE file view")
 	onlyMount   = flag.Bool("only-mount", false, "measure only the FUSE file view")
+	layouts     = flag.Bool("layouts", true, "measure zram (bio-based) tracking and a two-volume group's freeze window")
 )
 
 func main() {
@@ -134,6 +135,17 @@ func main() {
 	tt, tout := trackedIncremental(dir, v)
 	add("stasis tracked incremental after 20 MiB changed (agent path)", tt, fmt.Sprintf("tracking %s, read %s, freeze %.1f ms; %.0f× faster than restic, %.0f× than borg",
 		tout.Capture.Tracking, mb(tout.Capture.BytesRead), agent.Millis(tout.Capture.Freeze), ratio(resticInc, tt), ratio(borgInc, tt)))
+	if *layouts {
+		zv := newZramVolume(dir, *volSize)
+		zv.fill()
+		zt, zout := trackedIncremental(dir, zv)
+		add("  the same on zram (bio-based, as LVM/dm-crypt/md)", zt, fmt.Sprintf("tracking %s, read %s, freeze %.1f ms; %.2f× the loop device's time",
+			zout.Capture.Tracking, mb(zout.Capture.BytesRead), agent.Millis(zout.Capture.Freeze), ratio(zt, tt)))
+		zv.close()
+		med, worst, runs := groupFreezeWindows(dir, 8)
+		add("group of two 2 GiB volumes, writers at ~20 MB/s on each (7 tracked group snapshots)", med,
+			fmt.Sprintf("freeze window median %.1f ms, max %.1f ms; all %v", agent.Millis(med), agent.Millis(worst), runs))
+	}
 
 	if *freezeBench {
 		for _, size := range []int64{2 << 30, 8 << 30} {
@@ -205,6 +217,7 @@ func chunkSizes(dir string, v *volume) {
 
 type volume struct {
 	img, dev, mnt string
+	zram          string // the zram device's number, for a zram volume
 	rng           *rand.Rand
 }
 
@@ -218,15 +231,44 @@ func newVolume(dir string, size int64) *volume {
 	f.Close()
 	v.dev = strings.TrimSpace(run("losetup", "-f", "--show", v.img))
 	cleanups = append(cleanups, v.close)
+	v.mkfs()
+	return v
+}
+
+// newZramVolume is a volume on a new zram device: bio-based, as LVM, dm-crypt and md are.
+func newZramVolume(dir string, size int64) *volume {
+	n := strings.TrimSpace(string(must(os.ReadFile("/sys/class/zram-control/hot_add"))))
+	v := &volume{dev: "/dev/zram" + n, zram: n, mnt: filepath.Join(dir, "mnt-zram"+n), rng: rand.New(rand.NewSource(1))}
+	cleanups = append(cleanups, v.close)
+	if err := os.WriteFile("/sys/block/zram"+n+"/disksize", []byte(fmt.Sprint(size)), 0); err != nil {
+		fatal(err.Error())
+	}
+	v.mkfs()
+	return v
+}
+
+func (v *volume) mkfs() {
 	run("mkfs.ext4", "-q", v.dev)
 	os.Mkdir(v.mnt, 0o755)
 	run("mount", v.dev, v.mnt)
-	return v
 }
 
 func (v *volume) close() {
 	exec.Command("umount", v.mnt).Run()
+	if v.zram != "" {
+		for i := 0; i < 20 && os.WriteFile("/sys/class/zram-control/hot_remove", []byte(v.zram), 0) != nil; i++ {
+			time.Sleep(100 * time.Millisecond)
+		}
+		return
+	}
 	exec.Command("losetup", "-d", v.dev).Run()
+}
+
+func must[T any](v T, err error) T {
+	if err != nil {
+		fatal(err.Error())
+	}
+	return v
 }
 
 // fill writes ~600 MB: 200 MB random, 200 MB log-like text, 100 MB zeros, ~100 MB binaries.

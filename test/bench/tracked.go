@@ -45,7 +45,7 @@ func newTrackedVolume(source string) *agent.Volume {
 // trackedIncremental times a tracked incremental after 20 MiB of changes: the agent's
 // steady state, where the tracker has run since the previous snapshot's freeze.
 func trackedIncremental(dir string, v *volume) (time.Duration, *agent.Outcome) {
-	r, unlock := openLocked(filepath.Join(dir, "tracked-repo"))
+	r, unlock := openLocked(filepath.Join(dir, "tracked-repo-"+filepath.Base(v.dev)))
 	defer unlock()
 	vol := newTrackedVolume(v.mnt)
 	defer vol.Close()
@@ -63,21 +63,13 @@ func trackedIncremental(dir string, v *volume) (time.Duration, *agent.Outcome) {
 	return t, out
 }
 
-// freezeWindows measures freeze times of tracked snapshots on a volume of size bytes while a
-// writer does about 20 MB/s of random writes.
-func freezeWindows(dir string, size int64, count int) (median, worst time.Duration, runs []time.Duration) {
-	sub := filepath.Join(dir, fmt.Sprintf("freeze-%d", size>>30))
-	os.MkdirAll(sub, 0o755)
-	v := newVolume(sub, size)
-	defer v.close()
-	r, unlock := openLocked(filepath.Join(sub, "repo"))
-	defer unlock()
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
+// busyWriter does about 20 MB/s of random writes in dir (200 KiB every 10 ms, fsync every
+// 100 ms) until stop is closed.
+func busyWriter(dir string, stop chan struct{}, wg *sync.WaitGroup) {
 	wg.Add(1)
-	go func() { // ~20 MB/s: 200 KiB every 10 ms, fsync every 100 ms
+	go func() {
 		defer wg.Done()
-		f, err := os.OpenFile(filepath.Join(v.mnt, "busy"), os.O_RDWR|os.O_CREATE, 0o644)
+		f, err := os.OpenFile(filepath.Join(dir, "busy"), os.O_RDWR|os.O_CREATE, 0o644)
 		if err != nil {
 			return
 		}
@@ -99,6 +91,20 @@ func freezeWindows(dir string, size int64, count int) (median, worst time.Durati
 			}
 		}
 	}()
+}
+
+// freezeWindows measures freeze times of tracked snapshots on a volume of size bytes while a
+// writer does about 20 MB/s of random writes.
+func freezeWindows(dir string, size int64, count int) (median, worst time.Duration, runs []time.Duration) {
+	sub := filepath.Join(dir, fmt.Sprintf("freeze-%d", size>>30))
+	os.MkdirAll(sub, 0o755)
+	v := newVolume(sub, size)
+	defer v.close()
+	r, unlock := openLocked(filepath.Join(sub, "repo"))
+	defer unlock()
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	busyWriter(v.mnt, stop, &wg)
 	vol := newTrackedVolume(v.mnt)
 	for i := 0; i < count; i++ {
 		out, err := vol.Snapshot(context.Background(), r, agent.Request{Name: fmt.Sprint("f", i)})
@@ -113,6 +119,45 @@ func freezeWindows(dir string, size int64, count int) (median, worst time.Durati
 	vol.Close()
 	close(stop)
 	wg.Wait()
+	return spread(runs)
+}
+
+// groupFreezeWindows measures the freeze window of tracked group snapshots of two 2 GiB
+// volumes, each with a writer at about 20 MB/s.
+func groupFreezeWindows(dir string, count int) (median, worst time.Duration, runs []time.Duration) {
+	var vols []*agent.Volume
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for i := 0; i < 2; i++ {
+		sub := filepath.Join(dir, fmt.Sprintf("group-%d", i))
+		os.MkdirAll(sub, 0o755)
+		v := newVolume(sub, 2<<30)
+		defer v.close()
+		busyWriter(v.mnt, stop, &wg)
+		vol := agent.NewVolume(agent.VolumeSpec{Name: fmt.Sprint("member", i), Source: v.mnt, MaxFreeze: 5 * time.Second},
+			agent.Options{GuardCommand: []string{*stasis, "freeze-guard"}, KeepTracking: true})
+		defer vol.Close()
+		vols = append(vols, vol)
+	}
+	r, unlock := openLocked(filepath.Join(dir, "group-repo"))
+	defer unlock()
+	spec := &agent.GroupSpec{Name: "g", MaxFreeze: 5 * time.Second}
+	for i := 0; i < count; i++ {
+		outs, err := agent.SnapshotGroup(context.Background(), r, spec, vols, agent.Request{Name: fmt.Sprint("g", i)})
+		if err != nil {
+			fatal(err.Error())
+		}
+		if i > 0 {
+			runs = append(runs, outs[0].Capture.Freeze)
+		}
+		time.Sleep(time.Second)
+	}
+	close(stop)
+	wg.Wait()
+	return spread(runs)
+}
+
+func spread(runs []time.Duration) (median, worst time.Duration, all []time.Duration) {
 	s := append([]time.Duration(nil), runs...)
 	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
 	return s[len(s)/2], s[len(s)-1], runs

@@ -23,6 +23,8 @@ type listed struct {
 	SizeBytes   int64   `json:"size_bytes"`
 	NewBytes    int64   `json:"new_bytes"`
 	Parent      *string `json:"parent"`
+	Group       string  `json:"group"`
+	GroupID     string  `json:"group_id"`
 }
 
 func list(t *testing.T, repo string) []listed {

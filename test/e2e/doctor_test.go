@@ -64,11 +64,29 @@ func TestDoctor(t *testing.T) {
 	healthy := writeCfg(t, dir, fmt.Sprintf("repository: %s\nstate_dir: %s\nvolumes:\n  - name: good\n    source: %s\n", repo, filepath.Join(dir, "state"), mnt))
 	fs, code := doctor(t, healthy)
 	expectFinding(t, fs, "filesystem", "ok", "can be frozen")
+	expectFinding(t, fs, "source", "ok", "request-based")
+	expectFinding(t, fs, "tracking", "ok", "a tracker saw this device's I/O")
 	expectFinding(t, fs, "schedule", "ok", "next snapshot")
 	expectFinding(t, fs, "repository", "ok", "MiB free")
 	if code != 0 {
 		t.Errorf("a healthy setup exits %d: %+v", code, fs)
 	}
+
+	// A bio-based device (zram, as device-mapper and md): tracked, as its proof shows.
+	zdev := testenv.ZramDevice(t, 64<<20)
+	testenv.Mkfs(t, "ext4", zdev)
+	zmnt := testenv.Mount(t, zdev)
+	fs, _ = doctor(t, writeCfg(t, dir, fmt.Sprintf("repository: %s\nvolumes:\n  - {name: z, source: %s}\n", repo, zmnt)))
+	expectFinding(t, fs, "source", "ok", "bio-based")
+	expectFinding(t, fs, "tracking", "ok", "a tracker saw this device's I/O")
+
+	// Something mounted over the volume's mount point: an error, since it cannot freeze.
+	coverDev, _ := testenv.LoopDevice(t, 64<<20)
+	testenv.Mkfs(t, "ext4", coverDev)
+	testenv.Run(t, "mount", coverDev, zmnt)
+	fs, _ = doctor(t, writeCfg(t, dir, fmt.Sprintf("repository: %s\nvolumes:\n  - {name: z, source: %s}\n", repo, zdev)))
+	exec.Command("umount", zmnt).Run()
+	expectFinding(t, fs, "filesystem", "error", "something else is mounted over it")
 
 	// Missing source (error, exit 2), image file, root filesystem, read-only mount.
 	img := filepath.Join(dir, "disk.img")

@@ -38,12 +38,7 @@ func newDBVolume(t testing.TB, mysqlYAML string) *dbVolume {
 	testenv.InitMariaDB(t, datadir)
 	v.srv = testenv.StartMariaDB(t, datadir)
 	v.db = v.srv.DB(t)
-	v.srv.Exec(t, v.db, "CREATE DATABASE bank",
-		"CREATE TABLE bank.accounts (id INT PRIMARY KEY, balance BIGINT NOT NULL) ENGINE=InnoDB",
-		"CREATE TABLE bank.audit (id INT AUTO_INCREMENT PRIMARY KEY, note VARCHAR(64)) ENGINE=MyISAM")
-	for i := 0; i < accounts; i++ {
-		v.srv.Exec(t, v.db, fmt.Sprintf("INSERT INTO bank.accounts VALUES (%d, %d)", i, startBalance))
-	}
+	createBank(t, v.srv, v.db)
 	dir := t.TempDir()
 	v.repo = filepath.Join(dir, "repo")
 	v.dsnFile = filepath.Join(dir, "mysql.dsn")
@@ -51,6 +46,16 @@ func newDBVolume(t testing.TB, mysqlYAML string) *dbVolume {
 	v.cfg = filepath.Join(dir, "stasis.yaml")
 	v.writeConfig(t, mysqlYAML)
 	return v
+}
+
+// createBank creates the tables the workload and the checks use.
+func createBank(t testing.TB, srv *testenv.MariaDB, db *sql.DB) {
+	srv.Exec(t, db, "CREATE DATABASE bank",
+		"CREATE TABLE bank.accounts (id INT PRIMARY KEY, balance BIGINT NOT NULL) ENGINE=InnoDB",
+		"CREATE TABLE bank.audit (id INT AUTO_INCREMENT PRIMARY KEY, note VARCHAR(64)) ENGINE=MyISAM")
+	for i := 0; i < accounts; i++ {
+		srv.Exec(t, db, fmt.Sprintf("INSERT INTO bank.accounts VALUES (%d, %d)", i, startBalance))
+	}
 }
 
 func (v *dbVolume) writeConfig(t testing.TB, mysqlYAML string) {
@@ -172,16 +177,24 @@ func checkRestored(t *testing.T, v *dbVolume, name string, app map[string]any) {
 	copyDir := filepath.Join(t.TempDir(), "datadir")
 	testenv.Run(t, "cp", "-a", filepath.Join(view, "mysql"), copyDir)
 	testenv.Run(t, "umount", view)
+	checkDatabase(t, name, copyDir, filepath.Join(copyDir, "mysql-bin"), app)
+}
+
+// checkDatabase starts a server on a restored datadir, with the binary log at logBin (the
+// basename the source used, in its restored place), and checks that the binary log ends
+// at the recorded position, every table passes CHECK TABLE and the invariants hold.
+func checkDatabase(t *testing.T, name, datadir, logBin string, app map[string]any) {
+	t.Helper()
 	file, _ := app["binlog_file"].(string)
 	pos, _ := app["binlog_position"].(float64)
 	if file == "" || pos == 0 {
 		t.Fatalf("snapshot %s recorded no binlog coordinates: %v", name, app)
 	}
-	st, err := os.Stat(filepath.Join(copyDir, file))
+	st, err := os.Stat(filepath.Join(filepath.Dir(logBin), file))
 	if err != nil || st.Size() != int64(pos) {
-		t.Fatalf("snapshot %s: binlog %s is %v bytes in the snapshot, recorded position %v (%v)", name, file, st.Size(), pos, err)
+		t.Fatalf("snapshot %s: binlog %s is %v bytes in the snapshot, recorded position %v (%v)", name, file, st, pos, err)
 	}
-	srv := testenv.StartMariaDB(t, copyDir)
+	srv := testenv.StartMariaDBLogBin(t, datadir, logBin)
 	db := srv.DB(t)
 	for _, table := range []string{"bank.accounts", "bank.audit", "mysql.user", "mysql.db"} {
 		var tbl, op, typ, msg string
@@ -445,4 +458,83 @@ func BenchmarkMariaDBTrackedLock(b *testing.B) {
 	b.ReportMetric(med(stalls), "writer-stall-ms-median")
 	b.ReportMetric(med(baseline), "commit-ms-without-snapshot")
 	b.Logf("lock hold ms %v; writer stall ms %v; longest commit between snapshots ms %v", holds, stalls, baseline)
+}
+
+// TestMariaDBGroup: a server with its datadir on one volume and its binary log on another,
+// snapshotted as a consistency group under the database lock (without the agent): both
+// members are app-consistent at one instant, and the restored pair starts, with the
+// binary log ending at the recorded position and every invariant holding.
+func TestMariaDBGroup(t *testing.T) {
+	var mnts []string
+	for i := 0; i < 2; i++ {
+		dev, _ := testenv.LoopDevice(t, 512<<20)
+		testenv.Mkfs(t, "ext4", dev)
+		mnts = append(mnts, testenv.Mount(t, dev))
+	}
+	datadir, binlogDir := filepath.Join(mnts[0], "mysql"), filepath.Join(mnts[1], "binlog")
+	os.Mkdir(binlogDir, 0o750)
+	testenv.InitMariaDB(t, datadir)
+	srv := testenv.StartMariaDBLogBin(t, datadir, filepath.Join(binlogDir, "mysql-bin"))
+	db := srv.DB(t)
+	createBank(t, srv, db)
+	dir := t.TempDir()
+	repo, dsn, cfg := filepath.Join(dir, "repo"), filepath.Join(dir, "mysql.dsn"), filepath.Join(dir, "stasis.yaml")
+	os.WriteFile(dsn, []byte(srv.DSN("root", "")+"\n"), 0o600)
+	os.WriteFile(cfg, []byte(fmt.Sprintf(`repository: %s
+mount: ""
+socket: %s
+state_dir: %s
+volumes:
+  - name: data
+    source: %s
+  - name: logs
+    source: %s
+groups:
+  - name: db
+    volumes: [data, logs]
+    schedules: []
+    mysql:
+      dsn_file: %s
+      lock_timeout: 5s
+`, repo, filepath.Join(dir, "sock"), filepath.Join(dir, "state"), mnts[0], mnts[1], dsn)), 0o600)
+	w := startWorkload(t, db)
+	time.Sleep(time.Second)
+	var last []map[string]any
+	for i := 0; i < 2; i++ {
+		r := testenv.Stasis(t, "--config", cfg, "snapshot", "db", "--name", fmt.Sprint("g", i), "--json")
+		if r.Code != 0 {
+			t.Fatalf("group snapshot %d: %s", i, r.Stderr)
+		}
+		last = nil
+		if err := json.Unmarshal([]byte(r.Stdout), &last); err != nil || len(last) != 2 {
+			t.Fatalf("group snapshot %d: %v\n%s", i, err, r.Stdout)
+		}
+		for _, m := range last {
+			if m["consistency"] != "app" || m["group"] != "db" || m["group_id"] != last[0]["group_id"] {
+				t.Fatalf("member %v of group snapshot %d: %v %v %v", m["volume"], i, m["consistency"], m["group"], m["group_id"])
+			}
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	w.halt()
+	// Restore the pair: the datadir and the binary log, each out of its own volume's
+	// snapshot, to new places; the server is told where the log now is.
+	restored := t.TempDir()
+	for _, m := range last {
+		img := filepath.Join(t.TempDir(), "vol.img")
+		testenv.MustStasis(t, "export", "-r", repo, fmt.Sprintf("%v/%v", m["volume"], m["name"]), img)
+		view := testenv.Mount(t, img, "-o", "ro,loop,noload")
+		sub := map[any]string{"data": "mysql", "logs": "binlog"}[m["volume"]]
+		testenv.Run(t, "cp", "-a", filepath.Join(view, sub), filepath.Join(restored, sub))
+		testenv.Run(t, "umount", view)
+	}
+	// The binary log index names the logs by their absolute paths: point it at the copies.
+	index := filepath.Join(restored, "binlog", "mysql-bin.index")
+	b, err := os.ReadFile(index)
+	if err != nil || !strings.Contains(string(b), binlogDir) {
+		t.Fatalf("binlog index %q: %v", b, err)
+	}
+	os.WriteFile(index, []byte(strings.ReplaceAll(string(b), binlogDir, filepath.Join(restored, "binlog"))), 0o640)
+	app, _ := last[0]["app"].(map[string]any)
+	checkDatabase(t, "db/g1", filepath.Join(restored, "mysql"), filepath.Join(restored, "binlog", "mysql-bin"), app)
 }

@@ -35,11 +35,18 @@ func InitMariaDB(t testing.TB, datadir string) {
 // inside the datadir, so a snapshot of the volume holds it) and stops it at cleanup.
 func StartMariaDB(t testing.TB, datadir string) *MariaDB {
 	t.Helper()
+	return StartMariaDBLogBin(t, datadir, "mysql-bin")
+}
+
+// StartMariaDBLogBin is StartMariaDB with the binary log's basename given: an absolute
+// path puts it on another volume than the datadir.
+func StartMariaDBLogBin(t testing.TB, datadir, logBin string) *MariaDB {
+	t.Helper()
 	RequireTool(t, "mariadbd")
 	run := t.TempDir()
 	m := &MariaDB{Datadir: datadir, Socket: filepath.Join(run, "mysqld.sock"), logFile: filepath.Join(run, "error.log")}
 	m.cmd = exec.Command("mariadbd", "--no-defaults", "--datadir="+datadir, "--socket="+m.Socket,
-		"--skip-networking", "--user=root", "--log-bin=mysql-bin", "--server-id=1", "--sync-binlog=1",
+		"--skip-networking", "--user=root", "--log-bin="+logBin, "--server-id=1", "--sync-binlog=1",
 		"--innodb-flush-log-at-trx-commit=1", "--pid-file="+filepath.Join(run, "mysqld.pid"),
 		"--log-error="+m.logFile, "--innodb-buffer-pool-size=64M")
 	if err := m.cmd.Start(); err != nil {

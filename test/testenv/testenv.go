@@ -328,3 +328,43 @@ func RunInput(t testing.TB, stdin io.Reader, name string, args ...string) string
 	}
 	return string(out)
 }
+
+// ZramDevice creates a new zram device of size bytes (a bio-based block device, like
+// device-mapper and md) and removes it at cleanup. Devices the test did not create (zram0
+// may be someone's swap) are never touched.
+func ZramDevice(t testing.TB, size int64) string {
+	t.Helper()
+	RequireRoot(t)
+	b, err := os.ReadFile("/sys/class/zram-control/hot_add")
+	if err != nil {
+		if _, serr := os.Stat("/sys/class/zram-control"); serr != nil {
+			exec.Command("modprobe", "zram", "num_devices=0").Run()
+			b, err = os.ReadFile("/sys/class/zram-control/hot_add")
+		}
+		if err != nil {
+			t.Skipf("zram is not available: %v", err)
+		}
+	}
+	n := strings.TrimSpace(string(b))
+	dev := "/dev/zram" + n
+	t.Cleanup(func() {
+		for i := 0; i < 50; i++ { // an unmount may still be releasing it
+			if os.WriteFile("/sys/class/zram-control/hot_remove", []byte(n), 0) == nil {
+				return
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		t.Errorf("could not remove %s", dev)
+	})
+	if err := os.WriteFile("/sys/block/zram"+n+"/disksize", []byte(fmt.Sprint(size)), 0); err != nil {
+		t.Fatalf("zram%s disksize: %v", n, err)
+	}
+	for i := 0; i < 50; i++ {
+		if _, err := os.Stat(dev); err == nil {
+			return dev
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("%s did not appear", dev)
+	return ""
+}

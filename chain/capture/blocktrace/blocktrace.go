@@ -1,8 +1,15 @@
 // Package blocktrace tracks which chunks of a block device are written, from userspace,
-// with a tracefs instance recording block_rq_complete events filtered to the device. A chunk
-// is dirty once a write to it has completed. Any sign that events may have been lost
-// (ring-buffer overruns or drops, a reader error, a restart) makes the tracker report a gap,
-// and the caller must then treat every chunk as dirty: tracking fails closed.
+// with a tracefs instance recording the block layer's completion events filtered to the
+// device: block_rq_complete for request-based devices (virtio, nvme, scsi, loop) and
+// block_bio_complete for bio-based ones (device-mapper: LVM, dm-crypt; md; zram). A chunk
+// is dirty once a write to it has completed.
+//
+// Tracking is never trusted on faith. Any sign that events may have been lost (ring-buffer
+// overruns or drops, a reader error, a restart) is a gap, after which the caller must treat
+// every chunk as dirty. And before a tracked result is used, the tracker must prove it sees
+// the device: reads the caller makes (ExpectReads, CheckReads) must come back as completion
+// events covering every sector read, and the kernel's own count of sectors written to the
+// device must not exceed what the tracker saw (CheckWrites).
 package blocktrace
 
 import (
@@ -25,9 +32,17 @@ import (
 // TracefsDir is where tracefs is (or gets) mounted.
 const TracefsDir = "/sys/kernel/tracing"
 
-// ErrUnavailable is wrapped when tracking cannot run here (no tracefs, no block events, a
-// device that is not request-based such as device-mapper or md).
+// ErrUnavailable is wrapped when tracking cannot run here (no tracefs, no block events).
 var ErrUnavailable = errors.New("changed-block tracking unavailable")
+
+// ErrUnproven is wrapped when the tracker did not see I/O it must have seen: the device's
+// completions are not (all) reported, and its dirty sets cannot be trusted.
+var ErrUnproven = errors.New("changed-block tracking cannot see this device")
+
+// completionEvents are the events that report finished I/O. A device emits one or the
+// other (a request's completion is traced once, and its bios are then not traced again),
+// so both are enabled and each counts.
+var completionEvents = []string{"block_rq_complete", "block_bio_complete"}
 
 // Config says what to track.
 type Config struct {
@@ -47,11 +62,19 @@ type Tracker struct {
 	chunks   int64
 	sectorsP int64 // sectors per chunk
 
+	events   []string // completion events enabled
+	statPath string   // the disk's I/O statistics, for CheckWrites
+
 	mu      sync.Mutex
 	dirty   *bitset.BitSet
 	gap     string // why tracking may have missed writes since the last Take
 	markers map[string]chan struct{}
 	closed  bool
+	// written counts sectors of completed writes (anything but reads and discards) on the
+	// whole disk since Start; baseStat is the kernel's written-sector count at Start.
+	written  int64
+	baseStat int64
+	proof    *readProof
 
 	baseLost  int64 // overrun + dropped counters when the last Take checked
 	readerErr atomic.Value
@@ -71,15 +94,23 @@ func Start(cfg Config) (*Tracker, error) {
 	if err := ensureTracefs(); err != nil {
 		return nil, err
 	}
-	if _, err := os.Stat(filepath.Join(TracefsDir, "events/block/block_rq_complete")); err != nil {
-		return nil, fmt.Errorf("%w: the kernel has no block_rq_complete trace event", ErrUnavailable)
+	var events []string
+	for _, e := range completionEvents {
+		if _, err := os.Stat(filepath.Join(TracefsDir, "events/block", e)); err == nil {
+			events = append(events, e)
+		}
+	}
+	if len(events) == 0 {
+		return nil, fmt.Errorf("%w: the kernel has no block completion trace events", ErrUnavailable)
 	}
 	name := fmt.Sprintf("stasis-%d-%d-%d-%d", unix.Major(cfg.Disk), unix.Minor(cfg.Disk), os.Getpid(), instanceSeq.Add(1))
 	dir := filepath.Join(TracefsDir, "instances", name)
 	if err := os.Mkdir(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("%w: create tracefs instance: %v", ErrUnavailable, err)
 	}
-	t := &Tracker{cfg: cfg, dir: dir, sectorsP: int64(cfg.ChunkSize / 512), markers: map[string]chan struct{}{}, done: make(chan struct{})}
+	t := &Tracker{cfg: cfg, dir: dir, sectorsP: int64(cfg.ChunkSize / 512), markers: map[string]chan struct{}{},
+		done: make(chan struct{}), events: events,
+		statPath: fmt.Sprintf("/sys/dev/block/%d:%d/stat", unix.Major(cfg.Disk), unix.Minor(cfg.Disk))}
 	t.chunks = (cfg.Sectors + t.sectorsP - 1) / t.sectorsP
 	t.dirty = bitset.New(uint(t.chunks))
 	fail := func(err error) (*Tracker, error) {
@@ -87,12 +118,13 @@ func Start(cfg Config) (*Tracker, error) {
 		return nil, fmt.Errorf("%w: %v", ErrUnavailable, err)
 	}
 	filter := fmt.Sprintf("dev == %d", uint64(unix.Major(cfg.Disk))<<20|uint64(unix.Minor(cfg.Disk)))
-	for _, w := range []struct{ file, value string }{
-		{"buffer_size_kb", strconv.Itoa(cfg.BufferKiB)},
-		{"events/block/block_rq_complete/filter", filter},
-		{"events/block/block_rq_complete/enable", "1"},
-		{"tracing_on", "1"},
-	} {
+	writes := []struct{ file, value string }{{"buffer_size_kb", strconv.Itoa(cfg.BufferKiB)}}
+	for _, e := range events {
+		writes = append(writes, struct{ file, value string }{"events/block/" + e + "/filter", filter},
+			struct{ file, value string }{"events/block/" + e + "/enable", "1"})
+	}
+	writes = append(writes, struct{ file, value string }{"tracing_on", "1"})
+	for _, w := range writes {
 		if err := os.WriteFile(filepath.Join(dir, w.file), []byte(w.value), 0); err != nil {
 			return fail(fmt.Errorf("write %s: %v", w.file, err))
 		}
@@ -108,6 +140,12 @@ func Start(cfg Config) (*Tracker, error) {
 		return fail(err)
 	}
 	t.baseLost = lost
+	// Read after the events are enabled: a write the kernel counts from here on completed
+	// after the events were on, so the tracker sees it too.
+	if t.baseStat, err = t.kernelWritten(); err != nil {
+		pipe.Close()
+		return fail(err)
+	}
 	go t.read()
 	return t, nil
 }
@@ -132,8 +170,8 @@ func (t *Tracker) read() {
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {
 		line := sc.Text()
-		if i := strings.Index(line, "block_rq_complete: "); i >= 0 {
-			t.event(line[i+len("block_rq_complete: "):])
+		if ev, ok := completion(line); ok {
+			t.event(ev)
 			continue
 		}
 		if i := strings.Index(line, "stasis-marker-"); i >= 0 {
@@ -162,14 +200,44 @@ func (t *Tracker) read() {
 	t.mu.Unlock()
 }
 
-// event handles "MAJ,MIN RWBS (CMD) SECTOR + NR ...".
+// completion returns the part of a trace line after "block_rq_complete: " or
+// "block_bio_complete: ".
+func completion(line string) (string, bool) {
+	for _, e := range completionEvents {
+		if i := strings.Index(line, e+": "); i >= 0 {
+			return line[i+len(e)+2:], true
+		}
+	}
+	return "", false
+}
+
+// Op classes of a completion, from its rwbs field.
+const (
+	opRead    = iota
+	opDiscard // discard, secure erase: the data changed, but the kernel counts it apart
+	opWrite   // writes, write-zeroes, zone appends, anything not known to leave data as it was
+)
+
+// classify reads an rwbs field: an optional preflush 'F', then the operation ('R' read,
+// 'W' write, 'D' discard, 'N' other, 'Z' zone operations, 'F' a data-less flush). Only a
+// read is known not to change data: every other operation counts as a write, so an
+// operation this code has never seen (write-zeroes is 'N' on older kernels, 'WZ' on newer
+// ones) dirties its range instead of being ignored.
+func classify(rwbs string) int {
+	op := strings.TrimPrefix(rwbs, "F")
+	switch {
+	case strings.HasPrefix(op, "R"):
+		return opRead
+	case strings.HasPrefix(op, "D"):
+		return opDiscard
+	}
+	return opWrite
+}
+
+// event handles "MAJ,MIN RWBS [(CMD)] SECTOR + NR ...".
 func (t *Tracker) event(s string) {
 	f := strings.Fields(s)
 	if len(f) < 2 {
-		return
-	}
-	rwbs := f[1]
-	if !strings.ContainsAny(rwbs, "WDZE") { // writes, discards, write-zeroes, secure erase
 		return
 	}
 	plus := -1
@@ -180,29 +248,44 @@ func (t *Tracker) event(s string) {
 		}
 	}
 	if plus < 3 || plus+1 >= len(f) {
-		return
-	}
-	sector, err1 := strconv.ParseInt(f[plus-1], 10, 64)
-	nr, err2 := strconv.ParseInt(f[plus+1], 10, 64)
-	if err1 != nil || err2 != nil {
 		t.setGap("unparsable trace event: " + s)
 		return
+	}
+	nr, err := strconv.ParseInt(f[plus+1], 10, 64)
+	if err != nil || nr < 0 {
+		t.setGap("unparsable trace event: " + s)
+		return
+	}
+	if nr == 0 { // a flush carries no data (and its sector is -1)
+		return
+	}
+	sector, err := strconv.ParseInt(f[plus-1], 10, 64)
+	if err != nil || sector < 0 {
+		t.setGap("unparsable trace event: " + s)
+		return
+	}
+	class := classify(f[1])
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if class == opWrite {
+		t.written += nr
 	}
 	// Map from the disk to the volume, keeping only the volume's range.
 	start, end := sector-t.cfg.Start, sector-t.cfg.Start+nr
 	if end <= 0 || start >= t.cfg.Sectors {
 		return
 	}
-	if nr == 0 { // a flush carries no data
-		return
-	}
 	start = max(start, 0)
 	end = min(end, t.cfg.Sectors)
-	t.mu.Lock()
+	if class == opRead {
+		if t.proof != nil {
+			t.proof.saw(start, end)
+		}
+		return
+	}
 	for c := start / t.sectorsP; c <= (end-1)/t.sectorsP; c++ {
 		t.dirty.Set(uint(c))
 	}
-	t.mu.Unlock()
 }
 
 func (t *Tracker) setGap(why string) {
@@ -298,7 +381,9 @@ func (t *Tracker) Close() error {
 	}
 	t.closed = true
 	t.mu.Unlock()
-	os.WriteFile(filepath.Join(t.dir, "events/block/block_rq_complete/enable"), []byte("0"), 0)
+	for _, e := range t.events {
+		os.WriteFile(filepath.Join(t.dir, "events/block", e, "enable"), []byte("0"), 0)
+	}
 	// The reader stops at this marker; then the pipe can be closed and the instance removed.
 	os.WriteFile(filepath.Join(t.dir, "trace_marker"), []byte("stasis-marker-close"), 0)
 	select {
@@ -337,15 +422,18 @@ func RemoveStale() {
 }
 
 // Available says whether tracking can run here: tracefs mounted (or mountable) with the
-// block_rq_complete event. The reason comes back as an ErrUnavailable error.
+// block completion events. The reason comes back as an ErrUnavailable error. Whether a
+// given device's completions are seen is proven per snapshot (ExpectReads, CheckWrites).
 func Available() error {
 	if err := ensureTracefs(); err != nil {
 		return err
 	}
-	if _, err := os.Stat(filepath.Join(TracefsDir, "events/block/block_rq_complete")); err != nil {
-		return fmt.Errorf("%w: the kernel has no block_rq_complete trace event", ErrUnavailable)
+	for _, e := range completionEvents {
+		if _, err := os.Stat(filepath.Join(TracefsDir, "events/block", e)); err == nil {
+			return nil
+		}
 	}
-	return nil
+	return fmt.Errorf("%w: the kernel has no block completion trace events", ErrUnavailable)
 }
 
 // ForeignInstances lists tracefs instances of other programs that record block events, which
