@@ -61,7 +61,7 @@ type Frozen struct {
 
 	mu       sync.Mutex
 	frozen   []bool // frozen by us and not thawed yet
-	thawed   bool
+	ended    bool   // the window ended (Thaw or the timer): elapsed is final
 	timedOut bool
 	timer    *time.Timer
 	elapsed  time.Duration
@@ -149,7 +149,7 @@ func Freeze(targets []Target, opts Options) (*Frozen, error) {
 	fz.timer = time.AfterFunc(opts.MaxFreeze, func() {
 		fz.mu.Lock()
 		defer fz.mu.Unlock()
-		if !fz.thawed {
+		if !fz.ended {
 			fz.timedOut = true
 			fz.thawFrozenLocked()
 		}
@@ -166,6 +166,10 @@ func Freeze(targets []Target, opts Options) (*Frozen, error) {
 			fz.frozen[i] = true
 		}
 		timedOut := fz.timedOut
+		if timedOut {
+			// The window ended while this FIFREEZE ran: undo it now, not at Thaw.
+			fz.thawFrozenLocked()
+		}
 		fz.mu.Unlock()
 		if err != nil {
 			fz.guard.send("notours " + strconv.Itoa(i)) // EBUSY: someone else's freeze
@@ -227,9 +231,7 @@ func (fz *Frozen) Thaw() (time.Duration, error) {
 	if fz.timer != nil {
 		fz.timer.Stop()
 	}
-	if !fz.thawed {
-		fz.thawFrozenLocked()
-	}
+	fz.thawFrozenLocked() // also what froze after the timer thawed the rest
 	elapsed, err, timedOut := fz.elapsed, fz.thawErr, fz.timedOut
 	stillFrozen := false
 	for _, f := range fz.frozen {
@@ -253,10 +255,11 @@ func (fz *Frozen) Thaw() (time.Duration, error) {
 	return elapsed, err
 }
 
-// thawFrozenLocked thaws what we froze, newest first, retrying a failing FITHAW a few
-// times. A filesystem that was no longer frozen (EINVAL) was thawed by someone else.
+// thawFrozenLocked thaws what we froze and is still frozen, newest first, retrying a
+// failing FITHAW a few times. A filesystem that was no longer frozen (EINVAL) was thawed
+// by someone else. The first call ends the window.
 func (fz *Frozen) thawFrozenLocked() {
-	var errs []error
+	errs := []error{fz.thawErr}
 	for i := len(fz.files) - 1; i >= 0; i-- {
 		if !fz.frozen[i] {
 			continue
@@ -278,8 +281,10 @@ func (fz *Frozen) thawFrozenLocked() {
 			errs = append(errs, fmt.Errorf("thaw %s: %w; it may still be frozen: run `stasis thaw --all`", fz.targets[i].Path, err))
 		}
 	}
-	fz.elapsed = time.Since(fz.start)
-	fz.thawed = true
+	if !fz.ended {
+		fz.elapsed = time.Since(fz.start)
+		fz.ended = true
+	}
 	fz.thawErr = errors.Join(errs...)
 }
 

@@ -136,7 +136,7 @@ func finalRound(ctx context.Context, o Options, ms []*member) (*heldChunks, erro
 			if !m.tracked {
 				continue
 			}
-			dirty, err := m.frozenDirty(dctx, o)
+			dirty, err := m.frozenDirty(dctx)
 			if err != nil {
 				return err
 			}
@@ -183,6 +183,7 @@ func finalRound(ctx context.Context, o Options, ms []*member) (*heldChunks, erro
 		return nil, readErr
 	}
 	for _, m := range ms {
+		m.carry = nil // what was taken is held now, and stored after the thaw
 		switch {
 		case m.tracked:
 			m.res.Frozen, m.res.NotFrozen = true, ""
@@ -205,7 +206,7 @@ func contains(ms []*member, m *member) bool {
 }
 
 // frozenDirty drains a tracked member's tracker under the freeze and returns what to read.
-func (m *member) frozenDirty(ctx context.Context, o Options) (*bitset.BitSet, error) {
+func (m *member) frozenDirty(ctx context.Context) (*bitset.BitSet, error) {
 	if err := m.Tracker.Drain(ctx); err != nil {
 		return nil, err
 	}
@@ -217,6 +218,7 @@ func (m *member) frozenDirty(ctx context.Context, o Options) (*bitset.BitSet, er
 	}
 	dirty, gap := m.Tracker.Take()
 	if gap != "" {
+		m.carryGap = gap
 		return nil, fmt.Errorf("%w: %s: %s", errRetry, m.Name, gap)
 	}
 	if m.Allocated != nil && m.res.Tracking == FullScan {
@@ -224,20 +226,18 @@ func (m *member) frozenDirty(ctx context.Context, o Options) (*bitset.BitSet, er
 		if err != nil {
 			return nil, fmt.Errorf("read allocation maps of %s while frozen: %w", m.Name, err)
 		}
-		var missing []ChunkRun
 		for _, r := range alloc {
 			for c := r.Start; c < r.End; c++ {
 				if !m.everRead.Test(uint(c)) && !dirty.Test(uint(c)) {
 					dirty.Set(uint(c))
-					missing = append(missing, ChunkRun{c, c + 1})
+					m.res.Unread++
 				}
 			}
 		}
-		m.res.Unread += len(missing)
-		if int(dirty.Count()) > o.MaxHeld {
-			m.extra = missing // read them before the next attempt
-		}
 	}
+	// Until the held chunks are stored, the set is this attempt's to keep: if the attempt
+	// fails (too many chunks, a broken window), the next one reads it before freezing.
+	m.carry = dirty.Clone()
 	return dirty, nil
 }
 

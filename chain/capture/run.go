@@ -130,10 +130,13 @@ type member struct {
 	res      Result
 	tracked  bool           // the tracker is proven and in use
 	everRead *bitset.BitSet // chunks read in some round (for the Unread check)
-	extra    []ChunkRun     // allocated chunks found unread under a previous freeze
-	fp       *fingerprints  // of every chunk read, for an untracked frozen read; nil if none
-	fpFull   bool           // fp covers a full read
-	rate     float64        // bytes per second of the last full read
+	// carry is what a failed final-round attempt took from the tracker and did not store;
+	// carryGap, a gap it found. The next attempt reads them before freezing again.
+	carry    *bitset.BitSet
+	carryGap string
+	fp       *fingerprints // of every chunk read, for an untracked frozen read; nil if none
+	fpFull   bool          // fp covers a full read
+	rate     float64       // bytes per second of the last full read
 }
 
 // Run captures every member. With Freeze set, each member whose Result says Frozen equals
@@ -417,16 +420,21 @@ func (m *member) prepareFinal(ctx context.Context) error {
 		return err
 	}
 	dirty, gap := m.Tracker.Take()
+	if gap == "" {
+		gap = m.carryGap
+	}
 	if gap != "" {
+		m.carry, m.carryGap = nil, ""
 		return m.full(ctx, gap)
 	}
-	for _, r := range m.extra {
-		for c := r.Start; c < r.End; c++ {
-			dirty.Set(uint(c))
-		}
+	if m.carry != nil {
+		dirty.InPlaceUnion(m.carry)
 	}
-	m.extra = nil
-	return m.read(ctx, Runs(dirty), false)
+	if err := m.read(ctx, Runs(dirty), false); err != nil {
+		return err
+	}
+	m.carry = nil
+	return nil
 }
 
 // Runs turns a dirty set into sorted chunk runs.

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"math/rand"
 	"os"
 	"path/filepath"
@@ -308,4 +309,37 @@ func TestGroupOneFreeze(t *testing.T) {
 	}
 	a.commitAndCompare(t, wantA)
 	b.commitAndCompare(t, wantB)
+}
+
+// TestRetryKeepsTakenChunks: a final round that fails after taking the tracker's dirty set
+// (here: someone thawed inside the window) does not lose it: the next attempt reads those
+// chunks, though the tracker will not report them again.
+func TestRetryKeepsTakenChunks(t *testing.T) {
+	fx := setup(t)
+	tr := &fakeTracker{}
+	// precopy Take, prepare Take, then under the first freeze chunk 7 is reported (it was
+	// written just before); nothing after.
+	tr.takes = []take{{}, {}, {dirty: []uint{7}}}
+	tr.drain = func() {
+		if tr.n == 2 {
+			fx.change(7, 42)
+		}
+	}
+	thaws := 0
+	var atFreeze []byte
+	res, err := capture.Run(context.Background(), capture.Options{Members: []*capture.Member{fx.member(tr, true)},
+		Freeze: func() (func() (time.Duration, error), error) {
+			atFreeze = append([]byte(nil), fx.data...)
+			return func() (time.Duration, error) {
+				thaws++
+				if thaws == 1 {
+					return time.Millisecond, fmt.Errorf("%w: thawed by someone", capture.ErrWindowBroken)
+				}
+				return time.Millisecond, nil
+			}, nil
+		}})
+	if err != nil || thaws != 2 || !res[0].Frozen {
+		t.Fatalf("err %v, %d thaws, result %+v", err, thaws, res[0])
+	}
+	fx.commitAndCompare(t, atFreeze)
 }

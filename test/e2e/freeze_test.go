@@ -277,3 +277,120 @@ func TestFreeSpaceSkipped(t *testing.T) {
 		})
 	}
 }
+
+// TestNestedSlowFreezeKills: a disk image on filesystem X holds two partitions, the volume;
+// a pre hook dirties p1 and freezes X, so FIFREEZE(p1) cannot finish until the test thaws X
+// 1.5 s later — longer than max_freeze (1 s). stasis is killed at random moments from the
+// freeze guard's start to past the window, 20 times: no filesystem may stay frozen 2 s past
+// max_freeze after the kill.
+func TestNestedSlowFreezeKills(t *testing.T) {
+	xdev, _ := testenv.LoopDevice(t, 512<<20)
+	testenv.Mkfs(t, "ext4", xdev)
+	x := testenv.Mount(t, xdev)
+	img := filepath.Join(x, "disk.img")
+	testenv.Run(t, "truncate", "-s", "256M", img)
+	disk, devs := testenv.AttachPartitioned(t, img, "size=100MiB, type=83\nsize=100MiB, type=83\n")
+	t.Cleanup(func() { exec.Command("fsfreeze", "-u", x).Run() })
+	var parts []string
+	for _, p := range devs {
+		testenv.Mkfs(t, "ext4", p)
+		parts = append(parts, testenv.Mount(t, p))
+	}
+	dir := t.TempDir()
+	marker := filepath.Join(dir, "x-frozen")
+	hook := filepath.Join(dir, "pre")
+	os.WriteFile(hook, []byte(fmt.Sprintf("#!/bin/sh\ndd if=/dev/urandom of=%s/dirty bs=1M count=8 status=none\nfsfreeze -f %s\ntouch %s\n",
+		parts[0], x, marker)), 0o755)
+	cfg := writeCfg(t, dir, fmt.Sprintf(`repository: %s
+mount: ""
+socket: %s
+state_dir: %s
+volumes:
+  - name: nested
+    source: %s
+    schedules: []
+    max_freeze: 1s
+    hooks:
+      pre: [%s]
+`, filepath.Join(dir, "repo"), filepath.Join(dir, "sock"), filepath.Join(dir, "state"), disk, hook))
+	rng := rand.New(rand.NewSource(time.Now().UnixNano()))
+	const maxFreeze = time.Second
+	killedInWindow := 0
+	for run := 0; run < 20; run++ {
+		os.Remove(marker)
+		cmd := exec.Command(testenv.Binary(t), "--config", cfg, "snapshot", "nested", "--name", fmt.Sprint("n", run))
+		var stderr strings.Builder
+		cmd.Stderr = &stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		// The test stands for what unblocks X: 1.5 s after the hook froze it.
+		for i := 0; i < 300; i++ {
+			if _, err := os.Stat(marker); err == nil {
+				break
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		thawX := time.AfterFunc(1500*time.Millisecond, func() { exec.Command("fsfreeze", "-u", x).Run() })
+		time.Sleep(time.Duration(rng.Intn(2500)) * time.Millisecond)
+		if states, _ := filepath.Glob(fmt.Sprintf("/run/stasis/frozen-%d-*.json", cmd.Process.Pid)); len(states) > 0 {
+			killedInWindow++
+		}
+		cmd.Process.Signal(syscall.SIGKILL)
+		killed := time.Now()
+		cmd.Wait()
+		for _, p := range parts {
+			if !testenv.WritableWithin(p, time.Until(killed.Add(maxFreeze+2*time.Second))+2*time.Second) {
+				t.Fatalf("run %d: %s still frozen %s after the kill\n%s", run, p, maxFreeze+2*time.Second, stderr.String())
+			}
+		}
+		thawX.Stop()
+		exec.Command("fsfreeze", "-u", x).Run()
+	}
+	t.Logf("%d of 20 kills landed with a freeze state file present", killedInWindow)
+	if killedInWindow == 0 {
+		t.Fatal("no kill landed while stasis was freezing: the test proved nothing")
+	}
+}
+
+// TestThawedInsideTheWindow: when someone else thaws the volume's filesystem inside the
+// freeze window and a write goes through, that window is discarded: the final round is
+// retried, and what is committed as fs-frozen equals the device at the retry's freeze. If
+// every window is broken, nothing is committed.
+func TestThawedInsideTheWindow(t *testing.T) {
+	dev, _ := testenv.LoopDevice(t, 256<<20)
+	testenv.Mkfs(t, "ext4", dev)
+	mnt := testenv.Mount(t, dev)
+	repo := newRepo(t)
+	testenv.StartWriters(t, mnt, 2, 21)
+	tmp := t.TempDir()
+	frozen, once := filepath.Join(tmp, "frozen.img"), filepath.Join(tmp, "once")
+	for _, thaw := range []string{"fsfreeze -u " + mnt, testenv.Binary(t) + " thaw --all"} {
+		os.Remove(once)
+		// The first window is broken: thawed, and a probe written through.
+		hook := fmt.Sprintf("if [ ! -e %s ]; then touch %s; %s; echo probe > %s/probe && sync %s/probe; fi; %s",
+			once, once, thaw, mnt, mnt, copyDeviceHook(dev, frozen))
+		r := testenv.StasisEnv(t, []string{"STASIS_TEST_FREEZE_HOOK=" + hook},
+			"snapshot", "-r", repo, "--source", mnt, "--volume", "w", "--json", "--max-freeze", "30s")
+		if r.Code != 0 {
+			t.Fatalf("%s: %s", thaw, r.Stderr)
+		}
+		var s snapOut
+		json.Unmarshal([]byte(r.Stdout), &s)
+		if _, err := os.Stat(filepath.Join(mnt, "probe")); err != nil || s.Consistency != "fs-frozen" {
+			t.Fatalf("%s: probe %v, snapshot %+v", thaw, err, s)
+		}
+		img := filepath.Join(tmp, "export.img")
+		testenv.MustStasis(t, "export", "-r", repo, "w/"+s.Name, img)
+		assertSameAllocated(t, "ext4", frozen, img, "the snapshot after a broken window ("+thaw+")")
+		os.Remove(img)
+		os.Remove(filepath.Join(mnt, "probe"))
+	}
+	// Every window broken: the snapshot fails, nothing is committed.
+	before := len(list(t, repo))
+	hook := fmt.Sprintf("fsfreeze -u %s; echo probe > %s/probe", mnt, mnt)
+	r := testenv.StasisEnv(t, []string{"STASIS_TEST_FREEZE_HOOK=" + hook}, "snapshot", "-r", repo, "--source", mnt, "--volume", "w")
+	if r.Code == 0 || !strings.Contains(r.Stderr, "thawed by someone else") || len(list(t, repo)) != before {
+		t.Fatalf("every window broken: exit %d, %s", r.Code, r.Stderr)
+	}
+}

@@ -181,6 +181,9 @@ func Mount(t testing.TB, dev string, opts ...string) string {
 	args := append(append([]string{}, opts...), dev, dir)
 	Run(t, "mount", args...)
 	t.Cleanup(func() {
+		// A failed test may leave the filesystem frozen (that failure is reported by the
+		// test itself): thaw it, or the unmount would hang or leave it frozen for good.
+		exec.Command("fsfreeze", "-u", dir).Run()
 		for i := 0; i < 50; i++ {
 			if exec.Command("mountpoint", "-q", dir).Run() != nil || exec.Command("umount", dir).Run() == nil {
 				return // unmounted already by the test, or now
@@ -280,7 +283,6 @@ func WritableWithin(dir string, d time.Duration) bool {
 func PartitionedLoop(t testing.TB, size int64) (part, disk string) {
 	t.Helper()
 	RequireRoot(t)
-	RequireTool(t, "sfdisk")
 	img := filepath.Join(t.TempDir(), "disk.img")
 	f, err := os.Create(img)
 	if err != nil {
@@ -288,11 +290,18 @@ func PartitionedLoop(t testing.TB, size int64) (part, disk string) {
 	}
 	f.Truncate(size)
 	f.Close()
-	cmd := exec.Command("sfdisk", "-q", img)
-	cmd.Stdin = strings.NewReader("start=34816, type=83\n")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("sfdisk: %v\n%s", err, out)
-	}
+	disk, parts := AttachPartitioned(t, img, "start=34816, type=83\n")
+	return parts[0], disk
+}
+
+// AttachPartitioned writes the sfdisk script layout to the image file img, attaches it to
+// a loop device with its partitions, and returns the disk and partition devices. The loop
+// device is detached at cleanup.
+func AttachPartitioned(t testing.TB, img, layout string) (disk string, parts []string) {
+	t.Helper()
+	RequireRoot(t)
+	RequireTool(t, "sfdisk")
+	RunInput(t, strings.NewReader(layout), "sfdisk", "-q", img)
 	disk = strings.TrimSpace(Run(t, "losetup", "-f", "-P", "--show", img))
 	t.Cleanup(func() {
 		for i := 0; i < 50; i++ {
@@ -303,18 +312,31 @@ func PartitionedLoop(t testing.TB, size int64) (part, disk string) {
 		}
 		t.Errorf("could not detach %s", disk)
 	})
-	part = disk + "p1"
-	if _, err := os.Stat(part); err != nil {
-		exec.Command("partx", "-a", disk).Run() // where the kernel's scan did not add it
-	}
-	for i := 0; i < 50; i++ {
-		if _, err := os.Stat(part); err == nil {
-			return part, disk
+	n := strings.Count(strings.TrimSpace(layout), "\n") + 1
+	for k := 1; k <= n; k++ {
+		part := fmt.Sprintf("%sp%d", disk, k)
+		if _, err := os.Stat(part); err != nil {
+			exec.Command("partx", "-a", disk).Run() // where the kernel's scan did not add it
 		}
-		time.Sleep(100 * time.Millisecond)
+		for i := 0; ; i++ {
+			if _, err := os.Stat(part); err == nil {
+				break
+			}
+			if i == 50 {
+				t.Fatalf("partition %s did not appear", part)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		// udev is not there to settle it: wait until the kernel reports its size.
+		for i := 0; i < 50; i++ {
+			if b, err := os.ReadFile(fmt.Sprintf("/sys/class/block/%s/size", filepath.Base(part))); err == nil && strings.TrimSpace(string(b)) != "0" {
+				break
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		parts = append(parts, part)
 	}
-	t.Fatalf("partition %s did not appear", part)
-	return "", ""
+	return disk, parts
 }
 
 // RunInput runs a command with stdin and fails the test if it fails.
