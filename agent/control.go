@@ -6,12 +6,16 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/user"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/stasis-project/stasis/chain"
 )
@@ -101,31 +105,108 @@ func (s *Service) ServeControl(ctx context.Context, path, group string) error {
 		l.Close()
 		os.Remove(path)
 	}()
+	backoff := 5 * time.Millisecond
+	idle := &idleConns{open: map[net.Conn]bool{}}
 	for {
 		conn, err := l.Accept()
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil
 			}
-			return err
+			// Out of descriptors (EMFILE) or another passing failure: wait and go on, as
+			// net/http does; the agent's schedules must not stop because of a client.
+			s.log.Warn("control socket: accept failed; retrying", "err", err, "in", backoff)
+			select {
+			case <-time.After(backoff):
+			case <-ctx.Done():
+				return nil
+			}
+			backoff = min(2*backoff, time.Second)
+			continue
 		}
-		go s.handle(conn)
+		backoff = 5 * time.Millisecond
+		idle.add(conn)
+		go s.handle(conn, idle)
 	}
 }
 
-func (s *Service) handle(conn net.Conn) {
+// idleConns are connections that have not sent their request yet. Past maxIdle the oldest
+// is closed: a flood of idle clients costs the agent a bounded number of descriptors and
+// never keeps a real request out.
+type idleConns struct {
+	mu    sync.Mutex
+	order []net.Conn
+	open  map[net.Conn]bool
+}
+
+const maxIdle = 256
+
+func (c *idleConns) add(conn net.Conn) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.open[conn] = true
+	c.order = append(c.order, conn)
+	for len(c.open) > maxIdle && len(c.order) > 0 {
+		old := c.order[0]
+		c.order = c.order[1:]
+		if c.open[old] {
+			delete(c.open, old)
+			old.Close()
+		}
+	}
+	if len(c.order) > 4*maxIdle { // forget the ones already gone
+		live := c.order[:0]
+		for _, o := range c.order {
+			if c.open[o] {
+				live = append(live, o)
+			}
+		}
+		c.order = live
+	}
+}
+
+// done marks a connection as no longer idle.
+func (c *idleConns) done(conn net.Conn) {
+	c.mu.Lock()
+	delete(c.open, conn)
+	c.mu.Unlock()
+}
+
+// Limits on the control socket: a client has requestTimeout to send its request, of at
+// most maxRequest bytes; callers other than root may have maxUnprivilegedSnapshots
+// snapshots requested at a time.
+const (
+	requestTimeout           = 5 * time.Second
+	maxRequest               = 64 << 10
+	maxUnprivilegedSnapshots = 2
+)
+
+func (s *Service) handle(conn net.Conn, idle *idleConns) {
 	defer conn.Close()
 	enc := json.NewEncoder(conn)
 	var req ControlRequest
-	if err := json.NewDecoder(bufio.NewReader(conn)).Decode(&req); err != nil {
+	conn.SetReadDeadline(time.Now().Add(requestTimeout))
+	dec := json.NewDecoder(bufio.NewReader(io.LimitReader(conn, maxRequest)))
+	err := dec.Decode(&req)
+	idle.done(conn)
+	if err != nil {
 		enc.Encode(ControlResponse{Error: "bad request: " + err.Error(), Final: true})
 		return
 	}
+	conn.SetReadDeadline(time.Time{})
 	resp := ControlResponse{Final: true}
 	switch req.Op {
 	case "status":
 		resp.Status = s.Status()
 	case "snapshot":
+		if uid, ok := peerUID(conn); !ok || uid != 0 {
+			if s.unprivileged.Add(1) > maxUnprivilegedSnapshots {
+				s.unprivileged.Add(-1)
+				resp.Error = fmt.Sprintf("%d snapshots requested by users other than root are already waiting or running; try again when they are done", maxUnprivilegedSnapshots)
+				break
+			}
+			defer s.unprivileged.Add(-1)
+		}
 		outs, err := s.Snapshot(req.Volume, req.Name, func(note string) { enc.Encode(ControlResponse{Note: note}) })
 		if err != nil {
 			resp.Error = err.Error()
@@ -186,4 +267,22 @@ func Call(path string, req ControlRequest, note func(string)) (*ControlResponse,
 		}
 		return &resp, nil
 	}
+}
+
+// peerUID returns the uid of the process at the other end of a unix socket.
+func peerUID(conn net.Conn) (uint32, bool) {
+	uc, ok := conn.(*net.UnixConn)
+	if !ok {
+		return 0, false
+	}
+	raw, err := uc.SyscallConn()
+	if err != nil {
+		return 0, false
+	}
+	var cred *unix.Ucred
+	var cerr error
+	if err := raw.Control(func(fd uintptr) { cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED) }); err != nil || cerr != nil {
+		return 0, false
+	}
+	return cred.Uid, true
 }

@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/stasis-project/stasis/agent/mysql"
+	"github.com/stasis-project/stasis/agent/trust"
 	"github.com/stasis-project/stasis/chain"
 	"github.com/stasis-project/stasis/chain/capture"
 	"github.com/stasis-project/stasis/chain/capture/blocktrace"
@@ -220,8 +221,16 @@ func doctorVolume(ctx context.Context, cfg *config.Config, v config.Volume, snap
 	if q := *v.Retention.KeepAuto; auto >= q {
 		add("retention", SevOK, fmt.Sprintf("%d automatic snapshots, at the quota of %d: each new one replaces the oldest", auto, q), "")
 	}
-	// Database.
+	// Hooks run as root: only root may be able to change them.
 	spec := SpecFromConfig(v)
+	if spec.App != nil {
+		for _, h := range append(append([]string(nil), spec.App.PreHooks...), spec.App.PostHooks...) {
+			if err := trust.Check(h, false); err != nil {
+				add("hooks", SevError, "hook refused: "+err.Error(), "make the hook and its directories root's alone")
+			}
+		}
+	}
+	// Database.
 	if spec.App != nil && spec.App.MySQL != nil && spec.App.MySQL.Mode != "none" {
 		dsn, err := mysql.ReadDSN(spec.App.DSNFile)
 		if err == nil {

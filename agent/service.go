@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/coreos/go-systemd/v22/daemon"
@@ -43,6 +44,8 @@ type Service struct {
 	metrics *metrics
 	ctx     context.Context
 	running sync.WaitGroup
+	// unprivileged counts snapshots requested on the socket by users other than root.
+	unprivileged atomic.Int32
 }
 
 // serviceVolume is one configured volume and its runtime state.

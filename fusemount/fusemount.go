@@ -263,7 +263,9 @@ var (
 )
 
 func (n *imageNode) fill(a *fuse.Attr) {
-	a.Mode = fuse.S_IFREG | 0o444
+	// The raw volume holds every file, root's own included: only root may read it, even
+	// when other users are let into the view to read what the files' permissions allow.
+	a.Mode = fuse.S_IFREG | 0o400
 	a.Nlink = 1
 	a.Size = uint64(n.snap.SizeBytes)
 	a.Blocks = (a.Size + 511) / 512

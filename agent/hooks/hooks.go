@@ -1,5 +1,7 @@
 // Package hooks runs the pre-freeze and post-thaw commands of a volume: each with a time
-// limit (its whole process group is killed at the limit), its output sent to the log.
+// limit (its whole process group is killed at the limit), its output sent to the log. A hook
+// runs as root, so it must be a file only root can change, and it gets a minimal
+// environment, not the agent's.
 package hooks
 
 import (
@@ -9,16 +11,20 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"os"
 	"os/exec"
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/stasis-project/stasis/agent/trust"
 )
 
+// Env is the environment every hook starts from; Run adds STASIS_PHASE and the caller's.
+var Env = []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8", "HOME=/root"}
+
 // Run runs commands in order, stopping at the first failure (a non-zero exit, a command
-// that cannot start, or the timeout). Each entry is an executable path, run without a
-// shell; env is added to the environment (STASIS_VOLUME, STASIS_PHASE...).
+// that cannot start, one others than root could change, or the timeout). Each entry is an
+// executable path, run without a shell; env is added to Env (STASIS_VOLUME...).
 func Run(ctx context.Context, phase string, cmds []string, timeout time.Duration, env []string, log *slog.Logger) error {
 	for _, c := range cmds {
 		if err := runOne(ctx, phase, c, timeout, env, log); err != nil {
@@ -29,8 +35,11 @@ func Run(ctx context.Context, phase string, cmds []string, timeout time.Duration
 }
 
 func runOne(ctx context.Context, phase, path string, timeout time.Duration, env []string, log *slog.Logger) error {
+	if err := trust.Check(path, false); err != nil {
+		return fmt.Errorf("%s hook refused: %w", phase, err)
+	}
 	cmd := exec.Command(path)
-	cmd.Env = append(append(os.Environ(), env...), "STASIS_PHASE="+phase)
+	cmd.Env = append(append(append([]string(nil), Env...), env...), "STASIS_PHASE="+phase)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	out, err := cmd.StdoutPipe()
 	if err != nil {

@@ -47,7 +47,35 @@ func TestHooks(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "was killed") || time.Since(start) > 5*time.Second {
 		t.Fatalf("hanging hook: %v after %v", err, time.Since(start))
 	}
-	if err := Run(ctx, "pre", []string{"/does/not/exist"}, time.Second, nil, log); err == nil || !strings.Contains(err.Error(), "cannot start") {
+	if err := Run(ctx, "pre", []string{"/does/not/exist"}, time.Second, nil, log); err == nil || !strings.Contains(err.Error(), "no such file") {
 		t.Fatalf("missing hook: %v", err)
+	}
+}
+
+// TestHookTrustAndEnvironment: a hook others could change is refused before it runs; a hook
+// sees a minimal environment, not the agent's.
+func TestHookTrustAndEnvironment(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	var buf bytes.Buffer
+	log := slog.New(slog.NewTextHandler(&buf, nil))
+	ran := filepath.Join(t.TempDir(), "ran")
+	h := script(t, "touch "+ran)
+	os.Chmod(h, 0o777)
+	err := Run(context.Background(), "pre", []string{h}, time.Second, nil, log)
+	if err == nil || !strings.Contains(err.Error(), "writable by others") {
+		t.Fatalf("a world-writable hook: %v", err)
+	}
+	if _, err := os.Stat(ran); err == nil {
+		t.Fatal("the refused hook ran")
+	}
+	t.Setenv("AGENT_SECRET", "s3cret")
+	env := script(t, `echo "env: $(env | sort | tr '\n' ' ')"`)
+	if err := Run(context.Background(), "post", []string{env}, 5*time.Second, []string{"STASIS_VOLUME=db"}, log); err != nil {
+		t.Fatal(err)
+	}
+	if out := buf.String(); strings.Contains(out, "s3cret") || !strings.Contains(out, "STASIS_VOLUME=db") || !strings.Contains(out, "PATH=/usr/local/sbin") {
+		t.Fatalf("hook environment: %s", out)
 	}
 }

@@ -19,6 +19,8 @@ import (
 	"time"
 
 	"github.com/go-sql-driver/mysql"
+
+	"github.com/stasis-project/stasis/agent/trust"
 )
 
 // Config is a validated database section of a volume.
@@ -63,14 +65,11 @@ var (
 	ErrPrivilege = errors.New("database account lacks a privilege")
 )
 
-// ReadDSN reads a DSN file, which must not be readable by others (it holds a password).
+// ReadDSN reads a DSN file, which holds a password: it must belong to root, be readable by
+// nobody else, and sit where nobody else can replace it.
 func ReadDSN(path string) (string, error) {
-	st, err := os.Stat(path)
-	if err != nil {
+	if err := trust.Check(path, true); err != nil {
 		return "", fmt.Errorf("dsn_file %s: %w", path, err)
-	}
-	if st.Mode().Perm()&0o077 != 0 {
-		return "", fmt.Errorf("dsn_file %s is readable by others (mode %04o): chmod 600 %s", path, st.Mode().Perm(), path)
 	}
 	b, err := os.ReadFile(path)
 	if err != nil {
@@ -198,20 +197,23 @@ func Lock(ctx context.Context, cfg Config) (*Locked, error) {
 func (l *Locked) Info() Info { return l.info }
 
 type longQuery struct {
-	id         int64
-	user, info string
-	secs       int64
+	id   int64
+	user string
+	secs int64
 }
 
+// String names a query by its session, user and age; its text (other people's data) is
+// never reported or kept.
 func (q longQuery) String() string {
-	return fmt.Sprintf("query %d by %s running %ds: %s", q.id, q.user, q.secs, q.info)
+	return fmt.Sprintf("session %d of user %s, running a statement for %ds", q.id, q.user, q.secs)
 }
 
 // listLongQueries returns the queries other sessions have been running for at least
 // threshold (replication threads and idle sessions excluded).
 func listLongQueries(ctx context.Context, conn *sql.Conn, threshold time.Duration) ([]longQuery, error) {
-	rows, err := conn.QueryContext(ctx, `SELECT ID, USER, TIME, COALESCE(LEFT(INFO, 200), '') FROM information_schema.PROCESSLIST
-		WHERE COMMAND NOT IN ('Sleep', 'Daemon', 'Binlog Dump', 'Binlog Dump GTID') AND ID <> CONNECTION_ID() AND TIME >= ?`,
+	rows, err := conn.QueryContext(ctx, `SELECT ID, USER, TIME FROM information_schema.PROCESSLIST
+		WHERE COMMAND NOT IN ('Sleep', 'Daemon', 'Binlog Dump', 'Binlog Dump GTID') AND INFO IS NOT NULL
+		AND ID <> CONNECTION_ID() AND TIME >= ?`,
 		int64(threshold.Seconds()))
 	if err != nil {
 		return nil, fmt.Errorf("read the process list: %w", err)
@@ -220,7 +222,7 @@ func listLongQueries(ctx context.Context, conn *sql.Conn, threshold time.Duratio
 	var out []longQuery
 	for rows.Next() {
 		var q longQuery
-		if rows.Scan(&q.id, &q.user, &q.secs, &q.info) == nil && q.info != "" {
+		if rows.Scan(&q.id, &q.user, &q.secs) == nil {
 			out = append(out, q)
 		}
 	}
@@ -319,8 +321,9 @@ func (l *Locked) blockers(self int64) string {
 	defer c2.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	rows, err := c2.QueryContext(ctx, `SELECT ID, USER, TIME, COALESCE(LEFT(INFO, 200), '') FROM information_schema.PROCESSLIST
-		WHERE COMMAND NOT IN ('Sleep', 'Daemon') AND ID <> ? AND ID <> CONNECTION_ID() ORDER BY TIME DESC LIMIT 3`, self)
+	rows, err := c2.QueryContext(ctx, `SELECT ID, USER, TIME FROM information_schema.PROCESSLIST
+		WHERE COMMAND NOT IN ('Sleep', 'Daemon') AND INFO IS NOT NULL AND ID <> ? AND ID <> CONNECTION_ID()
+		ORDER BY TIME DESC LIMIT 3`, self)
 	if err != nil {
 		return "unknown (" + err.Error() + ")"
 	}
@@ -328,7 +331,7 @@ func (l *Locked) blockers(self int64) string {
 	var out []string
 	for rows.Next() {
 		var q longQuery
-		if rows.Scan(&q.id, &q.user, &q.secs, &q.info) == nil && q.info != "" {
+		if rows.Scan(&q.id, &q.user, &q.secs) == nil {
 			out = append(out, q.String())
 		}
 	}

@@ -9,8 +9,11 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 
 	"golang.org/x/sync/errgroup"
 	"golang.org/x/sys/unix"
@@ -148,6 +151,9 @@ func Restore(ctx context.Context, sr *chain.SnapshotReader, target string, progr
 	var f *os.File
 	switch m := st.Mode(); {
 	case m.IsRegular():
+		if err := fileInUse(target, st); err != nil {
+			return Stats{}, err
+		}
 		f, err = os.OpenFile(target, os.O_RDWR, 0)
 		if err != nil {
 			return Stats{}, fmt.Errorf("restore target: %w", err)
@@ -313,4 +319,57 @@ func syncDir(dir string) error {
 	}
 	defer d.Close()
 	return d.Sync()
+}
+
+// fileInUse refuses a restore target file that backs an attached loop device (a live
+// filesystem may be mounted from it) or that a running program (a VM, say) has open for
+// writing: rewriting it underneath them would corrupt what they hold.
+func fileInUse(target string, st os.FileInfo) error {
+	want, ok := st.Sys().(*syscall.Stat_t)
+	if !ok {
+		return nil
+	}
+	same := func(path string) bool {
+		var s unix.Stat_t
+		return unix.Stat(path, &s) == nil && s.Dev == want.Dev && s.Ino == want.Ino
+	}
+	loops, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
+	for _, b := range loops {
+		back, err := os.ReadFile(b)
+		if err != nil {
+			continue
+		}
+		if same(strings.TrimSpace(string(back))) {
+			dev := filepath.Base(filepath.Dir(filepath.Dir(b)))
+			return fmt.Errorf("%s backs the loop device /dev/%s: %w; detach it first (losetup -d /dev/%s), after unmounting what is mounted from it", target, dev, ErrTargetBusy, dev)
+		}
+	}
+	procs, _ := filepath.Glob("/proc/[0-9]*/fd/*")
+	for _, fd := range procs {
+		if !same(fd) {
+			continue
+		}
+		pid := strings.Split(fd, "/")[2]
+		if pid == strconv.Itoa(os.Getpid()) {
+			continue
+		}
+		info, err := os.ReadFile(strings.Replace(fd, "/fd/", "/fdinfo/", 1))
+		if err != nil || !openForWriting(string(info)) {
+			continue
+		}
+		comm, _ := os.ReadFile("/proc/" + pid + "/comm")
+		return fmt.Errorf("%s is open for writing by process %s (%s): %w; stop it first", target, pid, strings.TrimSpace(string(comm)), ErrTargetBusy)
+	}
+	return nil
+}
+
+// openForWriting reads the flags line of /proc/PID/fdinfo/FD (octal open flags).
+func openForWriting(fdinfo string) bool {
+	for _, line := range strings.Split(fdinfo, "\n") {
+		if v, ok := strings.CutPrefix(line, "flags:"); ok {
+			flags, err := strconv.ParseUint(strings.TrimSpace(v), 8, 64)
+			return err == nil && flags&(unix.O_WRONLY|unix.O_RDWR) != 0
+		}
+	}
+	return false
 }

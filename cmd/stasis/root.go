@@ -11,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/coreos/go-systemd/v22/journal"
 	"github.com/spf13/cobra"
 
 	"github.com/stasis-project/stasis/chain"
@@ -91,7 +92,11 @@ func (g *globals) logger() *slog.Logger {
 		if g.verbose {
 			level = slog.LevelDebug
 		}
-		g.logHold = newHoldHandler(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+		var h slog.Handler = slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})
+		if onJournal, _ := journal.StderrIsJournalStream(); onJournal {
+			h = newPriorityHandler(os.Stderr, level) // "<3>" prefixes: priorities for journalctl
+		}
+		g.logHold = newHoldHandler(h)
 		g.log = slog.New(g.logHold)
 	}
 	return g.log

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"math/rand"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -191,8 +192,21 @@ func TestRestoreOntoFile(t *testing.T) {
 		t.Fatal("restore to a new file differs")
 	}
 	testenv.Scribble(t, rng, f, 8<<20, 3)
+	// Open for writing by a program (this test): refused, naming it.
+	if r := testenv.Stasis(t, "restore", "-r", repo, "f/a", "--to", src); r.Code == 0 || !strings.Contains(r.Stderr, "is open for writing by process") {
+		t.Fatalf("restore onto a file open for writing: exit %d, %s", r.Code, r.Stderr)
+	}
+	f.Close()
 	testenv.MustStasis(t, "restore", "-r", repo, "f/a", "--to", src)
 	if testenv.HashFile(t, src, 0) != want {
 		t.Fatal("restore onto the changed file differs")
+	}
+	// The backing file of an attached loop device (a filesystem may be mounted from it):
+	// refused, naming the device, and left as it was.
+	loop := strings.TrimSpace(testenv.Run(t, "losetup", "-f", "--show", src))
+	defer exec.Command("losetup", "-d", loop).Run()
+	r := testenv.Stasis(t, "restore", "-r", repo, "f/a", "--to", src)
+	if r.Code == 0 || !strings.Contains(r.Stderr, "backs the loop device "+loop) {
+		t.Fatalf("restore onto a loop device's backing file: exit %d, %s", r.Code, r.Stderr)
 	}
 }

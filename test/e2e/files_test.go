@@ -147,6 +147,15 @@ func TestMountFilesGroundTruth(t *testing.T) {
 			if out, err := asNobody(filepath.Join(view, "secret", "root-only.key")); err == nil || !strings.Contains(out, "Permission denied") {
 				t.Fatalf("nobody read a 0600 root file through the view: %v %q", err, out)
 			}
+			// Nor through the raw image, which holds every file.
+			if out, err := asNobody(view + ".img"); err == nil || !strings.Contains(out, "Permission denied") {
+				t.Fatalf("nobody read the raw image through the view: %v %.80q", err, out)
+			}
+			if f, err := os.Open(view + ".img"); err != nil {
+				t.Fatalf("root cannot read the raw image: %v", err)
+			} else {
+				f.Close()
+			}
 		})
 	}
 	if target, err := os.Readlink(filepath.Join(mnt, "xfs", "latest")); err != nil || target != "s1" {

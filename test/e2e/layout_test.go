@@ -1,8 +1,10 @@
 package e2e
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -27,6 +29,12 @@ type configuredAgent struct {
 // env, waiting until it answers on its socket.
 func startAgent(t *testing.T, body string, env ...string) *configuredAgent {
 	t.Helper()
+	return startAgentWrapped(t, nil, body, env...)
+}
+
+// startAgentWrapped is startAgent with the agent run under a wrapper command (prlimit...).
+func startAgentWrapped(t *testing.T, wrapper []string, body string, env ...string) *configuredAgent {
+	t.Helper()
 	dir := t.TempDir()
 	a := &configuredAgent{cfg: filepath.Join(dir, "stasis.yaml"), repo: filepath.Join(dir, "repo")}
 	cfg := fmt.Sprintf("repository: %s\nmount: \"\"\nstate_dir: %s\nsocket: %s\ncatch_up: false\n%s",
@@ -34,7 +42,8 @@ func startAgent(t *testing.T, body string, env ...string) *configuredAgent {
 	if err := os.WriteFile(a.cfg, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(testenv.Binary(t), "agent", "--config", a.cfg)
+	argv := append(append([]string(nil), wrapper...), testenv.Binary(t), "agent", "--config", a.cfg)
+	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Env = append(os.Environ(), env...)
 	a.log = &testLog{t: t}
 	cmd.Stderr = a.log
@@ -335,5 +344,38 @@ groups:
 				t.Fatalf("list --group g: %d entries", len(got))
 			}
 		})
+	}
+}
+
+// TestControlSocketUnderLoad: 5,000 idle connections and some garbage do not stop the agent
+// from answering `stasis status` within a second, and it stays up — with a descriptor limit
+// (1024) far below the number of connections, where accept fails with EMFILE.
+func TestControlSocketUnderLoad(t *testing.T) {
+	testenv.RequireTool(t, "prlimit")
+	a := startAgentWrapped(t, []string{"prlimit", "--nofile=1024:1024", "--"}, "volumes: []\n")
+	sock := filepath.Join(filepath.Dir(a.cfg), "sock")
+	var conns []net.Conn
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	for i := 0; i < 5000; i++ {
+		c, err := net.Dial("unix", sock)
+		if err != nil {
+			t.Fatalf("connection %d: %v", i, err)
+		}
+		conns = append(conns, c)
+	}
+	conns[0].Write(bytes.Repeat([]byte("{"), 100<<10)) // an endless request
+	start := time.Now()
+	r := testenv.Stasis(t, "--config", a.cfg, "status", "--json")
+	if r.Code != 0 || time.Since(start) > time.Second {
+		t.Fatalf("status with 5,000 idle connections took %s: exit %d %s", time.Since(start), r.Code, r.Stderr)
+	}
+	// The idle ones are dropped after the request timeout; the agent is still there.
+	time.Sleep(6 * time.Second)
+	if r := testenv.Stasis(t, "--config", a.cfg, "status"); r.Code != 0 {
+		t.Fatalf("agent gone after the idle connections: %s\n%s", r.Stderr, a.log.String())
 	}
 }

@@ -73,3 +73,38 @@ func TestDebPackage(t *testing.T) {
 		t.Error("configuration left after purge")
 	}
 }
+
+// TestPackageScripts: an upgrade (deb prerm "upgrade", rpm %preun 1) leaves the agent
+// running and the postinstall restarts it; a removal (deb "remove", rpm 0) stops it.
+func TestPackageScripts(t *testing.T) {
+	_, file, _, _ := runtime.Caller(0)
+	scripts := filepath.Join(filepath.Dir(file), "..", "..", "packaging", "scripts")
+	dir := t.TempDir()
+	logf := filepath.Join(dir, "calls")
+	os.WriteFile(filepath.Join(dir, "systemctl"), []byte("#!/bin/sh\necho \"$*\" >> "+logf+"\n"), 0o755)
+	run := func(script string, args ...string) string {
+		os.Remove(logf)
+		cmd := exec.Command("sh", append([]string{filepath.Join(scripts, script)}, args...)...)
+		cmd.Env = append(os.Environ(), "PATH="+dir+":"+os.Getenv("PATH"), "STASIS_SYSTEMD_RUNTIME="+dir)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("%s %v: %v\n%s", script, args, err, out)
+		}
+		b, _ := os.ReadFile(logf)
+		return string(b)
+	}
+	for _, arg := range []string{"upgrade", "1"} {
+		if calls := run("preremove.sh", arg); strings.Contains(calls, "stop") {
+			t.Errorf("prerm %s stopped the agent: %q", arg, calls)
+		}
+	}
+	for _, arg := range []string{"remove", "0"} {
+		if calls := run("preremove.sh", arg); !strings.Contains(calls, "stop stasis.service") {
+			t.Errorf("prerm %s did not stop the agent: %q", arg, calls)
+		}
+	}
+	for _, args := range [][]string{{"configure", "0.1.0"}, {"2"}} {
+		if calls := run("postinstall.sh", args...); !strings.Contains(calls, "try-restart stasis.service") {
+			t.Errorf("postinst %v did not restart the agent: %q", args, calls)
+		}
+	}
+}
