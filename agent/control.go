@@ -37,6 +37,7 @@ type ControlResponse struct {
 	Note      string            `json:"note,omitempty"`
 	Error     string            `json:"error,omitempty"`
 	Status    []VolumeStatus    `json:"status,omitempty"`
+	Replica   *ReplicaStatus    `json:"replica,omitempty"`
 	Snapshot  *SnapshotReport   `json:"snapshot,omitempty"`
 	Group     []*SnapshotReport `json:"group,omitempty"` // every member, for a group snapshot
 	Decisions []PruneDecision   `json:"decisions,omitempty"`
@@ -198,6 +199,9 @@ func (s *Service) handle(conn net.Conn, idle *idleConns) {
 	switch req.Op {
 	case "status":
 		resp.Status = s.Status()
+		if s.replica != nil {
+			resp.Replica = s.replica.snapshot()
+		}
 	case "snapshot":
 		if uid, ok := peerUID(conn); !ok || uid != 0 {
 			if s.unprivileged.Add(1) > maxUnprivilegedSnapshots {

@@ -47,6 +47,9 @@ type DoctorEnv struct {
 	Now          time.Time
 	FuseDevice   string       // /dev/fuse
 	Tracing      func() error // blocktrace.Available
+	// OpenRepo opens the configured repository to read (the CLI's way, with its password
+	// and S3 settings); nil skips the repository checks.
+	OpenRepo func(ctx context.Context) (*chain.Reader, error)
 }
 
 // DefaultDoctorEnv reads the real machine.
@@ -102,37 +105,64 @@ func Doctor(ctx context.Context, cfg *config.Config, env DoctorEnv) []Finding {
 	for _, state := range otherFreezers() {
 		add("freeze", "", SevWarning, "another stasis process froze filesystems and is still running: "+state, "wait for it, or run stasis thaw --all if it hangs")
 	}
-	snaps := repoSnapshots(ctx, cfg.Repository) // read once for every check below
-	fs = append(fs, doctorRepository(cfg, snaps)...)
+	for _, sec := range []struct{ key, path string }{{"password_file", cfg.PasswordFile}, {"replicate.password_file", replicatePasswordFile(cfg)}} {
+		if sec.path == "" {
+			continue
+		}
+		if err := trust.Check(sec.path, true); err != nil {
+			add("secrets", "", SevError, sec.key+": "+err.Error(), "chown root:root "+sec.path+" && chmod 600 "+sec.path)
+		} else {
+			add("secrets", "", SevOK, sec.key+" "+sec.path+" is root's and private", "")
+		}
+	}
+	var snaps []*chain.Snapshot // read once for every check below
+	if env.OpenRepo != nil {
+		r, err := env.OpenRepo(ctx)
+		if err == nil {
+			all, _, _ := r.Snapshots(ctx)
+			snaps = chain.OfHost(all, r.Host())
+			defer r.Close()
+		}
+		fs = append(fs, doctorRepository(cfg, r, err, snaps)...)
+	}
 	for _, v := range cfg.Volumes {
 		fs = append(fs, doctorVolume(ctx, cfg, v, snaps, env)...)
 	}
 	return fs
 }
 
-// repoSnapshots lists the repository's snapshots, or nothing if it cannot be read (the
-// repository checks say why).
-func repoSnapshots(ctx context.Context, dir string) []*chain.Snapshot {
-	be, err := local.Open(dir)
-	if err != nil {
-		return nil
+func replicatePasswordFile(cfg *config.Config) string {
+	if cfg.Replicate == nil {
+		return ""
 	}
-	defer be.Close()
-	r, err := chain.Open(ctx, be, nil)
-	if err != nil {
-		return nil
-	}
-	snaps, _, _ := r.Snapshots(ctx)
-	return snaps
+	return cfg.Replicate.PasswordFile
 }
 
-func doctorRepository(cfg *config.Config, snaps []*chain.Snapshot) []Finding {
+func doctorRepository(cfg *config.Config, r *chain.Reader, openErr error, snaps []*chain.Snapshot) []Finding {
 	var fs []Finding
 	add := func(sev, msg, fix string) {
 		fs = append(fs, Finding{Check: "repository", Severity: sev, Message: msg, Fix: fix})
 	}
-	if _, err := os.Stat(filepath.Join(cfg.Repository, "config")); err != nil {
+	switch {
+	case errors.Is(openErr, chain.ErrNotRepository):
 		add(SevWarning, cfg.Repository+" does not exist yet", "the agent creates it at start; or run stasis init -r "+cfg.Repository)
+		return fs
+	case errors.Is(openErr, chain.ErrNeedPassword):
+		add(SevError, cfg.Repository+" is encrypted and no password_file is configured", "set password_file in the configuration to a file holding the passphrase (mode 0600)")
+		return fs
+	case errors.Is(openErr, chain.ErrWrongPassword):
+		add(SevError, "password_file "+cfg.PasswordFile+" does not open "+cfg.Repository, "put the repository's passphrase in it, or add a key for it with stasis key add")
+		return fs
+	case openErr != nil:
+		add(SevError, "cannot read the repository: "+openErr.Error(), "check the repository location, its permissions or network, and the s3 settings")
+		return fs
+	}
+	what := "unencrypted"
+	if r.Encrypted() {
+		what = "encrypted"
+	}
+	add(SevOK, fmt.Sprintf("%s opens (%s, %d snapshots of this host)", r.Location(), what, len(snaps)), "")
+	if config.IsRemote(cfg.Repository) {
 		return fs
 	}
 	if who, locked := local.Holder(cfg.Repository); locked {

@@ -22,6 +22,11 @@ type metrics struct {
 	read        *prometheus.CounterVec
 	lastSuccess *prometheus.GaugeVec
 	packBytes   prometheus.Gauge
+
+	replicaLag         prometheus.Gauge
+	replicaLastSuccess prometheus.Gauge
+	replicaBytes       prometheus.Counter
+	replicaFailures    prometheus.Counter
 }
 
 func newMetrics() *metrics {
@@ -44,7 +49,16 @@ func newMetrics() *metrics {
 		packBytes: prometheus.NewGauge(prometheus.GaugeOpts{Name: "stasis_repository_pack_bytes",
 			Help: "Bytes in the repository's pack files."}),
 	}
-	m.reg.MustRegister(m.snapshots, m.duration, m.freeze, m.freezeHist, m.stored, m.read, m.lastSuccess, m.packBytes)
+	m.replicaLag = prometheus.NewGauge(prometheus.GaugeOpts{Name: "stasis_replica_lag_snapshots",
+		Help: "This host's snapshots the replica does not have yet."})
+	m.replicaLastSuccess = prometheus.NewGauge(prometheus.GaugeOpts{Name: "stasis_replica_last_success_timestamp_seconds",
+		Help: "Unix time of the last replication pass that copied everything."})
+	m.replicaBytes = prometheus.NewCounter(prometheus.CounterOpts{Name: "stasis_replica_bytes_stored_total",
+		Help: "Bytes replication added to the replica."})
+	m.replicaFailures = prometheus.NewCounter(prometheus.CounterOpts{Name: "stasis_replica_failures_total",
+		Help: "Replication passes that failed (each is retried with a backoff)."})
+	m.reg.MustRegister(m.snapshots, m.duration, m.freeze, m.freezeHist, m.stored, m.read, m.lastSuccess, m.packBytes,
+		m.replicaLag, m.replicaLastSuccess, m.replicaBytes, m.replicaFailures)
 	return m
 }
 

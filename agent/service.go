@@ -46,6 +46,7 @@ type Service struct {
 	running sync.WaitGroup
 	// unprivileged counts snapshots requested on the socket by users other than root.
 	unprivileged atomic.Int32
+	replica      *replicator // nil without replicate:
 }
 
 // serviceVolume is one configured volume and its runtime state.
@@ -127,12 +128,12 @@ type VolumeStatus struct {
 
 // NewService opens (creating if needed) the configured repository. load re-reads the
 // configuration for SIGHUP.
-func NewService(ctx context.Context, cfg *config.Config, load func() (*config.Config, error), openRepo func(string) (*chain.Repository, error), opts Options) (*Service, error) {
+func NewService(ctx context.Context, cfg *config.Config, load func() (*config.Config, error), open Opener, opts Options) (*Service, error) {
 	if opts.Log == nil {
 		opts.Log = slog.New(slog.DiscardHandler)
 	}
 	opts.KeepTracking = true
-	r, err := openRepo(cfg.Repository)
+	r, err := open(ctx, cfg.Repository, cfg.PasswordFile)
 	if err != nil {
 		return nil, err
 	}
@@ -142,6 +143,9 @@ func NewService(ctx context.Context, cfg *config.Config, load func() (*config.Co
 	}
 	s := &Service{log: opts.Log, opts: opts, repo: r, load: load, cfg: cfg, vols: map[string]*serviceVolume{}, state: st,
 		started: time.Now(), ctx: ctx, metrics: newMetrics()}
+	if cfg.Replicate != nil {
+		s.replica = newReplicator(s, *cfg.Replicate, open)
+	}
 	return s, nil
 }
 
@@ -151,6 +155,14 @@ func NewService(ctx context.Context, cfg *config.Config, load func() (*config.Co
 func (s *Service) Run(ctx context.Context, reload <-chan struct{}) error {
 	s.ctx = ctx
 	s.apply(s.cfg)
+	if s.replica != nil {
+		s.running.Add(1)
+		go func() {
+			defer s.running.Done()
+			s.replica.run(ctx)
+		}()
+		s.replica.wake() // catch up with what an earlier run left
+	}
 	daemon.SdNotify(false, daemon.SdNotifyReady)
 	s.notifyStatus()
 	s.catchUp()
@@ -185,6 +197,9 @@ func (s *Service) Run(ctx context.Context, reload <-chan struct{}) error {
 				continue
 			}
 			s.log.Info("configuration reloaded", "volumes", len(cfg.Volumes))
+			if !reflect.DeepEqual(cfg.Replicate, s.cfg.Replicate) || cfg.Repository != s.cfg.Repository {
+				s.log.Warn("repository and replicate settings change at the next restart of the agent")
+			}
 			s.apply(cfg)
 			s.notifyStatus()
 		case <-watchdog:
@@ -374,13 +389,8 @@ func (s *Service) snapshot(j *job, name, kind string) (outs []*Outcome, err erro
 		j.smu.Unlock()
 		s.notifyStatus()
 	}()
-	holder := fmt.Sprintf("pid %d (stasis agent: snapshot of %s) since %s", os.Getpid(), j.name, time.Now().UTC().Format(time.RFC3339))
-	unlock, err := s.lock(ctx, holder)
-	if err != nil {
-		s.recordFailure(j, err)
-		return nil, err
-	}
-	defer unlock()
+	// Snapshots take no repository lock: their packs are protected from a concurrent gc by
+	// the writer's heartbeat (chain/leases.go). Only retention below takes the deletion lock.
 	if kind == chain.KindAuto && name == "" {
 		if name, err = s.autoName(ctx, j, time.Now()); err != nil {
 			s.recordFailure(j, err)
@@ -422,12 +432,9 @@ func (s *Service) snapshot(j *job, name, kind string) (outs []*Outcome, err erro
 	j.status.LastFreezeMS = Millis(outs[0].Capture.Freeze)
 	j.smu.Unlock()
 	s.state.setResult(j.name, "ok", "")
-	if j.group != nil {
-		if _, err := s.pruneGroup(ctx, j.group.spec, false); err != nil {
-			s.log.Error("retention failed", "group", j.name, "err", err)
-		}
-	} else if _, err := s.prune(ctx, j.vols[0].spec, false); err != nil {
-		s.log.Error("retention failed", "volume", j.name, "err", err)
+	s.retainAfter(ctx, j)
+	if s.replica != nil {
+		s.replica.wake()
 	}
 	s.metrics.packBytes.Set(float64(s.repo.PackBytes()))
 	return outs, nil
@@ -437,6 +444,38 @@ func (s *Service) snapshot(j *job, name, kind string) (outs []*Outcome, err erro
 func GroupSpecFromConfig(g config.Group) *GroupSpec {
 	app := appSpec(g.MySQL, g.Hooks, time.Duration(g.MaxFreeze))
 	return &GroupSpec{Name: g.Name, MaxFreeze: time.Duration(g.MaxFreeze), App: app}
+}
+
+// ownSnapshots lists this host's snapshots: retention, automatic names and counts never
+// touch another machine's snapshots in a shared repository.
+func (s *Service) ownSnapshots(ctx context.Context) ([]*chain.Snapshot, []error, error) {
+	snaps, bad, err := s.repo.Snapshots(ctx)
+	return chain.OfHost(snaps, s.repo.Host()), bad, err
+}
+
+// retainAfter applies the job's retention after a snapshot. When another process holds the
+// deletion lock (a gc from the CLI or another host), retention waits for the next snapshot
+// rather than holding this job up: deleting late never loses data.
+func (s *Service) retainAfter(ctx context.Context, j *job) {
+	holder := fmt.Sprintf("pid %d (stasis agent: retention of %s) since %s", os.Getpid(), j.name, time.Now().UTC().Format(time.RFC3339))
+	unlock, err := s.repo.Lock(ctx, holder)
+	if errors.Is(err, chain.ErrLocked) {
+		s.log.Warn("retention deferred to the next snapshot", "volume", j.name, "reason", err)
+		return
+	}
+	if err != nil {
+		s.log.Error("retention failed", "volume", j.name, "err", err)
+		return
+	}
+	defer unlock()
+	if j.group != nil {
+		_, err = s.pruneGroup(ctx, j.group.spec, false)
+	} else {
+		_, err = s.prune(ctx, j.vols[0].spec, false)
+	}
+	if err != nil {
+		s.log.Error("retention failed", "volume", j.name, "err", err)
+	}
 }
 
 func (s *Service) lock(ctx context.Context, holder string) (func(), error) {
@@ -467,7 +506,7 @@ func (s *Service) recordFailure(j *job, err error) {
 // autoName returns auto_YYYYMMDD_N, N counting the automatic snapshots of that day of the
 // volume (or of every member of the group, which all get the same name).
 func (s *Service) autoName(ctx context.Context, j *job, now time.Time) (string, error) {
-	snaps, _, err := s.repo.Snapshots(ctx)
+	snaps, _, err := s.ownSnapshots(ctx)
 	if err != nil {
 		return "", err
 	}
@@ -537,7 +576,7 @@ type PruneDecision struct {
 
 // prune applies retention to one volume; the lock is held unless dryRun.
 func (s *Service) prune(ctx context.Context, v config.Volume, dryRun bool) ([]PruneDecision, error) {
-	snaps, _, err := s.repo.Snapshots(ctx)
+	snaps, _, err := s.ownSnapshots(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -548,7 +587,7 @@ func (s *Service) prune(ctx context.Context, v config.Volume, dryRun bool) ([]Pr
 // pruneGroup applies a group's retention to its group snapshots: the members of one group
 // snapshot are kept or deleted together.
 func (s *Service) pruneGroup(ctx context.Context, g config.Group, dryRun bool) ([]PruneDecision, error) {
-	snaps, _, err := s.repo.Snapshots(ctx)
+	snaps, _, err := s.ownSnapshots(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -567,7 +606,7 @@ func (s *Service) deleteVictims(ctx context.Context, name string, victims []*cha
 		s.log.Info("retention deleted a snapshot", "volume", d.Volume, "snapshot", d.Name, "of", name)
 	}
 	if *s.cfg.GCAfterPrune {
-		st, err := s.repo.GC(ctx)
+		st, err := s.repo.GC(ctx, chain.GCOptions{})
 		if err != nil {
 			return fmt.Errorf("gc after retention: %w", err)
 		}
@@ -671,7 +710,7 @@ func (s *Service) status(counts bool) []VolumeStatus {
 	s.mu.Unlock()
 	var snaps []*chain.Snapshot
 	if counts {
-		snaps, _, _ = s.repo.Snapshots(s.ctx)
+		snaps, _, _ = s.ownSnapshots(s.ctx)
 	}
 	entries := c.Entries()
 	fill := func(name string, st VolumeStatus, scheds []cron.Schedule, count func(*chain.Snapshot) bool) VolumeStatus {

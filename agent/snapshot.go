@@ -12,7 +12,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
 	"sort"
 	"strings"
 	"sync"
@@ -356,7 +355,7 @@ func (v *Volume) prepare(ctx context.Context, r *chain.Repository, req Request, 
 	if err != nil {
 		return nil, err
 	}
-	parent := chain.Latest(snaps, v.spec.Name)
+	parent := chain.Latest(snaps, r.Host(), v.spec.Name)
 	switch {
 	case parent == nil:
 		p.fullReason = "first snapshot of the volume"
@@ -375,9 +374,8 @@ func (v *Volume) prepare(ctx context.Context, r *chain.Repository, req Request, 
 	if !tracked {
 		v.stopTracker()
 	}
-	host, _ := os.Hostname()
 	so.Volume, so.Name, so.Kind = v.spec.Name, req.Name, req.Kind
-	so.Size, so.ChunkSize, so.Source, so.Host, so.Identity, so.FromParent = src.Size, v.spec.ChunkSize, v.spec.Source, host, p.identity, tracked
+	so.Size, so.ChunkSize, so.Source, so.Identity, so.FromParent = src.Size, v.spec.ChunkSize, v.spec.Source, p.identity, tracked
 	if p.w, err = r.NewSnapshot(ctx, so); err != nil {
 		return nil, err
 	}

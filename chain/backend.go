@@ -3,6 +3,7 @@ package chain
 import (
 	"context"
 	"errors"
+	"time"
 )
 
 // FileType is a class of repository file. Each type lives in its own namespace.
@@ -14,7 +15,20 @@ const (
 	PackFile     FileType = "packs"
 	IndexFile    FileType = "index"
 	SnapshotFile FileType = "snapshots"
+	KeyFileType  FileType = "keys"      // encrypted repositories: wrapped master keys
+	WriterFile   FileType = "writers"   // heartbeats of snapshots being written
+	DeletionFile FileType = "deletions" // packs gc will delete once no writer can need them
+	DamageFile   FileType = "damaged"   // blobs verify found damaged
+	LockFile     FileType = "locks"     // deletion leases, where the backend cannot lock
 )
+
+// FileInfo describes a listed file. ModTime is the storage's own clock (the server's, for
+// object storage), so it is comparable across hosts.
+type FileInfo struct {
+	Name    string
+	Size    int64
+	ModTime time.Time
+}
 
 // Handle names one file in a backend.
 type Handle struct {
@@ -37,8 +51,8 @@ var ErrNotExist = errors.New("file does not exist")
 // Save MUST be atomic and durable: when it returns nil the whole file is on stable storage,
 // and a crash at any moment leaves either no file or the complete file, never a prefix.
 // Files are immutable once saved: Save of an existing handle with the same content is a no-op
-// success; callers never rewrite a file with different content (every name is a content hash,
-// except config, which is written once by Init).
+// success; callers never rewrite a file with different content (a name is a content hash or
+// random, except config, which is written once by Init).
 type Backend interface {
 	// Location names the backend for messages, e.g. a directory path.
 	Location() string
@@ -50,14 +64,16 @@ type Backend interface {
 	// Remove deletes a file durably. Removing a missing file returns an ErrNotExist error.
 	Remove(ctx context.Context, h Handle) error
 	// List calls fn for every file of type t, in no particular order.
-	List(ctx context.Context, t FileType, fn func(name string, size int64) error) error
+	List(ctx context.Context, t FileType, fn func(FileInfo) error) error
 	Close() error
 }
 
-// Locker is implemented by backends that can serialise writers. Lock takes the exclusive
-// writer lock, recording holder (a one-line description) so that a refused caller can name
-// who holds it; it fails at once with an ErrLocked error when another writer holds the lock.
-// The lock MUST be released if the holding process dies (SIGKILL included).
+// Locker is implemented by backends that can serialise deleters (delete, prune, gc,
+// repair; snapshots take no lock). Lock takes the exclusive deletion lock, recording holder
+// (a one-line description) so that a refused caller can name who holds it; it fails at once
+// with an ErrLocked error when another process holds the lock. The lock MUST be released if
+// the holding process dies (SIGKILL included). Backends that cannot do this (object
+// storage) get lease objects instead (see LeaseLock).
 type Locker interface {
 	Lock(ctx context.Context, holder string) (unlock func() error, err error)
 }
@@ -77,3 +93,10 @@ func (e *LockedError) Error() string {
 }
 
 func (e *LockedError) Unwrap() error { return ErrLocked }
+
+// IncompleteCleaner is implemented by backends where an interrupted Save leaves hidden
+// debris (object storage's incomplete multipart uploads): gc aborts those begun before
+// olderThan (the storage's clock), when no running writer can still be completing them.
+type IncompleteCleaner interface {
+	CleanIncomplete(ctx context.Context, olderThan time.Time) (int, error)
+}

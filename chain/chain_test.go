@@ -43,13 +43,14 @@ func (v *volume) scribble(rng *rand.Rand, n int) {
 
 func (v *volume) snapshot(t *testing.T, r *chain.Repository, name string, fromParent bool, changed []int64) *chain.Snapshot {
 	t.Helper()
+	return v.snapshotOf(t, r, "vol", name, fromParent, changed)
+}
+
+// snapshotOf writes a snapshot of the volume as volume; snapshots take no lock.
+func (v *volume) snapshotOf(t *testing.T, r *chain.Repository, volume, name string, fromParent bool, changed []int64) *chain.Snapshot {
+	t.Helper()
 	ctx := context.Background()
-	unlock, err := r.Lock(ctx, "test")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unlock()
-	w, err := r.NewSnapshot(ctx, chain.SnapshotOptions{Volume: "vol", Name: name, Size: int64(len(v.data)), ChunkSize: v.chunkSize, FromParent: fromParent})
+	w, err := r.NewSnapshot(ctx, chain.SnapshotOptions{Volume: volume, Name: name, Size: int64(len(v.data)), ChunkSize: v.chunkSize, FromParent: fromParent})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -74,10 +75,10 @@ func (v *volume) snapshot(t *testing.T, r *chain.Repository, name string, fromPa
 	return s
 }
 
-func readAll(t *testing.T, r *chain.Repository, s *chain.Snapshot) []byte {
+func readAll(t *testing.T, r *chain.Reader, s *chain.Snapshot) []byte {
 	t.Helper()
 	out := make([]byte, s.SizeBytes)
-	if _, err := r.Reader(s).ReadAt(context.Background(), out, 0); err != nil {
+	if _, err := r.SnapshotReader(s).ReadAt(context.Background(), out, 0); err != nil {
 		t.Fatalf("read %s: %v", s.Name, err)
 	}
 	return out
@@ -87,17 +88,42 @@ func newRepo(t *testing.T) (*chain.Repository, *memory.Backend) {
 	t.Helper()
 	be := memory.New()
 	ctx := context.Background()
-	if err := chain.Init(ctx, be); err != nil {
+	if _, err := chain.Init(ctx, be, chain.InitOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	if err := chain.Init(ctx, be); !errors.Is(err, chain.ErrExists) {
+	if _, err := chain.Init(ctx, be, chain.InitOptions{}); !errors.Is(err, chain.ErrExists) {
 		t.Fatalf("second Init: %v, want ErrExists", err)
 	}
-	r, err := chain.Open(ctx, be, nil)
+	return openRepo(t, be, chain.Options{}), be
+}
+
+// openRepo opens be for writing, with a cache of its own, closed at cleanup.
+func openRepo(t *testing.T, be chain.Backend, opts chain.Options) *chain.Repository {
+	t.Helper()
+	if opts.CacheDir == "" {
+		opts.CacheDir = t.TempDir()
+	}
+	r, err := chain.Open(context.Background(), be, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return r, be
+	return r
+}
+
+// gc runs a collection under the deletion lock.
+func gc(t *testing.T, r *chain.Repository) chain.GCStats {
+	t.Helper()
+	ctx := context.Background()
+	unlock, err := r.Lock(ctx, "test gc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unlock()
+	st, err := r.GC(ctx, chain.GCOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st
 }
 
 func TestChainDeleteAnyKeepsOthersExact(t *testing.T) {
@@ -118,12 +144,12 @@ func TestChainDeleteAnyKeepsOthersExact(t *testing.T) {
 				want[name] = append([]byte(nil), v.data...)
 			}
 			for _, s := range snaps {
-				if !bytes.Equal(readAll(t, r, s), want[s.Name]) {
+				if !bytes.Equal(readAll(t, r.Reader, s), want[s.Name]) {
 					t.Fatalf("%s reads back different bytes", s.Name)
 				}
 			}
 			list, _, _ := r.Snapshots(ctx)
-			target, err := chain.Find(list, "vol/"+victim)
+			target, err := chain.Find(list, r.Host(), "vol/"+victim)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -131,23 +157,28 @@ func TestChainDeleteAnyKeepsOthersExact(t *testing.T) {
 			if err := r.Delete(ctx, target); err != nil {
 				t.Fatal(err)
 			}
-			st, err := r.GC(ctx)
 			unlock()
+			before, err := r.Stats(ctx)
 			if err != nil {
 				t.Fatal(err)
 			}
+			st := gc(t, r) // no snapshot runs: gc frees what it marks at once
 			if st.BlobsDeleted == 0 || st.BytesFreed <= 0 {
 				t.Errorf("gc after deleting %s freed nothing: %+v", victim, st)
 			}
-			if rs, err := r.Stats(ctx); err != nil || rs.GarbageBytes > rs.PackBytes/10 {
-				t.Errorf("after gc %d of %d pack bytes are garbage (%v)", rs.GarbageBytes, rs.PackBytes, err)
+			// stats said what gc would free, and gc freed that (less new pack tables).
+			if d := st.BytesFreed - before.ReclaimableBytes; d > 0 || d < -PackOverhead {
+				t.Errorf("stats said %d bytes reclaimable, gc freed %d", before.ReclaimableBytes, st.BytesFreed)
+			}
+			if rs, err := r.Stats(ctx); err != nil || rs.ReclaimableBytes > rs.PackBytes/10 {
+				t.Errorf("after gc %d of %d pack bytes are reclaimable (%v)", rs.ReclaimableBytes, rs.PackBytes, err)
 			}
 			list, _, _ = r.Snapshots(ctx)
 			if len(list) != 4 {
 				t.Fatalf("%d snapshots left, want 4", len(list))
 			}
 			for _, s := range list {
-				if !bytes.Equal(readAll(t, r, s), want[s.Name]) {
+				if !bytes.Equal(readAll(t, r.Reader, s), want[s.Name]) {
 					t.Fatalf("after deleting %s and gc, %s reads back different bytes", victim, s.Name)
 				}
 			}
@@ -180,12 +211,11 @@ func TestIncrementalStoresOnlyChanges(t *testing.T) {
 	if inc.NewBytes == 0 || inc.NewBytes > 3*64<<10 {
 		t.Fatalf("incremental of 2 chunks added %d bytes", inc.NewBytes)
 	}
-	if !bytes.Equal(readAll(t, r, inc), v.data) {
+	if !bytes.Equal(readAll(t, r.Reader, inc), v.data) {
 		t.Fatal("tracked incremental reads back different bytes")
 	}
 	// Identical chunks within one snapshot are stored once.
 	dup := &volume{data: bytes.Repeat(v.data[5*64<<10:6*64<<10], 32), chunkSize: 64 << 10}
-	unlock, _ := r.Lock(ctx, "t")
 	w, err := r.NewSnapshot(ctx, chain.SnapshotOptions{Volume: "dup", Size: int64(len(dup.data)), ChunkSize: dup.chunkSize})
 	if err != nil {
 		t.Fatal(err)
@@ -197,14 +227,13 @@ func TestIncrementalStoresOnlyChanges(t *testing.T) {
 		t.Fatalf("a chunk already in the repository was stored again %d times", n)
 	}
 	s, err := w.Commit(ctx, nil, nil)
-	unlock()
 	if err != nil {
 		t.Fatal(err)
 	}
 	if s.Name == "" || s.Kind != chain.KindManual || s.Consistency != chain.ConsistencyCrash {
 		t.Fatalf("defaults: %+v", s)
 	}
-	if !bytes.Equal(readAll(t, r, s), dup.data) {
+	if !bytes.Equal(readAll(t, r.Reader, s), dup.data) {
 		t.Fatal("dedup volume reads back different bytes")
 	}
 }
@@ -216,26 +245,10 @@ func TestCorruptPackNamesDamagedSnapshots(t *testing.T) {
 	v := newVolume(rng, 2<<20, 16<<10)
 	a := v.snapshot(t, r, "a", false, nil)
 	v2 := newVolume(rng, 1<<20, 16<<10)
-	unlock, _ := r.Lock(ctx, "t")
-	w, _ := r.NewSnapshot(ctx, chain.SnapshotOptions{Volume: "other", Name: "b", Size: int64(len(v2.data)), ChunkSize: v2.chunkSize})
-	for i := 0; i < len(v2.data)/v2.chunkSize; i++ {
-		w.Put(ctx, int64(i), v2.data[i*v2.chunkSize:(i+1)*v2.chunkSize])
-	}
-	b, err := w.Commit(ctx, nil, nil)
-	unlock()
-	if err != nil {
-		t.Fatal(err)
-	}
+	b := v2.snapshotOf(t, r, "other", "b", false, nil)
 	// Damage a data chunk of snapshot a only: find the pack holding a's first chunk.
-	var packName string
-	be.List(ctx, chain.PackFile, func(name string, size int64) error {
-		if packName == "" {
-			packName = name
-		}
-		return nil
-	})
 	var packs []string
-	be.List(ctx, chain.PackFile, func(name string, size int64) error { packs = append(packs, name); return nil })
+	be.List(ctx, chain.PackFile, func(fi chain.FileInfo) error { packs = append(packs, fi.Name); return nil })
 	if len(packs) != 2 {
 		t.Fatalf("want one pack per snapshot, got %d", len(packs))
 	}
@@ -243,7 +256,7 @@ func TestCorruptPackNamesDamagedSnapshots(t *testing.T) {
 	damaged := ""
 	for _, p := range packs {
 		be.Corrupt(chain.Handle{Type: chain.PackFile, Name: p}, 16+10) // inside the first blob
-		if _, err := r.Reader(a).ReadChunk(ctx, firstDataChunk(t, r, a), nil); err != nil {
+		if _, err := r.SnapshotReader(a).ReadChunk(ctx, firstDataChunk(t, r.Reader, a), nil); err != nil {
 			damaged = p
 			break
 		}
@@ -252,7 +265,7 @@ func TestCorruptPackNamesDamagedSnapshots(t *testing.T) {
 	if damaged == "" {
 		t.Fatal("could not damage snapshot a")
 	}
-	if _, err := r.Reader(a).ReadAt(ctx, make([]byte, a.SizeBytes), 0); !errors.Is(err, chain.ErrCorrupt) {
+	if _, err := r.SnapshotReader(a).ReadAt(ctx, make([]byte, a.SizeBytes), 0); !errors.Is(err, chain.ErrCorrupt) {
 		t.Fatalf("reading a damaged snapshot: %v, want ErrCorrupt", err)
 	}
 	if rep, err := r.Verify(ctx, false, nil); err != nil || !rep.OK() {
@@ -268,22 +281,22 @@ func TestCorruptPackNamesDamagedSnapshots(t *testing.T) {
 	if _, bad := rep.Damaged[b.ID]; bad {
 		t.Fatalf("verify blames the intact snapshot b: %s", rep.Damaged[b.ID])
 	}
-	if !bytes.Equal(readAll(t, r, b), v2.data) {
+	if !bytes.Equal(readAll(t, r.Reader, b), v2.data) {
 		t.Fatal("intact snapshot b unreadable")
 	}
-	unlock, _ = r.Lock(ctx, "t")
+	unlock, _ := r.Lock(ctx, "t")
 	defer unlock()
-	if _, err := r.GC(ctx); err == nil {
+	if _, err := r.GC(ctx, chain.GCOptions{}); err == nil {
 		// gc may run (a's pages are intact) but must not make b unreadable
-		if !bytes.Equal(readAll(t, r, b), v2.data) {
+		if !bytes.Equal(readAll(t, r.Reader, b), v2.data) {
 			t.Fatal("gc on a damaged repository broke snapshot b")
 		}
 	}
 }
 
-func firstDataChunk(t *testing.T, r *chain.Repository, s *chain.Snapshot) int64 {
+func firstDataChunk(t *testing.T, r *chain.Reader, s *chain.Snapshot) int64 {
 	first := int64(-1)
-	r.Reader(s).Walk(context.Background(), func(i int64, id chain.ID) error {
+	r.SnapshotReader(s).Walk(context.Background(), func(i int64, id chain.ID) error {
 		if first < 0 {
 			first = i
 		}
@@ -295,14 +308,12 @@ func firstDataChunk(t *testing.T, r *chain.Repository, s *chain.Snapshot) int64 
 func TestLockAndNames(t *testing.T) {
 	ctx := context.Background()
 	r, _ := newRepo(t)
-	if _, err := r.NewSnapshot(ctx, chain.SnapshotOptions{Volume: "v", Size: 1 << 20}); !errors.Is(err, chain.ErrNotLocked) {
-		t.Fatalf("writing without the lock: %v", err)
+	if err := r.Delete(ctx, &chain.Snapshot{ID: "x"}); !errors.Is(err, chain.ErrNotLocked) {
+		t.Fatalf("deleting without the lock: %v", err)
 	}
 	v := &volume{data: make([]byte, 1<<20), chunkSize: 64 << 10}
 	v.data[5] = 1
 	s := v.snapshot(t, r, "x", false, nil)
-	unlock, _ := r.Lock(ctx, "t")
-	defer unlock()
 	if _, err := r.NewSnapshot(ctx, chain.SnapshotOptions{Volume: "vol", Name: "x", Size: 1 << 20}); err == nil {
 		t.Fatal("a duplicate name in the same volume was accepted")
 	}
@@ -315,13 +326,13 @@ func TestLockAndNames(t *testing.T) {
 		}
 	}
 	list, _, _ := r.Snapshots(ctx)
-	for _, ref := range []string{s.ID, s.ID[:6], "vol/x"} {
-		if got, err := chain.Find(list, ref); err != nil || got.ID != s.ID {
+	for _, ref := range []string{s.ID, s.ID[:6], "vol/x", r.Host() + ":vol/x"} {
+		if got, err := chain.Find(list, r.Host(), ref); err != nil || got.ID != s.ID {
 			t.Errorf("Find(%q) = %v, %v", ref, got, err)
 		}
 	}
-	for _, ref := range []string{"vol/nope", "ffffffff", "ab"} {
-		if _, err := chain.Find(list, ref); !errors.Is(err, chain.ErrNotFound) {
+	for _, ref := range []string{"vol/nope", "ffffffff", "ab", "otherhost:vol/x"} {
+		if _, err := chain.Find(list, r.Host(), ref); !errors.Is(err, chain.ErrNotFound) {
 			t.Errorf("Find(%q) = %v, want ErrNotFound", ref, err)
 		}
 	}
@@ -350,11 +361,8 @@ func TestStatsExclusiveBytes(t *testing.T) {
 	before := st.PackBytes
 	unlock, _ := r.Lock(ctx, "t")
 	r.Delete(ctx, b)
-	gs, err := r.GC(ctx)
 	unlock()
-	if err != nil {
-		t.Fatal(err)
-	}
+	gs := gc(t, r)
 	st2, _ := r.Stats(ctx)
 	freed := before - st2.PackBytes
 	if freed < sb.ExclusiveBytes-4096 || freed > sb.ExclusiveBytes+PackOverhead {
@@ -374,15 +382,13 @@ func TestCreatedOrder(t *testing.T) {
 }
 
 // TestGCInTheSameSessionAsASnapshot: a long-lived process (the agent) snapshots and then
-// collects garbage under one lock; the packs the snapshot just wrote are not orphans.
+// collects garbage; the packs the snapshot just wrote are not orphans.
 func TestGCInTheSameSessionAsASnapshot(t *testing.T) {
 	ctx := context.Background()
 	rng := rand.New(rand.NewSource(12))
 	r, _ := newRepo(t)
 	v := newVolume(rng, 2<<20, 16<<10)
 	v.snapshot(t, r, "a", false, nil)
-	unlock, _ := r.Lock(ctx, "agent")
-	defer unlock()
 	for i := 0; i < 3; i++ {
 		v.scribble(rng, 20)
 		w, err := r.NewSnapshot(ctx, chain.SnapshotOptions{Volume: "vol", Size: int64(len(v.data)), ChunkSize: v.chunkSize})
@@ -396,10 +402,8 @@ func TestGCInTheSameSessionAsASnapshot(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := r.GC(ctx); err != nil {
-			t.Fatal(err)
-		}
-		if !bytes.Equal(readAll(t, r, s), v.data) {
+		gc(t, r)
+		if !bytes.Equal(readAll(t, r.Reader, s), v.data) {
 			t.Fatalf("round %d: the snapshot just taken is unreadable after gc in the same session", i)
 		}
 		if rep, err := r.Verify(ctx, true, nil); err != nil || !rep.OK() {

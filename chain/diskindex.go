@@ -4,10 +4,8 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
-	"fmt"
 	"io"
 
-	lru "github.com/hashicorp/golang-lru/v2"
 	"github.com/zeebo/blake3"
 )
 
@@ -20,14 +18,14 @@ type diskIndex struct {
 	hdr  *indexHeader
 }
 
-// openDiskIndex opens the index file named id, of size bytes, read through read.
-func openDiskIndex(ctx context.Context, id ID, size int64, read func(context.Context, []byte, int64) (int, error)) (*diskIndex, error) {
+// openDiskIndex opens a version 2 index file of size bytes, read through read, checking it
+// against its own checksum in one streaming pass.
+func openDiskIndex(ctx context.Context, size int64, read func(context.Context, []byte, int64) (int, error)) (*diskIndex, error) {
 	if size < int64(len(indexMagic))+4+32 {
 		return nil, corruptf("index file is %d bytes, too short", size)
 	}
-	// One pass over the file: its name is the hash of all of it, and its last 32 bytes
-	// the hash of the rest.
-	whole, body := blake3.New(), blake3.New()
+	// One pass over the file: its last 32 bytes are the hash of the rest.
+	body := blake3.New()
 	buf := make([]byte, min(size, 1<<20))
 	var tail [32]byte
 	for off := int64(0); off < size; {
@@ -35,7 +33,6 @@ func openDiskIndex(ctx context.Context, id ID, size int64, read func(context.Con
 		if err := readFullAt(ctx, read, buf[:n], off); err != nil {
 			return nil, err
 		}
-		whole.Write(buf[:n])
 		bodyPart := max(0, min(int64(n), size-32-off))
 		body.Write(buf[:bodyPart])
 		for i := bodyPart; i < int64(n); i++ {
@@ -43,22 +40,19 @@ func openDiskIndex(ctx context.Context, id ID, size int64, read func(context.Con
 		}
 		off += int64(n)
 	}
-	if ID(whole.Sum(nil)) != id {
-		return nil, corruptf("index file %s: content does not match its name", id.Short())
-	}
 	if ID(body.Sum(nil)) != ID(tail) {
-		return nil, corruptf("index file %s: checksum mismatch", id.Short())
+		return nil, corruptf("index file checksum mismatch")
 	}
 	head := make([]byte, 12)
 	if err := readFullAt(ctx, read, head, 0); err != nil {
 		return nil, err
 	}
 	if string(head[:8]) != indexMagic {
-		return nil, corruptf("index file %s is not version 2", id.Short())
+		return nil, corruptf("index file is not version 2")
 	}
 	fixed := 12 + int64(binary.LittleEndian.Uint32(head[8:]))*indexPackSize + 4 + indexFanoutSize
 	if fixed+32 > size {
-		return nil, corruptf("index file %s: header does not fit", id.Short())
+		return nil, corruptf("index file header does not fit")
 	}
 	hb := make([]byte, fixed)
 	if err := readFullAt(ctx, read, hb, 0); err != nil {
@@ -66,7 +60,7 @@ func openDiskIndex(ctx context.Context, id ID, size int64, read func(context.Con
 	}
 	hdr, err := decodeIndexHeader(hb, size)
 	if err != nil {
-		return nil, fmt.Errorf("index file %s: %w", id.Short(), err)
+		return nil, err
 	}
 	return &diskIndex{read: read, hdr: hdr}, nil
 }
@@ -83,7 +77,7 @@ func openDiskIndexBytes(b []byte) (*diskIndex, error) {
 		}
 		return n, nil
 	}
-	return openDiskIndex(context.Background(), Hash(b), int64(len(b)), read)
+	return openDiskIndex(context.Background(), int64(len(b)), read)
 }
 
 func readFullAt(ctx context.Context, read func(context.Context, []byte, int64) (int, error), p []byte, off int64) error {
@@ -97,19 +91,21 @@ func readFullAt(ctx context.Context, read func(context.Context, []byte, int64) (
 	return err
 }
 
-// lookup finds blob id: its entry and pack, or ok false.
-func (d *diskIndex) lookup(ctx context.Context, id ID) (packEntry, ID, bool, error) {
+const idAt = 4 + 1 // in a blob record: pack number, flags, then the ID
+
+// all returns every record of blob id (a blob may be stored in several packs).
+func (d *diskIndex) all(ctx context.Context, id ID) ([]blobLoc, error) {
 	h := d.hdr
 	lo, hi := uint32(0), h.fanout[id[0]]
 	if id[0] > 0 {
 		lo = h.fanout[id[0]-1]
 	}
+	end := h.fanout[id[0]]
 	rec := make([]byte, indexBlobSize)
-	const idAt = 4 + 1 // pack number, flags, then the ID
-	for lo < hi {      // the first record whose ID is not below id
+	for lo < hi { // the first record whose ID is not below id
 		m := lo + (hi-lo)/2
 		if err := readFullAt(ctx, d.read, rec, h.blobs+int64(m)*indexBlobSize); err != nil {
-			return packEntry{}, ID{}, false, err
+			return nil, err
 		}
 		if bytes.Compare(rec[idAt:idAt+32], id[:]) < 0 {
 			lo = m + 1
@@ -117,58 +113,42 @@ func (d *diskIndex) lookup(ctx context.Context, id ID) (packEntry, ID, bool, err
 			hi = m
 		}
 	}
-	if lo >= h.fanout[id[0]] {
-		return packEntry{}, ID{}, false, nil
-	}
-	if err := readFullAt(ctx, d.read, rec, h.blobs+int64(lo)*indexBlobSize); err != nil {
-		return packEntry{}, ID{}, false, err
-	}
-	if !bytes.Equal(rec[idAt:idAt+32], id[:]) {
-		return packEntry{}, ID{}, false, nil
-	}
-	x, err := h.decodeBlob(rec)
-	if err != nil {
-		return packEntry{}, ID{}, false, err
-	}
-	return x.e, h.packs[x.pack], true, nil
-}
-
-// readerIndex is the index of a repository opened with OpenReader: version 2 files are
-// searched on disk, version 1 files (written by older stasis, until the next gc rewrites
-// them) are held in memory, and recent answers are cached. Safe for concurrent use.
-type readerIndex struct {
-	files map[ID]*diskIndex // by index file name; nil for a version 1 file
-	mem   *blobIndex
-	found *lru.Cache[ID, foundBlob]
-}
-
-type foundBlob struct {
-	e    packEntry
-	pack ID
-}
-
-// readerCacheSize bounds the answers a reader remembers (about 100 bytes each).
-const readerCacheSize = 16384
-
-func (x *readerIndex) lookup(ctx context.Context, id ID) (packEntry, ID, bool, error) {
-	if f, ok := x.found.Get(id); ok {
-		return f.e, f.pack, true, nil
-	}
-	if loc, pack, ok := x.mem.lookup(id); ok {
-		return packEntry{ID: id, Type: loc.typ, Zstd: loc.zstd, Offset: loc.offset, Length: loc.length, RawLen: loc.rawLen}, pack, true, nil
-	}
-	for _, d := range x.files {
-		if d == nil {
-			continue
+	var out []blobLoc
+	for ; lo < end; lo++ {
+		if err := readFullAt(ctx, d.read, rec, h.blobs+int64(lo)*indexBlobSize); err != nil {
+			return nil, err
 		}
-		e, pack, ok, err := d.lookup(ctx, id)
+		if !bytes.Equal(rec[idAt:idAt+32], id[:]) {
+			break
+		}
+		x, err := h.decodeBlob(rec)
 		if err != nil {
-			return packEntry{}, ID{}, false, err
+			return nil, err
 		}
-		if ok {
-			x.found.Add(id, foundBlob{e, pack})
-			return e, pack, true, nil
+		out = append(out, blobLoc{pack: h.packs[x.pack], packSize: h.sizes[x.pack], e: x.e})
+	}
+	return out, nil
+}
+
+// each calls fn for every record, in order, reading the file in large pieces.
+func (d *diskIndex) each(ctx context.Context, fn func(blobLoc) error) error {
+	h := d.hdr
+	const batch = 4096
+	buf := make([]byte, batch*indexBlobSize)
+	for first := int64(0); first < int64(h.count); first += batch {
+		n := min(batch, int64(h.count)-first)
+		if err := readFullAt(ctx, d.read, buf[:n*indexBlobSize], h.blobs+first*indexBlobSize); err != nil {
+			return err
+		}
+		for i := int64(0); i < n; i++ {
+			x, err := h.decodeBlob(buf[i*indexBlobSize:])
+			if err != nil {
+				return err
+			}
+			if err := fn(blobLoc{pack: h.packs[x.pack], packSize: h.sizes[x.pack], e: x.e}); err != nil {
+				return err
+			}
 		}
 	}
-	return packEntry{}, ID{}, false, nil
+	return nil
 }

@@ -49,7 +49,7 @@ func fakePacks(rng *rand.Rand, n int) []indexedPack {
 		var e packEntry
 		rng.Read(e.ID[:])
 		e.Type, e.Offset, e.Length, e.RawLen = DataBlob, uint32(rng.Intn(1<<29)), 4096, 65536
-		e.Zstd = true
+		e.Comp = compZstd
 		p := &packs[rng.Intn(len(packs))]
 		p.Entries = append(p.Entries, e)
 	}
@@ -75,16 +75,16 @@ func TestDiskIndexFindsEveryBlob(t *testing.T) {
 	ctx := context.Background()
 	for _, p := range packs {
 		for _, e := range p.Entries {
-			got, pack, ok, err := d.lookup(ctx, e.ID)
-			if err != nil || !ok || got != e || pack != p.ID {
-				t.Fatalf("blob %s: %+v in %s, %v %v", e.ID.Short(), got, pack.Short(), ok, err)
+			locs, err := d.all(ctx, e.ID)
+			if err != nil || len(locs) != 1 || locs[0].e != e || locs[0].pack != p.ID {
+				t.Fatalf("blob %s: %+v, %v", e.ID.Short(), locs, err)
 			}
 		}
 	}
 	for i := 0; i < 1000; i++ {
 		var id ID
 		rng.Read(id[:])
-		if _, _, ok, err := d.lookup(ctx, id); ok || err != nil {
+		if locs, err := d.all(ctx, id); len(locs) > 0 || err != nil {
 			t.Fatalf("absent blob %s found (%v)", id.Short(), err)
 		}
 	}

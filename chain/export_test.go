@@ -2,7 +2,9 @@ package chain
 
 import (
 	"context"
+	"fmt"
 	"math/rand"
+	"testing"
 )
 
 // FakeIndexFile returns the name and content of a version 2 index file listing n made-up
@@ -16,7 +18,7 @@ func FakeIndexFile(n int, seed int64) (Handle, []byte) {
 // wrote, as a repository made before version 2 would have them.
 func RewriteIndexV1(ctx context.Context, be Backend) error {
 	var names []string
-	be.List(ctx, IndexFile, func(name string, _ int64) error { names = append(names, name); return nil })
+	be.List(ctx, IndexFile, func(fi FileInfo) error { names = append(names, fi.Name); return nil })
 	for _, name := range names {
 		h := Handle{Type: IndexFile, Name: name}
 		b, err := be.ReadAll(ctx, h)
@@ -36,4 +38,45 @@ func RewriteIndexV1(ctx context.Context, be Backend) error {
 		}
 	}
 	return nil
+}
+
+// SwapTwoBlobs exchanges the stored bytes of two blobs of equal stored length in one pack
+// of r's backend be, as an attacker with write access could; false if there are none.
+func SwapTwoBlobs(t testing.TB, r *Repository, be Backend) bool {
+	ctx := context.Background()
+	byLen := map[[2]string][]blobLoc{}
+	r.index.eachEntry(ctx, func(_ string, l blobLoc) error {
+		k := [2]string{l.pack.String(), fmt.Sprint(l.e.Length)}
+		byLen[k] = append(byLen[k], l)
+		return nil
+	})
+	for k, locs := range byLen {
+		if len(locs) < 2 {
+			continue
+		}
+		h := Handle{Type: PackFile, Name: k[0]}
+		data, err := be.ReadAll(ctx, h)
+		if err != nil {
+			t.Fatal(err)
+		}
+		a, b := locs[0].e, locs[1].e
+		x := append([]byte(nil), data[a.Offset:a.Offset+a.Length]...)
+		copy(data[a.Offset:], data[b.Offset:b.Offset+b.Length])
+		copy(data[b.Offset:], x)
+		if err := be.Remove(ctx, h); err != nil {
+			t.Fatal(err)
+		}
+		if err := be.Save(ctx, h, data); err != nil {
+			t.Fatal(err)
+		}
+		return true
+	}
+	return false
+}
+
+// SetPackTarget makes packs close at n bytes for one test, so small volumes make several.
+func SetPackTarget(t testing.TB, n int) {
+	old := packTarget
+	packTarget = n
+	t.Cleanup(func() { packTarget = old })
 }

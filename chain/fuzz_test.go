@@ -3,6 +3,7 @@ package chain
 import (
 	"bytes"
 	"context"
+	"log/slog"
 	"testing"
 	"time"
 )
@@ -10,41 +11,56 @@ import (
 // The decoders of every repository file take untrusted bytes: they must return an error,
 // never panic or allocate without bound, and what they accept must re-encode identically.
 
-func seedPack() []byte {
+// fuzzReaders are a plain and an encrypted reader (a fixed test key), for decoding.
+func fuzzReaders() (*Reader, *Reader) {
+	plain := &Reader{log: slog.New(slog.DiscardHandler), codec: codecs["zstd"]}
+	keys, _ := newSuite(bytes.Repeat([]byte{7}, 32))
+	return plain, &Reader{log: plain.log, codec: plain.codec, keys: keys}
+}
+
+func seedPack(r *Reader) []byte {
 	p := newPackBuilder()
 	raw := bytes.Repeat([]byte("chunk data "), 500)
-	stored, z := compressBlob(raw, nil)
-	p.add(DataBlob, Hash(raw), stored, z, len(raw))
-	page := encodePage(0, []ID{Hash(raw), {}, Hash([]byte("x"))})
-	p.add(TreeBlob, Hash(page), page, false, len(page))
-	b, _ := p.finish()
+	id := r.blobID(raw)
+	stored, c := r.encodeBlob(id, raw, nil)
+	p.add(DataBlob, id, stored, c, len(raw))
+	page := encodePage(0, []ID{id, {}, r.blobID([]byte("x"))})
+	pid := r.blobID(page)
+	stored, c = r.encodeBlob(pid, page, nil)
+	p.add(TreeBlob, pid, stored, c, len(page))
+	b, _ := p.finish(r.keys)
 	return b
 }
 
 func FuzzDecodePack(f *testing.F) {
-	f.Add(seedPack())
+	plain, sealed := fuzzReaders()
+	f.Add(seedPack(plain))
+	f.Add(seedPack(sealed))
 	f.Add([]byte(packMagic + "\x01\x00\x00\x00\x00\x00\x00\x00" + "\x00\x00\x00\x00\x00\x00\x00\x00" + packEndMagic))
 	f.Fuzz(func(t *testing.T, b []byte) {
-		entries, err := decodePackTrailer(b)
-		if err != nil {
-			return
-		}
-		for _, e := range entries {
-			end := int(e.Offset) + int(e.Length)
-			if end > len(b) {
-				t.Fatalf("accepted entry past the end: %+v", e)
+		for _, r := range []*Reader{plain, sealed} {
+			entries, err := decodePackTrailer(b, r.keys)
+			if err != nil {
+				continue
 			}
-			// Reading an accepted entry must fail cleanly or return verified bytes.
-			if raw, err := decompressBlob(b[e.Offset:end], e.Zstd, int(e.RawLen), nil); err == nil && len(raw) != int(e.RawLen) {
-				t.Fatalf("decompressed %d bytes, entry says %d", len(raw), e.RawLen)
+			for _, e := range entries {
+				end := int(e.Offset) + int(e.Length)
+				if end > len(b) {
+					t.Fatalf("accepted entry past the end: %+v", e)
+				}
+				// Reading an accepted entry must fail cleanly or return verified bytes.
+				if raw, err := r.decodeBlob(b[e.Offset:end], e, nil); err == nil && (len(raw) != int(e.RawLen) || r.blobID(raw) != e.ID) {
+					t.Fatalf("decoded %d bytes that do not match the entry %+v", len(raw), e)
+				}
 			}
 		}
 	})
 }
 
 func FuzzDecodeIndex(f *testing.F) {
-	pack := seedPack()
-	entries, _ := decodePackTrailer(pack)
+	plain, _ := fuzzReaders()
+	pack := seedPack(plain)
+	entries, _ := decodePackTrailer(pack, nil)
 	f.Add(encodeIndex([]indexedPack{{ID: Hash(pack), Size: int64(len(pack)), Entries: entries}}))
 	f.Add(encodeIndex(nil))
 	f.Add(encodeIndexV1([]indexedPack{{ID: Hash(pack), Size: int64(len(pack)), Entries: entries}}))
@@ -69,8 +85,8 @@ func FuzzDecodeIndex(f *testing.F) {
 		}
 		for i, p := range packs {
 			for _, e := range p.Entries {
-				got, pk, ok, err := d.lookup(context.Background(), e.ID)
-				if err != nil || !ok || got.ID != e.ID || !containsEntry(packs2, pk, got) {
+				locs, err := d.all(context.Background(), e.ID)
+				if err != nil || len(locs) == 0 || locs[0].e.ID != e.ID || !containsEntry(packs2, locs[0].pack, locs[0].e) {
 					t.Fatalf("pack %d blob %s not found on disk (%v)", i, e.ID.Short(), err)
 				}
 			}
@@ -102,22 +118,50 @@ func FuzzDecodePage(f *testing.F) {
 }
 
 func FuzzDecodeManifest(f *testing.F) {
+	plain, sealed := fuzzReaders()
 	s := &Snapshot{Format: manifestVersion, Volume: "data", Name: "before-upgrade", Kind: KindManual,
 		Consistency: ConsistencyCrash, Created: time.Unix(1700000000, 0).UTC(), SizeBytes: 1 << 30,
 		ChunkSize: DefaultChunkSize, Fanout: Fanout, Root: Hash([]byte("root")),
 		Capture: map[string]any{"rounds": 1}, App: map[string]any{"binlog_file": "mysql-bin.000003"}}
-	b, _, _ := encodeManifest(s)
+	b, _, _ := plain.encodeManifest(s)
 	f.Add(b)
+	sb, name, _ := sealed.encodeManifest(s)
+	f.Add(append([]byte(name), sb...))
 	f.Add([]byte(`{"format":1}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
-		// The name is the content hash, so use the matching one to reach the parser.
-		s, err := decodeManifest(manifestID(b), b)
-		if err != nil {
-			return
-		}
-		if s.Chunks() < 0 || treeDepth(s.Chunks()) > 8 {
+		// The name is the content hash: use the matching one to reach the parser.
+		s, err := plain.decodeManifest(plain.blobID(b).String()[:32], b)
+		if err == nil && (s.Chunks() < 0 || treeDepth(s.Chunks()) > 8) {
 			t.Fatalf("accepted manifest with %d chunks", s.Chunks())
 		}
+		// Sealed: the first 32 bytes name it.
+		if len(b) > 32 {
+			if s, err := sealed.decodeManifest(string(b[:32]), b[32:]); err == nil && s.Chunks() < 0 {
+				t.Fatalf("accepted sealed manifest with %d chunks", s.Chunks())
+			}
+		}
+	})
+}
+
+// FuzzOpenSealed: authentication under any key fails cleanly on any input, and what it
+// accepts is what was sealed.
+func FuzzOpenSealed(f *testing.F) {
+	_, sealed := fuzzReaders()
+	f.Add(bytes.Repeat([]byte{7}, 32), sealed.keys.seal(nil, []byte("secret"), []byte("aad")), []byte("aad"))
+	f.Add(make([]byte, 32), []byte("short"), []byte(nil))
+	f.Fuzz(func(t *testing.T, key, b, aad []byte) {
+		if len(key) != 32 {
+			return
+		}
+		s, err := newSuite(key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		plain, err := s.open(nil, b, aad)
+		if err == nil && len(plain) != len(b)-sealOverhead {
+			t.Fatalf("authenticated %d bytes out of %d", len(plain), len(b))
+		}
+		decodeKeyFile("k", b)
 	})
 }
 

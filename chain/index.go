@@ -5,7 +5,6 @@ import (
 	"encoding/binary"
 	"fmt"
 	"sort"
-	"sync"
 )
 
 // Index file layout (version 2, little-endian). Its name is the hex ID of its content.
@@ -225,71 +224,4 @@ func decodeIndexV1(body []byte) ([]indexedPack, error) {
 		return nil, corruptf("index file has %d trailing bytes", len(rest))
 	}
 	return packs, nil
-}
-
-// location is where a blob is stored: 20 bytes per blob plus the map's overhead.
-type location struct {
-	pack   uint32 // position in blobIndex.packs
-	offset uint32
-	length uint32
-	rawLen uint32
-	typ    BlobType
-	zstd   bool
-}
-
-// blobIndex maps blob IDs to their locations. Safe for concurrent use.
-type blobIndex struct {
-	mu      sync.RWMutex
-	blobs   map[ID]location
-	packs   []ID
-	packPos map[ID]uint32
-	sizes   []int64
-}
-
-func newBlobIndex() *blobIndex {
-	return &blobIndex{blobs: map[ID]location{}, packPos: map[ID]uint32{}}
-}
-
-// add records a pack's entries. A blob already present keeps its first location: any copy
-// holds the same bytes, and gc writes the new index before deleting the old packs.
-func (x *blobIndex) add(p indexedPack) {
-	x.mu.Lock()
-	defer x.mu.Unlock()
-	pos, ok := x.packPos[p.ID]
-	if !ok {
-		pos = uint32(len(x.packs))
-		x.packs = append(x.packs, p.ID)
-		x.sizes = append(x.sizes, p.Size)
-		x.packPos[p.ID] = pos
-	}
-	for _, e := range p.Entries {
-		if _, ok := x.blobs[e.ID]; ok {
-			continue
-		}
-		x.blobs[e.ID] = location{pack: pos, offset: e.Offset, length: e.Length, rawLen: e.RawLen, typ: e.Type, zstd: e.Zstd}
-	}
-}
-
-func (x *blobIndex) lookup(id ID) (location, ID, bool) {
-	x.mu.RLock()
-	defer x.mu.RUnlock()
-	l, ok := x.blobs[id]
-	if !ok {
-		return l, ID{}, false
-	}
-	return l, x.packs[l.pack], true
-}
-
-func (x *blobIndex) has(id ID) bool {
-	x.mu.RLock()
-	defer x.mu.RUnlock()
-	_, ok := x.blobs[id]
-	return ok
-}
-
-func (x *blobIndex) hasPack(id ID) bool {
-	x.mu.RLock()
-	defer x.mu.RUnlock()
-	_, ok := x.packPos[id]
-	return ok
 }

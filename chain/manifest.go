@@ -53,6 +53,9 @@ type Snapshot struct {
 	// snapshot: its members were frozen in one window and share GroupID and Created.
 	Group   string `json:"group,omitempty"`
 	GroupID string `json:"group_id,omitempty"`
+	// Tags and Note describe the snapshot for people (stasis snapshot --tag, --note).
+	Tags []string `json:"tags,omitempty"`
+	Note string   `json:"note,omitempty"`
 	// Capture describes how the data was read (rounds, freeze time, bytes read...).
 	Capture map[string]any `json:"capture,omitempty"`
 	// App holds what application quiescing recorded (database flavour, binlog position...).
@@ -132,29 +135,34 @@ func ValidName(what, name string) error {
 	return nil
 }
 
-func encodeManifest(s *Snapshot) ([]byte, string, error) {
+// encodeManifest returns what to store for a manifest and its name: the hash of its JSON
+// (keyed, in an encrypted repository, where the JSON is sealed and bound to that name).
+func (r *Reader) encodeManifest(s *Snapshot) ([]byte, string, error) {
 	b, err := json.MarshalIndent(s, "", "  ")
 	if err != nil {
 		return nil, "", err
 	}
 	b = append(b, '\n')
-	return b, manifestID(b), nil
+	name := r.blobID(b).String()[:32]
+	return r.sealObject(SnapshotFile, name, b), name, nil
 }
 
-func manifestID(b []byte) string { return Hash(b).String()[:32] }
-
-// decodeManifest parses and checks a manifest read from a file named id.
-func decodeManifest(id string, b []byte) (*Snapshot, error) {
-	if manifestID(b) != id {
-		return nil, corruptf("snapshot %s: manifest content does not match its name", id)
+// decodeManifest parses and checks a manifest read from a file named name.
+func (r *Reader) decodeManifest(name string, stored []byte) (*Snapshot, error) {
+	b, err := r.openObject(SnapshotFile, name, stored)
+	if err != nil {
+		return nil, fmt.Errorf("snapshot %s: %w", name, err)
+	}
+	if r.blobID(b).String()[:32] != name {
+		return nil, corruptf("snapshot %s: manifest content does not match its name", name)
 	}
 	var s Snapshot
 	if err := json.Unmarshal(b, &s); err != nil {
-		return nil, corruptf("snapshot %s: %v", id, err)
+		return nil, corruptf("snapshot %s: %v", name, err)
 	}
-	s.ID = id
+	s.ID = name
 	if err := s.check(); err != nil {
-		return nil, fmt.Errorf("snapshot %s: %w", id, err)
+		return nil, fmt.Errorf("snapshot %s: %w", name, err)
 	}
 	return &s, nil
 }

@@ -8,13 +8,13 @@ import (
 
 // SnapshotReader reads a committed snapshot's volume image. Safe for concurrent use.
 type SnapshotReader struct {
-	r    *Repository
+	r    *Reader
 	snap *Snapshot
 	tree *treeReader
 }
 
-// Reader returns a reader for snap.
-func (r *Repository) Reader(snap *Snapshot) *SnapshotReader {
+// SnapshotReader returns a reader of snap's volume.
+func (r *Reader) SnapshotReader(snap *Snapshot) *SnapshotReader {
 	return &SnapshotReader{r: r, snap: snap, tree: newTreeReader(r, snap.Root, snap.Chunks())}
 }
 

@@ -3,16 +3,20 @@
 // A repository holds content-addressed blobs (volume chunks and block-map pages) packed into
 // pack files, index files that say where each blob is, and one manifest per snapshot. Every
 // snapshot has a complete block map, so deleting any snapshot never changes another; blobs
-// nobody references any more are reclaimed by GC. See docs/FORMAT.md.
+// nobody references any more are reclaimed by GC. Snapshots are written without any lock,
+// by any number of hosts at once; only deletion takes one. A repository may be encrypted.
+// See docs/FORMAT.md.
 package chain
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
+	"os"
 	"sort"
 	"strings"
 	"sync"
@@ -21,17 +25,21 @@ import (
 	lru "github.com/hashicorp/golang-lru/v2"
 )
 
-// RepoConfig is the repository's config file.
+// RepoConfig is the repository's config file, kept in the clear (an encrypted repository's
+// is authenticated by MAC under its master key).
 type RepoConfig struct {
-	Format  string    `json:"format"`
-	Version int       `json:"version"`
-	ID      string    `json:"id"`
-	Created time.Time `json:"created"`
+	Format      string    `json:"format"`
+	Version     int       `json:"version"`
+	ID          string    `json:"id"`
+	Created     time.Time `json:"created"`
+	Encryption  string    `json:"encryption,omitempty"`  // "" or Encryption
+	Compression string    `json:"compression,omitempty"` // a codec name (codec.go); "" is zstd
+	MAC         string    `json:"mac,omitempty"`
 }
 
 const (
 	repoFormat  = "stasis-repository"
-	repoVersion = 1
+	repoVersion = 2 // version 1 repositories (unencrypted, zstd) are read and written as well
 )
 
 // Sentinel errors, tested with errors.Is.
@@ -40,178 +48,119 @@ var (
 	ErrVersion       = errors.New("unsupported repository format version")
 	ErrExists        = errors.New("repository already exists")
 	ErrNotFound      = errors.New("snapshot not found")
-	ErrNotLocked     = errors.New("repository writer lock not held")
+	ErrNotLocked     = errors.New("repository deletion lock not held")
 )
 
-// Repository is an open repository. Reading methods are safe for concurrent use; writing
-// methods require the writer lock (Lock) and must not run concurrently with each other.
-type Repository struct {
-	be  Backend
-	log *slog.Logger
-	cfg RepoConfig
+// Options say how to open a repository.
+type Options struct {
+	Log *slog.Logger
+	// Password returns the passphrase of an encrypted repository; it is called only for
+	// one. nil: an encrypted repository cannot be opened (ErrNeedPassword).
+	Password func() ([]byte, error)
+	// CacheDir keeps decrypted, checked copies of index files and their filters between
+	// runs (they never change). "": a private temporary directory, removed by Close.
+	CacheDir string
+	// Host names this machine in heartbeats and locks ("" for os.Hostname).
+	Host string
+}
 
-	idx        *blobIndex
-	reader     *readerIndex // set instead of idx by OpenReader
-	indexFiles []ID
-	indexErrs  []error              // index files that could not be read, for verify
-	seen       map[string]bool      // every index file name at the last (re)load
-	manifests  map[string]*Snapshot // decoded manifests by file name, from the last listing
+// Reader reads a repository: its snapshots, their volumes, capacity figures and checks. Its
+// memory does not grow with the repository: blobs are found through index files on disk
+// and small filters. Safe for concurrent use.
+type Reader struct {
+	be    Backend
+	log   *slog.Logger
+	cfg   RepoConfig
+	keys  *suite // nil: unencrypted
+	keyID string // the key file that opened it
+	host  string
+	codec codec
 
+	index *indexSet
 	pages *lru.Cache[ID, []ID] // decoded tree pages, shared by every reader
 
+	mu            sync.Mutex
+	manifests     map[string]*Snapshot // decoded manifests by file name, from the last listing
+	deletionLease *lease               // the deletion lock's lease, where there is one
+}
+
+// Repository is a Reader that also writes: snapshots (without any lock) and, holding the
+// deletion lock, deletes, gc and repair.
+type Repository struct {
+	*Reader
 	mu     sync.Mutex
 	locked bool
 }
 
-// Init creates a new repository in be.
-func Init(ctx context.Context, be Backend) error {
+// InitOptions describe a new repository.
+type InitOptions struct {
+	// Password, if not nil, makes the repository encrypted, with one key for it.
+	Password []byte
+	KDF      KDF
+	// Compression is the codec for new blobs ("" for the default).
+	Compression string
+	// SameKeysAs, if set, makes an encrypted repository with the same master secret (and so
+	// the same blob IDs) as this one: copies between them stay incremental.
+	SameKeysAs *Reader
+}
+
+// Init creates a new repository in be and returns its config.
+func Init(ctx context.Context, be Backend, opts InitOptions) (RepoConfig, error) {
 	if _, err := be.Stat(ctx, Handle{Type: ConfigFile}); err == nil {
-		return fmt.Errorf("%s: %w", be.Location(), ErrExists)
+		return RepoConfig{}, fmt.Errorf("%s: %w", be.Location(), ErrExists)
 	}
-	cfg := RepoConfig{Format: repoFormat, Version: repoVersion, ID: Hash([]byte(time.Now().String() + be.Location())).String()[:32], Created: time.Now().UTC()}
+	if _, err := codecByName(opts.Compression); err != nil {
+		return RepoConfig{}, err
+	}
+	id := make([]byte, 16)
+	rand.Read(id)
+	cfg := RepoConfig{Format: repoFormat, Version: repoVersion, ID: hex.EncodeToString(id), Created: time.Now().UTC().Truncate(time.Second),
+		Compression: opts.Compression}
+	var master []byte
+	if opts.SameKeysAs != nil {
+		src := opts.SameKeysAs
+		if src.keys == nil {
+			return RepoConfig{}, fmt.Errorf("%s is not encrypted: there are no keys to copy", src.Location())
+		}
+		if opts.Password == nil {
+			return RepoConfig{}, fmt.Errorf("a repository sharing keys is encrypted: give it a passphrase")
+		}
+		master = src.keys.master
+	} else if opts.Password != nil {
+		master = make([]byte, 32)
+		rand.Read(master)
+	}
+	if master != nil {
+		cfg.Encryption = Encryption
+		s, err := newSuite(master)
+		if err != nil {
+			return RepoConfig{}, err
+		}
+		kf, err := newKeyFile(cfg.ID, master, opts.Password, opts.KDF)
+		if err != nil {
+			return RepoConfig{}, err
+		}
+		if err := saveKeyFile(ctx, be, kf); err != nil {
+			return RepoConfig{}, err
+		}
+		cfg.MAC = hex.EncodeToString(s.mac(configMACInput(cfg)))
+	}
 	b, _ := json.MarshalIndent(cfg, "", "  ")
-	return be.Save(ctx, Handle{Type: ConfigFile}, append(b, '\n'))
+	return cfg, be.Save(ctx, Handle{Type: ConfigFile}, append(b, '\n'))
 }
 
-// Open reads the repository's config and index. log may be nil.
-func Open(ctx context.Context, be Backend, log *slog.Logger) (*Repository, error) {
-	r, err := openConfig(ctx, be, log)
-	if err != nil {
-		return nil, err
-	}
-	if err := r.loadIndex(ctx); err != nil {
-		return nil, err
-	}
-	return r, nil
+// configMACInput is what an encrypted repository's config MAC covers: every field but the
+// MAC, so that nobody without the key can turn encryption off or swap the repository ID.
+func configMACInput(c RepoConfig) []byte {
+	c.MAC = ""
+	b, _ := json.Marshal(c)
+	return b
 }
 
-// OpenReader opens a repository for reading snapshots only, with memory that does not
-// grow with the repository: blobs are found by binary search in the index files rather
-// than in an in-memory index. Lock, stats and verify need Open.
-func OpenReader(ctx context.Context, be Backend, log *slog.Logger) (*Repository, error) {
-	r, err := openConfig(ctx, be, log)
-	if err != nil {
-		return nil, err
-	}
-	found, _ := lru.New[ID, foundBlob](readerCacheSize)
-	r.reader = &readerIndex{files: map[ID]*diskIndex{}, mem: newBlobIndex(), found: found}
-	if err := r.refreshReader(ctx); err != nil {
-		return nil, err
-	}
-	return r, nil
-}
-
-// ErrReaderOnly refuses writing, stats and verify on a repository opened with OpenReader.
-var ErrReaderOnly = errors.New("repository opened for reading snapshots only")
-
-// refreshReader opens index files that appeared since the last call and forgets removed
-// ones (a gc replaces them).
-func (r *Repository) refreshReader(ctx context.Context) error {
-	sizes := map[string]int64{}
-	if err := r.be.List(ctx, IndexFile, func(name string, size int64) error {
-		sizes[name] = size
-		return nil
-	}); err != nil {
-		return fmt.Errorf("list index files: %w", err)
-	}
-	r.mu.Lock()
-	old := r.reader
-	r.mu.Unlock()
-	next := &readerIndex{files: map[ID]*diskIndex{}, mem: old.mem, found: old.found}
-	rebuildMem := false
-	for id := range old.files {
-		if _, ok := sizes[id.String()]; !ok && old.files[id] == nil {
-			rebuildMem = true // a version 1 file went away: its blobs must go too
-		}
-	}
-	if rebuildMem {
-		next.mem = newBlobIndex()
-	}
-	var errs []error
-	for name, size := range sizes {
-		id, err := ParseID(name)
-		if err != nil {
-			errs = append(errs, corruptf("index file %q: bad name", name))
-			continue
-		}
-		if d, ok := old.files[id]; ok && (d != nil || !rebuildMem) {
-			next.files[id] = d
-			continue
-		}
-		h := Handle{Type: IndexFile, Name: name}
-		read := func(ctx context.Context, p []byte, off int64) (int, error) { return r.be.ReadAt(ctx, h, p, off) }
-		head := make([]byte, 8)
-		if err := readFullAt(ctx, read, head, 0); err != nil {
-			if errors.Is(err, ErrNotExist) {
-				continue // removed by a concurrent gc after it wrote its replacement
-			}
-			errs = append(errs, fmt.Errorf("index file %s: %w", id.Short(), err))
-			continue
-		}
-		if string(head) == indexMagicV1 {
-			b, err := r.be.ReadAll(ctx, h)
-			if err == nil && Hash(b) != id {
-				err = corruptf("content does not match its name")
-			}
-			var packs []indexedPack
-			if err == nil {
-				packs, err = decodeIndex(b)
-			}
-			if err != nil {
-				errs = append(errs, fmt.Errorf("index file %s: %w", id.Short(), err))
-				continue
-			}
-			for _, p := range packs {
-				next.mem.add(p)
-			}
-			next.files[id] = nil
-			continue
-		}
-		d, err := openDiskIndex(ctx, id, size, read)
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		next.files[id] = d
-	}
-	for _, err := range errs {
-		r.log.Warn("damaged index file skipped; run `stasis verify`", "err", err)
-	}
-	next.found.Purge() // a gc may have moved blobs
-	seen := map[string]bool{}
-	for name := range sizes {
-		seen[name] = true
-	}
-	r.mu.Lock()
-	r.reader, r.seen = next, seen
-	r.mu.Unlock()
-	return nil
-}
-
-// locate finds a blob's entry and pack.
-func (r *Repository) locate(ctx context.Context, id ID) (packEntry, ID, bool, error) {
-	r.mu.Lock()
-	reader, idx := r.reader, r.idx
-	r.mu.Unlock()
-	if reader != nil {
-		return reader.lookup(ctx, id)
-	}
-	loc, pack, ok := idx.lookup(id)
-	return packEntry{ID: id, Type: loc.typ, Zstd: loc.zstd, Offset: loc.offset, Length: loc.length, RawLen: loc.rawLen}, pack, ok, nil
-}
-
-// reload re-reads the index in whichever form this repository keeps it.
-func (r *Repository) reload(ctx context.Context) error {
-	if r.reader != nil {
-		return r.refreshReader(ctx)
-	}
-	return r.loadIndex(ctx)
-}
-
-// openConfig reads and checks the repository's config.
-func openConfig(ctx context.Context, be Backend, log *slog.Logger) (*Repository, error) {
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
+// OpenReader opens a repository for reading.
+func OpenReader(ctx context.Context, be Backend, opts Options) (*Reader, error) {
+	if opts.Log == nil {
+		opts.Log = slog.New(slog.DiscardHandler)
 	}
 	b, err := be.ReadAll(ctx, Handle{Type: ConfigFile})
 	if errors.Is(err, ErrNotExist) {
@@ -224,97 +173,138 @@ func openConfig(ctx context.Context, be Backend, log *slog.Logger) (*Repository,
 	if err := json.Unmarshal(b, &cfg); err != nil || cfg.Format != repoFormat {
 		return nil, fmt.Errorf("%s: config file is not a stasis repository config: %w", be.Location(), ErrNotRepository)
 	}
-	if cfg.Version != repoVersion {
-		return nil, fmt.Errorf("%s: format version %d, this stasis reads version %d: %w; use a stasis release that supports it", be.Location(), cfg.Version, repoVersion, ErrVersion)
+	if cfg.Version != 1 && cfg.Version != repoVersion {
+		return nil, fmt.Errorf("%s: format version %d, this stasis reads versions 1 and %d: %w; use a stasis release that supports it", be.Location(), cfg.Version, repoVersion, ErrVersion)
+	}
+	c, err := codecByName(cfg.Compression)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", be.Location(), err)
 	}
 	pages, _ := lru.New[ID, []ID](1024)
-	return &Repository{be: be, log: log, cfg: cfg, pages: pages}, nil
+	r := &Reader{be: be, log: opts.Log, cfg: cfg, pages: pages, codec: c, host: opts.Host}
+	if r.host == "" {
+		r.host, _ = os.Hostname()
+	}
+	if err := r.unlock(ctx, opts.Password); err != nil {
+		return nil, err
+	}
+	if r.index, err = newIndexSet(ctx, r, opts.CacheDir); err != nil {
+		return nil, err
+	}
+	return r, nil
 }
 
-// Config returns the repository's config.
-func (r *Repository) Config() RepoConfig { return r.cfg }
-
-// Backend returns the backend the repository is stored in.
-func (r *Repository) Backend() Backend { return r.be }
-
-// Location names the repository for messages.
-func (r *Repository) Location() string { return r.be.Location() }
-
-func (r *Repository) loadIndex(ctx context.Context) error {
-	idx := newBlobIndex()
-	var files []ID
-	var errs []error
-	var names []string
-	if err := r.be.List(ctx, IndexFile, func(name string, _ int64) error {
-		names = append(names, name)
-		return nil
-	}); err != nil {
-		return fmt.Errorf("list index files: %w", err)
-	}
-	sort.Strings(names)
-	for _, name := range names {
-		id, err := ParseID(name)
-		if err != nil {
-			errs = append(errs, corruptf("index file %q: bad name", name))
-			continue
-		}
-		b, err := r.be.ReadAll(ctx, Handle{Type: IndexFile, Name: name})
-		if errors.Is(err, ErrNotExist) {
-			continue // removed by a concurrent gc after it wrote its replacement
-		}
-		if err != nil {
-			return fmt.Errorf("read index file %s: %w", id.Short(), err)
-		}
-		if Hash(b) != id {
-			errs = append(errs, corruptf("index file %s: content does not match its name", id.Short()))
-			continue
-		}
-		packs, err := decodeIndex(b)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("index file %s: %w", id.Short(), err))
-			continue
-		}
-		for _, p := range packs {
-			idx.add(p)
-		}
-		files = append(files, id)
-	}
-	for _, err := range errs {
-		r.log.Warn("damaged index file skipped; run `stasis verify`", "err", err)
-	}
-	seen := map[string]bool{}
-	for _, name := range names {
-		seen[name] = true
-	}
-	r.mu.Lock()
-	r.idx, r.indexFiles, r.indexErrs, r.seen = idx, files, errs, seen
-	r.mu.Unlock()
-	return nil
-}
-
-func (r *Repository) index() *blobIndex {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.idx
-}
-
-// Lock takes the writer lock. holder describes this process for a refused caller, for
-// example "pid 123 (stasis snapshot data) since 2026-11-23T10:00:00Z". The index is reloaded
-// so that the writer sees every change committed before it got the lock.
-func (r *Repository) Lock(ctx context.Context, holder string) (unlock func(), err error) {
-	if r.reader != nil {
-		return nil, ErrReaderOnly
-	}
-	l, ok := r.be.(Locker)
-	if !ok {
-		return nil, fmt.Errorf("backend %s cannot lock", r.be.Location())
-	}
-	release, err := l.Lock(ctx, holder)
+// Open opens a repository for reading and writing.
+func Open(ctx context.Context, be Backend, opts Options) (*Repository, error) {
+	r, err := OpenReader(ctx, be, opts)
 	if err != nil {
 		return nil, err
 	}
-	if err := r.loadIndex(ctx); err != nil {
-		release()
+	return &Repository{Reader: r}, nil
+}
+
+// unlock checks the config's encryption against the key files, and opens an encrypted
+// repository with the passphrase.
+func (r *Reader) unlock(ctx context.Context, password func() ([]byte, error)) error {
+	keys, err := listKeyFiles(ctx, r.be)
+	if err != nil {
+		return err
+	}
+	switch {
+	case r.cfg.Encryption == "" && len(keys) == 0:
+		return nil
+	case r.cfg.Encryption == "":
+		return corruptf("%s has key files but its config says it is not encrypted: the config was altered; restore it from a copy", r.Location())
+	case r.cfg.Encryption != Encryption:
+		return fmt.Errorf("%s: encryption %q is not supported by this stasis: %w", r.Location(), r.cfg.Encryption, ErrVersion)
+	case len(keys) == 0:
+		return corruptf("%s is encrypted but has no key files", r.Location())
+	case password == nil:
+		return ErrNeedPassword
+	}
+	pw, err := password()
+	if err != nil {
+		return err
+	}
+	for _, kf := range keys {
+		if master, ok := kf.unwrap(r.cfg.ID, pw); ok {
+			s, err := newSuite(master)
+			if err != nil {
+				return err
+			}
+			if hex.EncodeToString(s.mac(configMACInput(r.cfg))) != r.cfg.MAC {
+				return corruptf("%s: the config does not match its MAC: it was altered", r.Location())
+			}
+			r.keys, r.keyID = s, kf.ID
+			return nil
+		}
+	}
+	return ErrWrongPassword
+}
+
+// Close releases the backend's handles and a temporary cache.
+func (r *Reader) Close() error {
+	r.index.close()
+	return r.be.Close()
+}
+
+// KeyID names the key file whose passphrase opened an encrypted repository.
+func (r *Reader) KeyID() string { return r.keyID }
+
+// Config returns the repository's config.
+func (r *Reader) Config() RepoConfig { return r.cfg }
+
+// Encrypted reports whether the repository is encrypted.
+func (r *Reader) Encrypted() bool { return r.keys != nil }
+
+// Backend returns the backend the repository is stored in.
+func (r *Reader) Backend() Backend { return r.be }
+
+// Location names the repository for messages.
+func (r *Reader) Location() string { return r.be.Location() }
+
+// Host is the name this repository handle writes into manifests, heartbeats and locks.
+func (r *Reader) Host() string { return r.host }
+
+// blobID is the ID of a blob's content: BLAKE3, keyed in an encrypted repository.
+func (r *Reader) blobID(b []byte) ID {
+	if r.keys != nil {
+		return r.keys.keyedID(b)
+	}
+	return Hash(b)
+}
+
+// sealObject turns a metadata object's plaintext into what is stored, bound to its name.
+func (r *Reader) sealObject(t FileType, name string, plain []byte) []byte {
+	if r.keys == nil {
+		return plain
+	}
+	return r.keys.seal(nil, plain, []byte(string(t)+"/"+name))
+}
+
+// openObject reverses sealObject.
+func (r *Reader) openObject(t FileType, name string, stored []byte) ([]byte, error) {
+	if r.keys == nil {
+		return stored, nil
+	}
+	plain, err := r.keys.open(nil, stored, []byte(string(t)+"/"+name))
+	if err != nil {
+		return nil, fmt.Errorf("%s/%s: %w", t, name, err)
+	}
+	return plain, nil
+}
+
+// Lock takes the deletion lock (delete, prune, gc, repair). holder describes this process
+// for a refused caller, for example "pid 123 (stasis gc) on host-a since 2026-11-23T10:00:00Z".
+// Snapshots take no lock.
+func (r *Repository) Lock(ctx context.Context, holder string) (unlock func(), err error) {
+	var release func() error
+	if l, ok := r.be.(Locker); ok {
+		release, err = l.Lock(ctx, holder)
+	} else {
+		release, err = leaseLock(ctx, r.Reader, holder)
+	}
+	if err != nil {
 		return nil, err
 	}
 	r.mu.Lock()
@@ -337,114 +327,17 @@ func (r *Repository) checkLocked() error {
 	return nil
 }
 
-// LoadBlob reads, decompresses and verifies one blob. dst is reused when large enough.
-// A blob that is missing or whose content does not match its ID yields an ErrCorrupt error.
-func (r *Repository) LoadBlob(ctx context.Context, id ID, dst []byte) ([]byte, error) {
-	for attempt := 0; ; attempt++ {
-		out, err := r.loadBlobOnce(ctx, id, dst)
-		if (errors.Is(err, ErrNotExist) || errors.Is(err, errNotIndexed)) && attempt == 0 && r.indexChanged(ctx) {
-			// A gc may have repacked the blob, or a snapshot committed since our index was
-			// read (a long-running mount sees new snapshots): reload and retry.
-			if lerr := r.reload(ctx); lerr != nil {
-				return nil, lerr
-			}
-			continue
-		}
-		return out, err
-	}
-}
-
-// errNotIndexed marks a blob no index file names.
-var errNotIndexed = fmt.Errorf("%w: blob missing from the index", ErrCorrupt)
-
-// indexChanged reports whether the set of index files differs from the one loaded: only
-// then is reloading worth it (a damaged snapshot asks again and again).
-func (r *Repository) indexChanged(ctx context.Context) bool {
-	r.mu.Lock()
-	seen := r.seen
-	r.mu.Unlock()
-	changed, n := false, 0
-	err := r.be.List(ctx, IndexFile, func(name string, _ int64) error {
-		n++
-		if !seen[name] {
-			changed = true
-		}
-		return nil
-	})
-	return err != nil || changed || n != len(seen)
-}
-
-func (r *Repository) loadBlobOnce(ctx context.Context, id ID, dst []byte) ([]byte, error) {
-	e, pack, ok, err := r.locate(ctx, id)
-	if err != nil {
-		return nil, fmt.Errorf("find blob %s: %w", id.Short(), err)
-	}
-	if !ok {
-		return nil, fmt.Errorf("%w: %s", errNotIndexed, id.Short())
-	}
-	return r.readBlob(ctx, pack, e, dst)
-}
-
-func (r *Repository) readBlob(ctx context.Context, pack ID, e packEntry, dst []byte) ([]byte, error) {
-	var stored []byte
-	switch {
-	case e.Zstd && int(e.Length) <= MaxChunkSize+MaxChunkSize/8:
-		// Compressed bytes are only a step on the way: reuse their buffer (fresh memory
-		// costs a page fault per 4 KiB).
-		bp := compressBuffers.Get().(*[]byte)
-		defer compressBuffers.Put(bp)
-		stored = (*bp)[:e.Length]
-	case !e.Zstd && cap(dst) >= int(e.Length):
-		stored = dst[:e.Length] // raw: straight into the caller's buffer
-	default:
-		stored = make([]byte, e.Length)
-	}
-	if _, err := r.be.ReadAt(ctx, Handle{Type: PackFile, Name: pack.String()}, stored, int64(e.Offset)); err != nil {
-		if errors.Is(err, ErrNotExist) {
-			return nil, err
-		}
-		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
-			return nil, corruptf("blob %s: pack %s is truncated", e.ID.Short(), pack.Short())
-		}
-		return nil, fmt.Errorf("read blob %s from pack %s: %w", e.ID.Short(), pack.Short(), err)
-	}
-	out, err := decompressBlob(stored, e.Zstd, int(e.RawLen), dst)
-	if err != nil {
-		return nil, fmt.Errorf("blob %s in pack %s: %w", e.ID.Short(), pack.Short(), err)
-	}
-	if Hash(out) != e.ID {
-		return nil, corruptf("blob %s in pack %s: content does not match its hash", e.ID.Short(), pack.Short())
-	}
-	return out, nil
-}
-
-// loadPage implements pageLoader for readers of committed trees.
-func (r *Repository) loadPage(ctx context.Context, id ID, level int) ([]ID, error) {
-	if p, ok := r.pages.Get(id); ok {
-		return p, nil
-	}
-	b, err := r.LoadBlob(ctx, id, nil)
-	if err != nil {
-		return nil, fmt.Errorf("tree page %s: %w", id.Short(), err)
-	}
-	p, err := decodePage(b, level)
-	if err != nil {
-		return nil, fmt.Errorf("tree page %s: %w", id.Short(), err)
-	}
-	r.pages.Add(id, p)
-	return p, nil
-}
-
 // Snapshots lists every readable snapshot, oldest first. Manifests that cannot be read are
 // skipped and returned as errors in bad (verify reports them).
-func (r *Repository) Snapshots(ctx context.Context) (snaps []*Snapshot, bad []error, err error) {
+func (r *Reader) Snapshots(ctx context.Context) (snaps []*Snapshot, bad []error, err error) {
 	// A manifest never changes (its name is its hash), so one read per repository
 	// lifetime is enough: the agent and the mount list snapshots often.
 	r.mu.Lock()
 	known := r.manifests
 	r.mu.Unlock()
 	seen := make(map[string]*Snapshot, len(known))
-	err = r.be.List(ctx, SnapshotFile, func(name string, _ int64) error {
+	err = r.be.List(ctx, SnapshotFile, func(fi FileInfo) error {
+		name := fi.Name
 		s, ok := known[name]
 		if !ok {
 			b, err := r.be.ReadAll(ctx, Handle{Type: SnapshotFile, Name: name})
@@ -454,7 +347,7 @@ func (r *Repository) Snapshots(ctx context.Context) (snaps []*Snapshot, bad []er
 			if err != nil {
 				return err
 			}
-			if s, err = decodeManifest(name, b); err != nil {
+			if s, err = r.decodeManifest(name, b); err != nil {
 				bad = append(bad, err)
 				return nil
 			}
@@ -485,13 +378,25 @@ func SortSnapshots(snaps []*Snapshot) {
 }
 
 // Find resolves a reference: a snapshot ID or unique ID prefix (at least 4 digits), or
-// VOLUME/NAME.
-func Find(snaps []*Snapshot, ref string) (*Snapshot, error) {
+// [HOST:]VOLUME/NAME; without HOST, host is meant (this machine, usually), or any host if
+// only one has that volume.
+func Find(snaps []*Snapshot, host, ref string) (*Snapshot, error) {
 	if vol, name, ok := strings.Cut(ref, "/"); ok {
+		h, v := SplitVolume(host, vol)
+		var found []*Snapshot
 		for _, s := range snaps {
-			if s.Volume == vol && s.Name == name {
+			if s.Volume == v && s.Name == name && (s.Host == h || s.Host == "") {
 				return s, nil
 			}
+			if s.Volume == v && s.Name == name && !strings.Contains(vol, ":") {
+				found = append(found, s)
+			}
+		}
+		if len(found) == 1 {
+			return found[0], nil
+		}
+		if len(found) > 1 {
+			return nil, fmt.Errorf("%w: %q exists on several hosts (%s and others): write HOST:%s", ErrNotFound, ref, found[0].Host, ref)
 		}
 		return nil, fmt.Errorf("%w: no snapshot named %q in volume %q (see `stasis list`)", ErrNotFound, name, vol)
 	}
@@ -513,26 +418,52 @@ func Find(snaps []*Snapshot, ref string) (*Snapshot, error) {
 	return found, nil
 }
 
-// Latest returns the newest snapshot of volume, or nil.
-func Latest(snaps []*Snapshot, volume string) *Snapshot {
+// SplitVolume splits "HOST:VOLUME"; a plain VOLUME belongs to defaultHost.
+func SplitVolume(defaultHost, ref string) (host, volume string) {
+	if h, v, ok := strings.Cut(ref, ":"); ok {
+		return h, v
+	}
+	return defaultHost, ref
+}
+
+// Latest returns the newest snapshot of host's volume, or nil. Chains are per host and
+// volume: two hosts may both have a volume "data".
+func Latest(snaps []*Snapshot, host, volume string) *Snapshot {
 	var last *Snapshot
 	for _, s := range snaps {
-		if s.Volume == volume {
+		if s.Volume == volume && (s.Host == host || s.Host == "") {
 			last = s
 		}
 	}
 	return last
 }
 
-// Delete removes snapshots' manifests. Their blobs stay until GC; no other snapshot changes.
+// OfHost returns host's snapshots (and those written before snapshots named their host),
+// in the same order. Retention, parents and automatic names are per host: a fleet shares
+// one repository.
+func OfHost(snaps []*Snapshot, host string) []*Snapshot {
+	var out []*Snapshot
+	for _, s := range snaps {
+		if s.Host == host || s.Host == "" {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+// Delete removes snapshots' manifests, with the deletion lock held. Their blobs stay until
+// GC; no other snapshot changes.
 func (r *Repository) Delete(ctx context.Context, snaps ...*Snapshot) error {
 	if err := r.checkLocked(); err != nil {
 		return err
 	}
 	for _, s := range snaps {
-		if err := r.be.Remove(ctx, Handle{Type: SnapshotFile, Name: s.ID}); err != nil {
+		if err := r.be.Remove(ctx, Handle{Type: SnapshotFile, Name: s.ID}); err != nil && !errors.Is(err, ErrNotExist) {
 			return fmt.Errorf("delete snapshot %s/%s: %w", s.Volume, s.Name, err)
 		}
 	}
 	return nil
 }
+
+// PackBytes is the total size of the pack files the index names: cheap, no tree walk.
+func (r *Reader) PackBytes() int64 { return r.index.packBytes() }

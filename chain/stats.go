@@ -19,6 +19,7 @@ type SnapshotStats struct {
 
 // ChainStats is one volume's chain: what cloud consoles call the chain capacity.
 type ChainStats struct {
+	Host         string          `json:"host,omitempty"`
 	Volume       string          `json:"volume"`
 	Snapshots    []SnapshotStats `json:"snapshots"`
 	LogicalBytes int64           `json:"logical_bytes"` // size of the newest snapshot's volume
@@ -28,16 +29,48 @@ type ChainStats struct {
 // RepoStats covers the whole repository.
 type RepoStats struct {
 	Chains          []ChainStats `json:"chains"`
-	PackBytes       int64        `json:"pack_bytes"`       // every pack file
+	PackBytes       int64        `json:"pack_bytes"`       // every indexed pack file
 	ReferencedBytes int64        `json:"referenced_bytes"` // blobs some snapshot references
-	GarbageBytes    int64        `json:"garbage_bytes"`    // what gc would reclaim, at most
+	// ReclaimableBytes is what gc (with its default max-unused) would free: packs with no
+	// live blob, and the garbage of packs it would rewrite.
+	ReclaimableBytes int64 `json:"reclaimable_bytes"`
+}
+
+// refWalker visits the blobs snapshots reference, each subtree once per distinct owner.
+type refWalker struct {
+	r *Reader
+	// owner is the first snapshot (index into the walked list) that referenced a blob, or
+	// shared (-1) once a second one did.
+	owner map[ID]int32
+}
+
+const shared = -1
+
+func newRefWalker(r *Reader) *refWalker { return &refWalker{r: r, owner: map[ID]int32{}} }
+
+// add walks snapshot number s. A page that cannot be read fails the walk.
+func (w *refWalker) add(ctx context.Context, snap *Snapshot, s int32) error {
+	tr := newTreeReader(w.r, snap.Root, snap.Chunks())
+	visit := func(id ID) bool {
+		o, seen := w.owner[id]
+		switch {
+		case !seen:
+			w.owner[id] = s
+		case o == s || o == shared:
+			return false
+		default:
+			w.owner[id] = shared
+		}
+		return true
+	}
+	return tr.walk(ctx, func(id ID, _ int) bool { return visit(id) }, func(_ int64, id ID) error {
+		visit(id)
+		return nil
+	})
 }
 
 // Stats computes capacity figures by walking every snapshot's block map once.
-func (r *Repository) Stats(ctx context.Context) (*RepoStats, error) {
-	if r.reader != nil {
-		return nil, ErrReaderOnly
-	}
+func (r *Reader) Stats(ctx context.Context) (*RepoStats, error) {
 	snaps, _, err := r.Snapshots(ctx)
 	if err != nil {
 		return nil, err
@@ -48,13 +81,12 @@ func (r *Repository) Stats(ctx context.Context) (*RepoStats, error) {
 			return nil, err
 		}
 	}
-	idx := r.index()
 	stored := func(id ID) int64 {
-		l, _, ok := idx.lookup(id)
-		if !ok {
+		l, ok, err := r.index.lookup(ctx, id)
+		if err != nil || !ok {
 			return 0
 		}
-		return int64(l.length)
+		return int64(l.e.Length)
 	}
 	exclusive := make([]int64, len(snaps))
 	st := &RepoStats{}
@@ -65,23 +97,35 @@ func (r *Repository) Stats(ctx context.Context) (*RepoStats, error) {
 			exclusive[o] += n
 		}
 	}
-	idx.mu.RLock()
-	for _, s := range idx.sizes {
-		st.PackBytes += s
+	uses, entries, err := r.packUses(ctx)
+	if err != nil {
+		return nil, err
 	}
-	idx.mu.RUnlock()
-	st.GarbageBytes = st.PackBytes - st.ReferencedBytes
-	if st.GarbageBytes < 0 {
-		st.GarbageBytes = 0
+	live := newLiveSet(r, uint(entries))
+	if err := live.add(ctx, snaps); err != nil {
+		return nil, err
 	}
-
-	byVolume := map[string]int{}
+	if err := r.countLive(ctx, uses, live); err != nil {
+		return nil, err
+	}
+	for _, u := range uses {
+		st.PackBytes += u.size
+		switch {
+		case u.live == 0:
+			st.ReclaimableBytes += u.size
+		case float64(u.total-u.live) > 0.1*float64(u.total):
+			st.ReclaimableBytes += u.size - u.live
+		}
+	}
+	type key struct{ host, volume string }
+	byVolume := map[key]int{}
 	for i, s := range snaps {
-		c, ok := byVolume[s.Volume]
+		k := key{s.Host, s.Volume}
+		c, ok := byVolume[k]
 		if !ok {
 			c = len(st.Chains)
-			byVolume[s.Volume] = c
-			st.Chains = append(st.Chains, ChainStats{Volume: s.Volume})
+			byVolume[k] = c
+			st.Chains = append(st.Chains, ChainStats{Host: s.Host, Volume: s.Volume})
 		}
 		ch := &st.Chains[c]
 		ch.Snapshots = append(ch.Snapshots, SnapshotStats{ID: s.ID, Name: s.Name, Created: s.Created,
@@ -92,7 +136,7 @@ func (r *Repository) Stats(ctx context.Context) (*RepoStats, error) {
 	for c := range st.Chains {
 		w := newRefWalker(r)
 		for _, s := range snaps {
-			if s.Volume == st.Chains[c].Volume {
+			if s.Volume == st.Chains[c].Volume && s.Host == st.Chains[c].Host {
 				if err := w.add(ctx, s, 0); err != nil {
 					return nil, err
 				}
@@ -103,19 +147,4 @@ func (r *Repository) Stats(ctx context.Context) (*RepoStats, error) {
 		}
 	}
 	return st, nil
-}
-
-// PackBytes is the total size of the pack files the index names: cheap, no tree walk.
-func (r *Repository) PackBytes() int64 {
-	idx := r.index()
-	if idx == nil { // OpenReader
-		return 0
-	}
-	idx.mu.RLock()
-	defer idx.mu.RUnlock()
-	var n int64
-	for _, s := range idx.sizes {
-		n += s
-	}
-	return n
 }

@@ -249,3 +249,50 @@ func (r *treeReader) walk(ctx context.Context, page func(id ID, level int) bool,
 	}
 	return rec(r.root, r.depth-1, 0)
 }
+
+// diffTrees calls fn, in chunk order, for every chunk whose ID in b differs from a's (b's
+// ID, ZeroID for an all-zero chunk). Both trees have the same number of chunks and live in
+// one repository, so equal page IDs mean equal subtrees, which are skipped without I/O.
+func diffTrees(ctx context.Context, a, b *treeReader, fn func(i int64, id ID) error) error {
+	if a.chunks != b.chunks {
+		return fmt.Errorf("diff of trees of %d and %d chunks", a.chunks, b.chunks)
+	}
+	zeroPage := make([]ID, Fanout)
+	load := func(id ID, level int) ([]ID, error) {
+		if id.IsZero() {
+			return zeroPage, nil
+		}
+		return b.store.loadPage(ctx, id, level)
+	}
+	var rec func(ida, idb ID, level int, first int64) error
+	rec = func(ida, idb ID, level int, first int64) error {
+		if ida == idb || first >= b.chunks {
+			return nil
+		}
+		if level < 0 {
+			return fn(first, idb)
+		}
+		pa, err := load(ida, level)
+		if err != nil {
+			return err
+		}
+		pb, err := load(idb, level)
+		if err != nil {
+			return err
+		}
+		if len(pa) != len(pb) {
+			return corruptf("block-map pages of %d and %d entries at level %d", len(pa), len(pb), level)
+		}
+		span := int64(1)
+		for l := 0; l < level; l++ {
+			span *= Fanout
+		}
+		for k := range pb {
+			if err := rec(pa[k], pb[k], level-1, first+int64(k)*span); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	return rec(a.root, b.root, b.depth-1, 0)
+}

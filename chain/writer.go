@@ -4,14 +4,16 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"sync"
 	"time"
 )
 
 // PackSize is the size at which a pack is closed and saved. Tens of MB keep a repository of
-// millions of chunks at thousands of files, and suit object storage later.
+// millions of chunks at thousands of files, and suit object storage.
 const PackSize = 32 << 20
+
+// packTarget is the size packs are closed at (PackSize; smaller in tests).
+var packTarget = PackSize
 
 // SnapshotOptions describes a snapshot to write.
 type SnapshotOptions struct {
@@ -22,16 +24,23 @@ type SnapshotOptions struct {
 	Size        int64  // volume size in bytes
 	ChunkSize   int    // 0: the volume's chunk size, or DefaultChunkSize for its first snapshot
 	Source      string
-	Host        string
+	Host        string // "": the repository handle's host
 	Identity    *SourceIdentity
 	// Group and GroupID mark a member of a consistency group snapshot.
 	Group, GroupID string
+	// Tags and Note describe the snapshot for people; Protected keeps it from retention
+	// and deletion until unprotected.
+	Tags []string
+	Note string
 	// FromParent starts the block map from the parent's, so that only chunks Put are
 	// changed: for a tracked incremental. Otherwise the map starts empty (all zeros) and the
 	// caller must Put every non-zero chunk: a full scan, where unchanged chunks and pages
 	// still cost nothing because they are already stored.
 	FromParent bool
-	Now        time.Time // creation time; zero means time.Now()
+	// ParentID names the parent (a snapshot of the same host and volume) instead of the
+	// newest one: copies build on the copy of the source's parent.
+	ParentID string
+	Now      time.Time // creation time; zero means time.Now()
 }
 
 // WriteStats counts what a snapshot writer stored.
@@ -46,12 +55,17 @@ type WriteStats struct {
 	MetadataBytes int64 // everything but chunk data: pages, pack tables, index, manifest
 }
 
-// SnapshotWriter writes one snapshot. Put is safe for concurrent use; Commit and Abort are
-// called exactly once, after every Put has returned.
+// SnapshotWriter writes one snapshot. It takes no lock: any number of writers, on any
+// number of hosts, may write at once, and deletions wait for it (see gc.go). Put is safe for
+// concurrent use; Commit and Abort are called exactly once, after every Put has returned.
 type SnapshotWriter struct {
-	r      *Repository
-	snap   Snapshot
-	parent *Snapshot
+	r          *Repository
+	snap       Snapshot
+	parent     *Snapshot
+	parentTree *treeReader
+	heartbeat  *lease
+	avoidPacks map[ID]bool // packs gc has marked for deletion: their blobs do not count
+	damaged    map[ID]bool // blobs verify found damaged: they are stored again
 
 	mu      sync.Mutex // guards everything below
 	tree    *treeBuilder
@@ -81,11 +95,8 @@ type sessionPack struct {
 	saved   bool
 }
 
-// NewSnapshot starts a snapshot. The writer lock must be held until Commit or Abort returns.
+// NewSnapshot starts a snapshot. It takes no lock.
 func (r *Repository) NewSnapshot(ctx context.Context, opts SnapshotOptions) (*SnapshotWriter, error) {
-	if err := r.checkLocked(); err != nil {
-		return nil, err
-	}
 	if err := ValidName("volume", opts.Volume); err != nil {
 		return nil, err
 	}
@@ -106,20 +117,64 @@ func (r *Repository) NewSnapshot(ctx context.Context, opts SnapshotOptions) (*Sn
 	if opts.Size <= 0 {
 		return nil, fmt.Errorf("volume %s: source is empty (size %d)", opts.Volume, opts.Size)
 	}
+	if opts.Host == "" {
+		opts.Host = r.host
+	}
+	for _, tag := range opts.Tags {
+		if err := ValidName("tag", tag); err != nil {
+			return nil, err
+		}
+	}
+	// The heartbeat first: from now on gc keeps every pack this writer might dedup against
+	// (see gc.go), so the lists read below are at least as new as what gc assumes.
+	hb, err := startLease(ctx, r.Reader, WriterFile, fmt.Sprintf("snapshot of %s:%s", opts.Host, opts.Volume))
+	if err != nil {
+		return nil, fmt.Errorf("announce the snapshot in %s: %w", r.Location(), err)
+	}
+	w, err := r.newWriter(ctx, opts, now, hb)
+	if err != nil {
+		hb.release()
+		return nil, err
+	}
+	return w, nil
+}
+
+func (r *Repository) newWriter(ctx context.Context, opts SnapshotOptions, now time.Time, hb *lease) (*SnapshotWriter, error) {
+	avoid, err := deletionCandidates(ctx, r.Reader)
+	if err != nil {
+		return nil, err
+	}
+	damaged, err := damagedBlobs(ctx, r.Reader)
+	if err != nil {
+		return nil, err
+	}
 	snaps, _, err := r.Snapshots(ctx)
 	if err != nil {
 		return nil, err
 	}
 	if opts.Name == "" {
-		opts.Name = uniqueName(snaps, opts.Volume, "manual_"+now.Format("20060102_150405"))
+		opts.Name = uniqueName(snaps, opts.Host, opts.Volume, "manual_"+now.Format("20060102_150405"))
 	}
 	if err := ValidName("snapshot", opts.Name); err != nil {
 		return nil, err
 	}
-	if s, _ := Find(snaps, opts.Volume+"/"+opts.Name); s != nil {
-		return nil, fmt.Errorf("volume %s already has a snapshot named %q (id %s): choose another name or delete it first", opts.Volume, opts.Name, s.ID)
+	parent := Latest(snaps, opts.Host, opts.Volume)
+	if opts.ParentID != "" {
+		parent = nil
+		for _, s := range snaps {
+			if s.ID == opts.ParentID && s.Volume == opts.Volume && (s.Host == opts.Host || s.Host == "") {
+				parent = s
+			}
+		}
+		if parent == nil {
+			return nil, fmt.Errorf("volume %s: parent snapshot %s is gone", opts.Volume, opts.ParentID)
+		}
 	}
-	parent := Latest(snaps, opts.Volume)
+	for _, s := range snaps {
+		if s.Volume == opts.Volume && s.Name == opts.Name && (s.Host == opts.Host || s.Host == "") {
+			return nil, fmt.Errorf("volume %s already has a snapshot named %q (id %s): choose another name or delete it first", opts.Volume, opts.Name, s.ID)
+		}
+	}
 	chunkSize := opts.ChunkSize
 	if parent != nil {
 		if chunkSize != 0 && chunkSize != parent.ChunkSize {
@@ -134,16 +189,20 @@ func (r *Repository) NewSnapshot(ctx context.Context, opts SnapshotOptions) (*Sn
 		return nil, fmt.Errorf("chunk size %d: must be a power of two from %d to %d", chunkSize, MinChunkSize, MaxChunkSize)
 	}
 	w := &SnapshotWriter{
-		r: r, parent: parent,
+		r: r, parent: parent, heartbeat: hb, avoidPacks: avoid, damaged: damaged,
 		snap: Snapshot{Format: manifestVersion, Volume: opts.Volume, Name: opts.Name, Kind: opts.Kind,
 			Consistency: opts.Consistency, Created: now, SizeBytes: opts.Size, ChunkSize: chunkSize,
-			Fanout: Fanout, Source: opts.Source, Host: opts.Host, Identity: opts.Identity, Group: opts.Group, GroupID: opts.GroupID},
+			Fanout: Fanout, Source: opts.Source, Host: opts.Host, Identity: opts.Identity, Group: opts.Group, GroupID: opts.GroupID,
+			Tags: opts.Tags, Note: opts.Note},
 		session: map[ID]sessionBlob{},
 		saves:   make(chan *sessionPack, 1),
 	}
 	base := ZeroID
 	if parent != nil {
 		w.snap.Parent = parent.ID
+		if parent.SizeBytes == opts.Size && parent.ChunkSize == chunkSize {
+			w.parentTree = newTreeReader(r.Reader, parent.Root, parent.Chunks())
+		}
 		if opts.FromParent {
 			if parent.SizeBytes != opts.Size {
 				return nil, fmt.Errorf("volume %s changed size (%d → %d bytes): take a full scan", opts.Volume, parent.SizeBytes, opts.Size)
@@ -160,11 +219,17 @@ func (r *Repository) NewSnapshot(ctx context.Context, opts SnapshotOptions) (*Sn
 	return w, nil
 }
 
-// uniqueName returns base, or base_2, base_3... if taken in volume.
-func uniqueName(snaps []*Snapshot, volume, base string) string {
+// uniqueName returns base, or base_2, base_3... if taken in host's volume.
+func uniqueName(snaps []*Snapshot, host, volume, base string) string {
 	name := base
 	for n := 2; ; n++ {
-		if s, _ := Find(snaps, volume+"/"+name); s == nil {
+		taken := false
+		for _, s := range snaps {
+			if s.Volume == volume && s.Name == name && (s.Host == host || s.Host == "") {
+				taken = true
+			}
+		}
+		if !taken {
 			return name
 		}
 		name = fmt.Sprintf("%s_%d", base, n)
@@ -199,18 +264,22 @@ func (w *SnapshotWriter) Put(ctx context.Context, i int64, data []byte) error {
 	}
 	id := ZeroID
 	var stored []byte
-	var zstd bool
+	var comp compression
 	zero := AllZero(data)
 	if !zero {
-		id = Hash(data)
-		if !w.known(id) {
+		id = w.r.blobID(data)
+		known, err := w.known(ctx, i, id)
+		if err != nil {
+			return err
+		}
+		if !known {
 			buf := compressBuffers.Get().(*[]byte)
 			defer compressBuffers.Put(buf)
-			stored, zstd = compressBlob(data, *buf)
+			stored, comp = w.r.encodeBlob(id, data, *buf)
 		}
 	}
 	w.mu.Lock()
-	err := w.put(ctx, i, id, zero, stored, zstd, len(data))
+	err := w.put(ctx, i, id, zero, stored, comp, len(data))
 	ready := w.ready
 	w.ready = nil
 	w.mu.Unlock()
@@ -220,19 +289,76 @@ func (w *SnapshotWriter) Put(ctx context.Context, i int64, data []byte) error {
 	return w.send(ctx, ready)
 }
 
-func (w *SnapshotWriter) put(ctx context.Context, i int64, id ID, zero bool, stored []byte, zstd bool, rawLen int) error {
+// PutKnown records chunk i as blob id, as Put would for content with that ID, if the
+// repository already holds a usable copy; it reports false (recording nothing) if not, and
+// the caller must Put the content. Copies between repositories with the same blob IDs use
+// it to skip reading chunks the destination has.
+func (w *SnapshotWriter) PutKnown(ctx context.Context, i int64, id ID) (bool, error) {
+	if i < 0 || i >= w.snap.Chunks() || id.IsZero() {
+		return false, fmt.Errorf("chunk %d: outside the volume, or a zero ID", i)
+	}
+	known, err := w.known(ctx, i, id)
+	if err != nil || !known {
+		return false, err
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return true, w.put(ctx, i, id, false, nil, 0, 0)
+}
+
+func (w *SnapshotWriter) put(ctx context.Context, i int64, id ID, zero bool, stored []byte, comp compression, rawLen int) error {
 	if err := w.usable(); err != nil {
 		return err
 	}
 	w.stats.ChunksPut++
 	if zero {
 		w.stats.ZeroChunks++
-	} else if stored != nil && !w.knownLocked(id) {
-		w.addBlob(DataBlob, id, stored, zstd, rawLen)
-		w.stats.ChunksStored++
-		w.stats.DataBytes += int64(len(stored))
+	} else if stored != nil {
+		if _, dup := w.session[id]; !dup {
+			w.addBlob(DataBlob, id, stored, comp, rawLen)
+			w.stats.ChunksStored++
+			w.stats.DataBytes += int64(len(stored))
+		}
 	}
 	return w.tree.set(ctx, i, id)
+}
+
+// known reports whether blob id is already stored where this snapshot may reference it:
+// written in this session, or the same chunk of the parent (which is live), or indexed in a
+// pack gc has not marked for deletion — and not found damaged by verify.
+func (w *SnapshotWriter) known(ctx context.Context, i int64, id ID) (bool, error) {
+	if w.damaged[id] {
+		w.mu.Lock()
+		_, ok := w.session[id]
+		w.mu.Unlock()
+		return ok, nil
+	}
+	w.mu.Lock()
+	_, ok := w.session[id]
+	w.mu.Unlock()
+	if ok {
+		return true, nil
+	}
+	if w.parentTree != nil && i < w.parentTree.chunks {
+		if pid, err := w.parentTree.lookup(ctx, i); err == nil && pid == id {
+			return true, nil
+		}
+	}
+	return w.indexed(ctx, id)
+}
+
+// indexed reports whether an index names a copy of id in a pack not marked for deletion.
+func (w *SnapshotWriter) indexed(ctx context.Context, id ID) (bool, error) {
+	locs, err := w.r.index.locations(ctx, id)
+	if err != nil {
+		return false, err
+	}
+	for _, l := range locs {
+		if !w.avoidPacks[l.pack] {
+			return true, nil
+		}
+	}
+	return false, nil
 }
 
 // send hands closed packs to the saver, blocking while it is busy: that bounds memory to
@@ -251,8 +377,10 @@ func (w *SnapshotWriter) send(ctx context.Context, ready []*sessionPack) error {
 }
 
 // WaitSaved returns once every pack closed so far is saved: after it, and until the next
-// Put, the writer does no I/O. Capture calls it before freezing filesystems, one of which
-// may hold the repository.
+// Put, the writer does no I/O (its heartbeat writes only to the repository's own
+// writers/ objects, never on a frozen filesystem if the repository is not on one... and if
+// it is, a heartbeat write blocks only the heartbeat). Capture calls it before freezing
+// filesystems, one of which may hold the repository.
 func (w *SnapshotWriter) WaitSaved(ctx context.Context) error {
 	done := make(chan struct{})
 	go func() { w.inflight.Wait(); close(done) }()
@@ -273,28 +401,11 @@ func (w *SnapshotWriter) usable() error {
 	return w.err
 }
 
-func (w *SnapshotWriter) known(id ID) bool {
-	if w.r.index().has(id) {
-		return true
-	}
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	_, ok := w.session[id]
-	return ok
-}
-
-func (w *SnapshotWriter) knownLocked(id ID) bool {
-	if _, ok := w.session[id]; ok {
-		return true
-	}
-	return w.r.index().has(id)
-}
-
 // addBlob appends a blob to the current pack, closing the pack when full; w.mu held.
-func (w *SnapshotWriter) addBlob(t BlobType, id ID, stored []byte, zstd bool, rawLen int) {
-	e := w.pack.add(t, id, stored, zstd, rawLen)
+func (w *SnapshotWriter) addBlob(t BlobType, id ID, stored []byte, comp compression, rawLen int) {
+	e := w.pack.add(t, id, stored, comp, rawLen)
 	w.session[id] = sessionBlob{pack: len(w.packs), entry: e}
-	if w.pack.size() >= PackSize {
+	if w.pack.size() >= packTarget {
 		w.closePack()
 	}
 }
@@ -304,7 +415,7 @@ func (w *SnapshotWriter) closePack() {
 	if len(w.pack.entries) == 0 {
 		return
 	}
-	data, id := w.pack.finish()
+	data, id := w.pack.finish(w.r.keys)
 	p := &sessionPack{id: id, data: data, size: int64(len(data)), entries: w.pack.entries}
 	w.packs = append(w.packs, p)
 	w.ready = append(w.ready, p)
@@ -349,17 +460,18 @@ func (w *SnapshotWriter) loadPage(ctx context.Context, id ID, level int) ([]ID, 
 	case w.packs[sb.pack].data != nil:
 		stored = w.packs[sb.pack].data[sb.entry.Offset : sb.entry.Offset+sb.entry.Length]
 	default:
-		b, err := w.r.readBlob(ctx, w.packs[sb.pack].id, sb.entry, nil)
+		p := w.packs[sb.pack]
+		b, err := w.r.readBlob(ctx, blobLoc{pack: p.id, packSize: p.size, e: sb.entry}, nil)
 		if err != nil {
 			return nil, err
 		}
 		return decodePage(b, level)
 	}
-	raw, err := decompressBlob(stored, sb.entry.Zstd, int(sb.entry.RawLen), nil)
+	raw, err := w.r.decodeBlob(stored, sb.entry, nil)
 	if err != nil {
 		return nil, err
 	}
-	return decodePage(raw, level)
+	return decodePage(append([]byte(nil), raw...), level)
 }
 
 // storePage implements pageStore; w.mu held.
@@ -375,13 +487,22 @@ func (w *SnapshotWriter) storePage(ctx context.Context, level int, entries []ID)
 		return ZeroID, nil
 	}
 	raw := encodePage(level, entries)
-	id := Hash(raw)
-	if w.knownLocked(id) {
+	id := w.r.blobID(raw)
+	if _, ok := w.session[id]; ok {
 		return id, nil
 	}
-	stored, zstd := compressBlob(raw, nil)
+	if !w.damaged[id] {
+		known, err := w.indexed(ctx, id)
+		if err != nil {
+			return ZeroID, err
+		}
+		if known {
+			return id, nil
+		}
+	}
+	stored, comp := w.r.encodeBlob(id, raw, make([]byte, 0, len(raw)+sealOverhead+64))
 	w.stats.TreeBytes += int64(len(stored))
-	w.addBlob(TreeBlob, id, stored, zstd, len(raw))
+	w.addBlob(TreeBlob, id, stored, comp, len(raw))
 	return id, nil
 }
 
@@ -405,56 +526,58 @@ func (w *SnapshotWriter) Commit(ctx context.Context, capture, app map[string]any
 	}
 	close(w.saves)
 	w.saved.Wait()
+	defer w.heartbeat.release()
 	if err == nil {
 		err = w.err
 	}
 	if err == nil {
 		err = ctx.Err()
 	}
+	if err == nil {
+		// Past this point the snapshot references blobs gc might otherwise collect: only a
+		// writer known to be alive may go on.
+		err = w.heartbeat.fresh()
+	}
 	if err != nil {
-		w.cleanup()
-		return nil, err
+		return nil, err // its packs stay unindexed: gc reclaims them
 	}
 	var index []indexedPack
 	for _, p := range w.packs {
 		index = append(index, indexedPack{ID: p.id, Size: p.size, Entries: p.entries})
 	}
-	var indexID ID
 	if len(index) > 0 {
-		b := encodeIndex(index)
-		indexID = Hash(b)
-		if err := w.r.be.Save(ctx, Handle{Type: IndexFile, Name: indexID.String()}, b); err != nil {
-			w.cleanup()
+		plain := encodeIndex(index)
+		stored := plain
+		if w.r.keys != nil {
+			stored = w.r.keys.seal(nil, plain, indexAAD)
+		}
+		name := Hash(stored).String()
+		if err := w.r.be.Save(ctx, Handle{Type: IndexFile, Name: name}, stored); err != nil {
 			return nil, fmt.Errorf("save index: %w", err)
 		}
-		w.stats.IndexBytes = int64(len(b))
+		w.stats.IndexBytes = int64(len(stored))
+		if err := w.r.index.add(name, plain); err != nil {
+			w.r.log.Warn("could not cache the new index file; it is read again when needed", "err", err)
+		}
 	}
 	w.snap.Root = root
 	w.snap.NewBytes = w.stats.PackBytes + w.stats.IndexBytes
 	w.snap.Capture, w.snap.App = capture, app
-	b, id, err := encodeManifest(&w.snap)
+	b, name, err := w.r.encodeManifest(&w.snap)
 	if err != nil {
 		return nil, err
 	}
 	w.stats.MetadataBytes = w.stats.PackBytes - w.stats.DataBytes + w.stats.IndexBytes + int64(len(b))
-	if err := w.r.be.Save(ctx, Handle{Type: SnapshotFile, Name: id}, b); err != nil {
+	if err := w.r.be.Save(ctx, Handle{Type: SnapshotFile, Name: name}, b); err != nil {
 		// The index file stays: it names complete packs, and gc reclaims them.
 		return nil, fmt.Errorf("save snapshot manifest: %w", err)
 	}
-	w.snap.ID = id
-	idx := w.r.index()
-	for _, p := range index {
-		idx.add(p)
-	}
-	if len(index) > 0 {
-		w.r.mu.Lock()
-		w.r.indexFiles = append(w.r.indexFiles, indexID)
-		w.r.mu.Unlock()
-	}
+	w.snap.ID = name
 	return &w.snap, nil
 }
 
-// Abort discards the snapshot, removing the packs it saved. Safe to call after a failed Commit.
+// Abort discards the snapshot. Packs it saved stay, unindexed, until gc removes them (a
+// pack with the same content may be another writer's). Safe to call after a failed Commit.
 func (w *SnapshotWriter) Abort() {
 	w.mu.Lock()
 	if w.done {
@@ -465,18 +588,5 @@ func (w *SnapshotWriter) Abort() {
 	w.mu.Unlock()
 	close(w.saves)
 	w.saved.Wait()
-	w.cleanup()
-}
-
-// cleanup removes packs this session saved, so a failed snapshot leaves the repository as it
-// was. Best effort: whatever stays is unreferenced and gc removes it.
-func (w *SnapshotWriter) cleanup() {
-	ctx := context.Background()
-	for _, p := range w.packs {
-		if p.saved && !w.r.index().hasPack(p.id) {
-			if err := w.r.be.Remove(ctx, Handle{Type: PackFile, Name: p.id.String()}); err != nil && !errors.Is(err, ErrNotExist) && !errors.Is(err, os.ErrNotExist) {
-				w.r.log.Warn("could not remove pack of an aborted snapshot; gc will", "pack", p.id.Short(), "err", err)
-			}
-		}
-	}
+	w.heartbeat.release()
 }

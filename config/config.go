@@ -22,9 +22,22 @@ const DefaultPath = "/etc/stasis/stasis.yaml"
 
 // Config is a validated configuration.
 type Config struct {
-	Path       string  `yaml:"-"`
-	Repository string  `yaml:"repository"`
-	Mount      *string `yaml:"mount"` // nil: default; "": disabled
+	Path string `yaml:"-"`
+	// Repository is a directory or an S3 location (s3:https://host/bucket/prefix).
+	Repository string `yaml:"repository"`
+	// PasswordFile holds the passphrase of an encrypted repository (mode 0600, root's);
+	// with it, the agent creates the repository encrypted.
+	PasswordFile string `yaml:"password_file"`
+	// S3 says how to reach S3 locations (the repository's and replicate's).
+	S3 *S3 `yaml:"s3"`
+	// CacheDir keeps checked copies of index files (default /var/cache/stasis).
+	CacheDir string `yaml:"cache_dir"`
+	// Host names this machine in a shared repository (default: its hostname). Give each
+	// machine its own: chains, retention and automatic names are per host.
+	Host string `yaml:"host"`
+	// Replicate copies every snapshot to a second repository, with its own retention.
+	Replicate *Replicate `yaml:"replicate"`
+	Mount     *string    `yaml:"mount"` // nil: default; "": disabled
 	// MountAllowOther lets every local user into the view; each reads only what the
 	// snapshot's own permissions allow.
 	MountAllowOther bool     `yaml:"mount_allow_other"`
@@ -37,6 +50,22 @@ type Config struct {
 	GCAfterPrune    *bool    `yaml:"gc_after_prune"`
 	CatchUp         *bool    `yaml:"catch_up"`
 	lines           map[string]int
+}
+
+// S3 is how to reach S3-compatible object storage.
+type S3 struct {
+	Region string `yaml:"region"`
+	// CredentialsFile is an AWS shared credentials file ([default] aws_access_key_id = ...);
+	// without it, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment are used.
+	CredentialsFile string `yaml:"credentials_file"`
+	Profile         string `yaml:"profile"`
+}
+
+// Replicate is a second repository every snapshot is copied to.
+type Replicate struct {
+	Repository   string    `yaml:"repository"`
+	PasswordFile string    `yaml:"password_file"`
+	Retention    Retention `yaml:"retention"`
 }
 
 // Volume is one volume to snapshot.
@@ -103,6 +132,7 @@ const (
 	DefaultRepository = "/var/lib/stasis/repo"
 	DefaultMount      = "/run/stasis/snapshots"
 	DefaultStateDir   = "/var/lib/stasis"
+	DefaultCacheDir   = "/var/cache/stasis"
 	DefaultSocket     = "/run/stasis/stasis.sock"
 	DefaultMaxFreeze  = 5 * time.Second
 	DefaultSchedule   = "@daily"
@@ -267,8 +297,37 @@ func (c *Config) validate(probe Prober) Errors {
 	if c.Repository == "" {
 		c.Repository = DefaultRepository
 	}
-	if !filepath.IsAbs(c.Repository) {
-		c.errf(&es, "repository", "%q is not an absolute path", c.Repository)
+	c.checkLocation(&es, "repository", c.Repository)
+	if c.CacheDir == "" {
+		c.CacheDir = DefaultCacheDir
+	}
+	if c.Host != "" {
+		if !volumeNameRE.MatchString(c.Host) {
+			c.errf(&es, "host", "%q: use letters, digits, '.', '_', '@', '+' or '-' (up to 128), starting with a letter or digit", c.Host)
+		}
+	}
+	if !filepath.IsAbs(c.CacheDir) {
+		c.errf(&es, "cache_dir", "%q is not an absolute path", c.CacheDir)
+	}
+	if c.PasswordFile != "" && !filepath.IsAbs(c.PasswordFile) {
+		c.errf(&es, "password_file", "%q is not an absolute path", c.PasswordFile)
+	}
+	if r := c.Replicate; r != nil {
+		if r.Repository == "" {
+			c.errf(&es, "replicate", "repository is missing: give the second repository's location")
+		} else {
+			c.checkLocation(&es, "replicate.repository", r.Repository)
+			if r.Repository == c.Repository {
+				c.errf(&es, "replicate.repository", "is the repository itself: replicate to another one")
+			}
+		}
+		if r.PasswordFile != "" && !filepath.IsAbs(r.PasswordFile) {
+			c.errf(&es, "replicate.password_file", "%q is not an absolute path", r.PasswordFile)
+		}
+		c.checkRetention(&es, "replicate.retention", &r.Retention)
+	}
+	if c.S3 != nil && c.S3.CredentialsFile != "" && !filepath.IsAbs(c.S3.CredentialsFile) {
+		c.errf(&es, "s3.credentials_file", "%q is not an absolute path", c.S3.CredentialsFile)
 	}
 	if c.Mount == nil {
 		m := DefaultMount
@@ -277,7 +336,7 @@ func (c *Config) validate(probe Prober) Errors {
 	if *c.Mount != "" && !filepath.IsAbs(*c.Mount) {
 		c.errf(&es, "mount", "%q is not an absolute path (use \"\" to disable the view)", *c.Mount)
 	}
-	if *c.Mount != "" && (*c.Mount == c.Repository || strings.HasPrefix(*c.Mount, c.Repository+"/")) {
+	if *c.Mount != "" && !IsRemote(c.Repository) && (*c.Mount == c.Repository || strings.HasPrefix(*c.Mount, c.Repository+"/")) {
 		c.errf(&es, "mount", "%q is inside the repository %s: choose a directory outside it", *c.Mount, c.Repository)
 	}
 	if c.StateDir == "" {
@@ -532,6 +591,23 @@ func (c *Config) checkRetention(es *Errors, k string, r *Retention) {
 	}
 	if *r.KeepDays > maxKeepDays {
 		c.errf(es, k+".keep_days", "%d days is more than %d: use -1 to keep snapshots forever", *r.KeepDays, maxKeepDays)
+	}
+}
+
+// IsRemote reports whether a repository location is object storage rather than a directory.
+func IsRemote(loc string) bool { return strings.HasPrefix(loc, "s3:") }
+
+// checkLocation checks a repository location: an absolute directory or an s3: location.
+func (c *Config) checkLocation(es *Errors, key, loc string) {
+	if IsRemote(loc) {
+		rest := strings.TrimPrefix(loc, "s3:")
+		if !strings.HasPrefix(rest, "https://") && !strings.HasPrefix(rest, "http://") || strings.Count(strings.Trim(rest, "/"), "/") < 3 {
+			c.errf(es, key, "%q: write an S3 location like s3:https://s3.example.net/bucket/prefix", loc)
+		}
+		return
+	}
+	if !filepath.IsAbs(loc) {
+		c.errf(es, key, "%q is not an absolute path (or an s3:https://host/bucket/prefix location)", loc)
 	}
 }
 

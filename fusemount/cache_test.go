@@ -18,18 +18,14 @@ func snapshotOf(t *testing.T, data []byte, chunk int) *chain.SnapshotReader {
 	t.Helper()
 	ctx := context.Background()
 	be := memory.New()
-	if err := chain.Init(ctx, be); err != nil {
+	if _, err := chain.Init(ctx, be, chain.InitOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	r, err := chain.Open(ctx, be, nil)
+	r, err := chain.Open(ctx, be, chain.Options{CacheDir: t.TempDir()})
 	if err != nil {
 		t.Fatal(err)
 	}
-	unlock, err := r.Lock(ctx, "test")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unlock()
+	t.Cleanup(func() { r.Close() })
 	w, err := r.NewSnapshot(ctx, chain.SnapshotOptions{Volume: "v", Name: "s", Size: int64(len(data)), ChunkSize: chunk})
 	if err != nil {
 		t.Fatal(err)
@@ -43,7 +39,7 @@ func snapshotOf(t *testing.T, data []byte, chunk int) *chain.SnapshotReader {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return r.Reader(s)
+	return r.SnapshotReader(s)
 }
 
 // TestImageReadsExactUnderConcurrency: random reads from many goroutines, sequential ones

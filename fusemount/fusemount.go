@@ -40,7 +40,7 @@ type Options struct {
 	// AllowOther lets other local users in; default_permissions is then always on, so each
 	// sees only what the snapshot's permissions allow.
 	AllowOther bool
-	// Volume, if set, shows only that volume.
+	// Volume, if set, shows only that volume ("VOLUME" of this host, "HOST:VOLUME" of another).
 	Volume string
 	Log    *slog.Logger
 }
@@ -53,7 +53,7 @@ const (
 
 // view is the state shared by every node of one mount.
 type view struct {
-	repo *chain.Repository
+	repo *chain.Reader
 	opts Options
 
 	cache   *chunkCache
@@ -72,7 +72,7 @@ func (v *view) state(s *chain.Snapshot) *snapState {
 	if st, ok := v.states.Get(s.ID); ok {
 		return st
 	}
-	st := &snapState{v: v, snap: s, img: &image{sr: v.repo.Reader(s), cache: v.cache, size: s.SizeBytes, loaders: v.loaders}}
+	st := &snapState{v: v, snap: s, img: &image{sr: v.repo.SnapshotReader(s), cache: v.cache, size: s.SizeBytes, loaders: v.loaders}}
 	v.states.Add(s.ID, st)
 	return st
 }
@@ -91,12 +91,21 @@ func (v *view) list(ctx context.Context) []*chain.Snapshot {
 	}
 	var out []*chain.Snapshot
 	for _, s := range snaps {
-		if v.opts.Volume == "" || s.Volume == v.opts.Volume {
+		if v.opts.Volume == "" || v.folder(s) == v.opts.Volume {
 			out = append(out, s)
 		}
 	}
 	v.snaps, v.fetched = out, time.Now()
 	return out
+}
+
+// folder names s's volume folder: VOLUME for this host's snapshots, HOST:VOLUME for another
+// host's in a shared repository (as the CLI names them).
+func (v *view) folder(s *chain.Snapshot) string {
+	if s.Host == "" || s.Host == v.repo.Host() {
+		return s.Volume
+	}
+	return s.Host + ":" + s.Volume
 }
 
 func ino(parts ...string) uint64 {
@@ -119,9 +128,9 @@ func (r *rootNode) volumes(ctx context.Context) []string {
 	seen := map[string]bool{}
 	var out []string
 	for _, s := range r.v.list(ctx) {
-		if !seen[s.Volume] {
-			seen[s.Volume] = true
-			out = append(out, s.Volume)
+		if f := r.v.folder(s); !seen[f] {
+			seen[f] = true
+			out = append(out, f)
 		}
 	}
 	return out
@@ -141,7 +150,6 @@ func (r *rootNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) 
 			out.SetEntryTimeout(listTTL)
 			out.SetAttrTimeout(listTTL)
 			out.Mode = fuse.S_IFDIR | 0o555
-			out.Nlink = 2
 			out.Nlink = 2
 			return r.NewInode(ctx, &volumeNode{v: r.v, volume: name}, fs.StableAttr{Mode: fuse.S_IFDIR, Ino: ino(name)}), 0
 		}
@@ -164,7 +172,7 @@ var (
 func (n *volumeNode) snapshots(ctx context.Context) []*chain.Snapshot {
 	var out []*chain.Snapshot
 	for _, s := range n.v.list(ctx) {
-		if s.Volume == n.volume {
+		if n.v.folder(s) == n.volume {
 			out = append(out, s)
 		}
 	}
@@ -313,7 +321,7 @@ var ErrInsideRepository = errors.New("mount point is inside the repository")
 
 // Mount serves repo read-only at dir. repoDir, if not empty, is the local repository's
 // directory, which the mount point must not be inside.
-func Mount(repo *chain.Repository, repoDir, dir string, opts Options) (*Mounted, error) {
+func Mount(repo *chain.Reader, repoDir, dir string, opts Options) (*Mounted, error) {
 	if opts.Log == nil {
 		opts.Log = slog.New(slog.DiscardHandler)
 	}

@@ -9,6 +9,7 @@ import (
 	"sort"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/stasis-project/stasis/chain"
 )
@@ -70,11 +71,14 @@ func Suite(t *testing.T, newBackend func(t *testing.T) chain.Backend) {
 		}
 		list := func() []string {
 			var names []string
-			err := b.List(ctx, chain.PackFile, func(name string, size int64) error {
-				if size != 4 {
-					t.Errorf("%s: size %d", name, size)
+			err := b.List(ctx, chain.PackFile, func(fi chain.FileInfo) error {
+				if fi.Size != 4 {
+					t.Errorf("%s: size %d", fi.Name, fi.Size)
 				}
-				names = append(names, name)
+				if time.Since(fi.ModTime) > time.Hour || time.Until(fi.ModTime) > time.Hour {
+					t.Errorf("%s: modification time %v is not the storage's now", fi.Name, fi.ModTime)
+				}
+				names = append(names, fi.Name)
 				return nil
 			})
 			if err != nil {
@@ -96,8 +100,29 @@ func Suite(t *testing.T, newBackend func(t *testing.T) chain.Backend) {
 			t.Fatalf("List after Remove = %v", got)
 		}
 		stop := errors.New("stop")
-		if err := b.List(ctx, chain.PackFile, func(string, int64) error { return stop }); !errors.Is(err, stop) {
+		if err := b.List(ctx, chain.PackFile, func(chain.FileInfo) error { return stop }); !errors.Is(err, stop) {
 			t.Fatalf("List must return fn's error, got %v", err)
+		}
+		// Every file type is stored and listed on its own, a type with no files included.
+		for _, ft := range []chain.FileType{chain.KeyFileType, chain.WriterFile, chain.DeletionFile, chain.DamageFile, chain.LockFile} {
+			n := 0
+			b.List(ctx, ft, func(chain.FileInfo) error { n++; return nil })
+			if n != 0 {
+				t.Fatalf("empty %s lists %d files", ft, n)
+			}
+			if err := b.Save(ctx, chain.Handle{Type: ft, Name: "x1.start"}, []byte("lease")); err != nil {
+				t.Fatalf("save %s: %v", ft, err)
+			}
+			b.List(ctx, ft, func(fi chain.FileInfo) error {
+				if fi.Name != "x1.start" {
+					t.Errorf("%s lists %q", ft, fi.Name)
+				}
+				n++
+				return nil
+			})
+			if n != 1 {
+				t.Fatalf("%s lists %d files", ft, n)
+			}
 		}
 	})
 	t.Run("Concurrent", func(t *testing.T) {

@@ -77,10 +77,8 @@ func setup(t *testing.T) *fixture {
 	t.Helper()
 	ctx := context.Background()
 	be := memory.New()
-	chain.Init(ctx, be)
-	r, _ := chain.Open(ctx, be, nil)
-	unlock, _ := r.Lock(ctx, "t")
-	t.Cleanup(unlock)
+	chain.Init(ctx, be, chain.InitOptions{})
+	r, _ := chain.Open(ctx, be, chain.Options{CacheDir: t.TempDir()})
 	data := make([]byte, 4<<20)
 	rand.New(rand.NewSource(1)).Read(data)
 	path := filepath.Join(t.TempDir(), "src.img")
@@ -121,7 +119,7 @@ func (fx *fixture) commitAndCompare(t *testing.T, want []byte) {
 		t.Fatal(err)
 	}
 	out := make([]byte, s.SizeBytes)
-	if _, err := fx.r.Reader(s).ReadAt(context.Background(), out, 0); err != nil {
+	if _, err := fx.r.SnapshotReader(s).ReadAt(context.Background(), out, 0); err != nil {
 		t.Fatal(err)
 	}
 	if !bytes.Equal(out, want) {

@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -42,7 +43,8 @@ func Create(dir string) (*Backend, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("create repository directory: %w", err)
 	}
-	for _, sub := range []string{"tmp", string(chain.PackFile), string(chain.IndexFile), string(chain.SnapshotFile)} {
+	for _, sub := range []string{"tmp", string(chain.PackFile), string(chain.IndexFile), string(chain.SnapshotFile),
+		string(chain.KeyFileType), string(chain.WriterFile), string(chain.DeletionFile), string(chain.DamageFile)} {
 		if err := os.Mkdir(filepath.Join(dir, sub), 0o700); err != nil && !errors.Is(err, os.ErrExist) {
 			return nil, fmt.Errorf("create repository directory: %w", err)
 		}
@@ -122,7 +124,7 @@ func (b *Backend) Save(ctx context.Context, h chain.Handle, data []byte) error {
 		return fmt.Errorf("save %s: %w", h, err)
 	}
 	dir := filepath.Dir(final)
-	if h.Type == chain.PackFile {
+	if h.Type != chain.ConfigFile { // a pack's fan-out directory, or a type older stasis lacked
 		if err := os.Mkdir(dir, 0o700); err == nil {
 			if err := syncDir(filepath.Dir(dir)); err != nil {
 				return err
@@ -246,11 +248,15 @@ func (b *Backend) Remove(ctx context.Context, h chain.Handle) error {
 	return syncDir(filepath.Dir(p))
 }
 
-// List calls fn for each file of type t.
-func (b *Backend) List(ctx context.Context, t chain.FileType, fn func(string, int64) error) error {
+// List calls fn for each file of type t. A type whose directory does not exist yet (a
+// repository made by an older stasis) has no files.
+func (b *Backend) List(ctx context.Context, t chain.FileType, fn func(chain.FileInfo) error) error {
 	root := filepath.Join(b.dir, string(t))
 	return filepath.WalkDir(root, func(p string, d os.DirEntry, err error) error {
 		if err != nil {
+			if p == root && errors.Is(err, os.ErrNotExist) {
+				return nil
+			}
 			return err
 		}
 		if err := ctx.Err(); err != nil {
@@ -272,7 +278,7 @@ func (b *Backend) List(ctx context.Context, t chain.FileType, fn func(string, in
 			}
 			return err
 		}
-		return fn(d.Name(), info.Size())
+		return fn(chain.FileInfo{Name: d.Name(), Size: info.Size(), ModTime: info.ModTime()})
 	})
 }
 
@@ -287,8 +293,8 @@ func (b *Backend) Close() error {
 	return nil
 }
 
-// Lock takes the exclusive writer lock with flock(2) on the file "lock" and records holder in
-// it. Stale temporary files of dead writers are removed once the lock is held.
+// Lock takes the exclusive deletion lock with flock(2) on the file "lock" and records holder
+// in it. Temporary files of dead writers (older than TmpGrace) are removed once it is held.
 func (b *Backend) Lock(ctx context.Context, holder string) (func() error, error) {
 	p := filepath.Join(b.dir, "lock")
 	f, err := os.OpenFile(p, os.O_RDWR|os.O_CREATE, 0o600)
@@ -317,10 +323,17 @@ func (b *Backend) Lock(ctx context.Context, holder string) (func() error, error)
 	}, nil
 }
 
+// TmpGrace is how old a temporary file must be before it counts as left by a dead writer.
+// Writers take no lock: a younger one may be another process's Save in progress, and no
+// single Save takes an hour.
+const TmpGrace = time.Hour
+
 func (b *Backend) cleanTmp() {
 	entries, _ := os.ReadDir(filepath.Join(b.dir, "tmp"))
 	for _, e := range entries {
-		os.Remove(filepath.Join(b.dir, "tmp", e.Name()))
+		if info, err := e.Info(); err == nil && time.Since(info.ModTime()) > TmpGrace {
+			os.Remove(filepath.Join(b.dir, "tmp", e.Name()))
+		}
 	}
 }
 

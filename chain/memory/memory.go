@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"sync"
+	"time"
 
 	"github.com/stasis-project/stasis/chain"
 )
@@ -14,6 +15,7 @@ import (
 type Backend struct {
 	mu     sync.Mutex
 	files  map[chain.Handle][]byte
+	times  map[chain.Handle]time.Time
 	holder string
 }
 
@@ -23,7 +25,9 @@ var (
 )
 
 // New returns an empty backend.
-func New() *Backend { return &Backend{files: map[chain.Handle][]byte{}} }
+func New() *Backend {
+	return &Backend{files: map[chain.Handle][]byte{}, times: map[chain.Handle]time.Time{}}
+}
 
 // Location names the backend.
 func (b *Backend) Location() string { return "memory" }
@@ -35,6 +39,9 @@ func (b *Backend) Save(ctx context.Context, h chain.Handle, data []byte) error {
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	if _, ok := b.files[h]; !ok {
+		b.times[h] = time.Now()
+	}
 	b.files[h] = append([]byte(nil), data...)
 	return nil
 }
@@ -88,29 +95,36 @@ func (b *Backend) Remove(ctx context.Context, h chain.Handle) error {
 		return fmt.Errorf("%s: %w", h, chain.ErrNotExist)
 	}
 	delete(b.files, h)
+	delete(b.times, h)
 	return nil
 }
 
 // List calls fn for each file of type t.
-func (b *Backend) List(ctx context.Context, t chain.FileType, fn func(string, int64) error) error {
+func (b *Backend) List(ctx context.Context, t chain.FileType, fn func(chain.FileInfo) error) error {
 	b.mu.Lock()
-	type entry struct {
-		name string
-		size int64
-	}
-	var list []entry
+	var list []chain.FileInfo
 	for h, d := range b.files {
 		if h.Type == t {
-			list = append(list, entry{h.Name, int64(len(d))})
+			list = append(list, chain.FileInfo{Name: h.Name, Size: int64(len(d)), ModTime: b.times[h]})
 		}
 	}
 	b.mu.Unlock()
 	for _, e := range list {
-		if err := fn(e.name, e.size); err != nil {
+		if err := fn(e); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// SetModTime changes a file's modification time, as if it had been saved then (tests of
+// grace periods).
+func (b *Backend) SetModTime(h chain.Handle, t time.Time) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if _, ok := b.files[h]; ok {
+		b.times[h] = t
+	}
 }
 
 // Close does nothing.
@@ -139,4 +153,15 @@ func (b *Backend) Corrupt(h chain.Handle, off int) {
 	if d := b.files[h]; off < len(d) {
 		d[off] ^= 0xff
 	}
+}
+
+// Files returns a copy of every file, for tests that inspect what a repository stores.
+func (b *Backend) Files() map[chain.Handle][]byte {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	out := make(map[chain.Handle][]byte, len(b.files))
+	for h, d := range b.files {
+		out[h] = append([]byte(nil), d...)
+	}
+	return out
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"log/slog"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -22,7 +21,6 @@ import (
 	"github.com/stasis-project/stasis/agent/mysql"
 	"github.com/stasis-project/stasis/chain"
 	"github.com/stasis-project/stasis/chain/capture"
-	"github.com/stasis-project/stasis/chain/local"
 	"github.com/stasis-project/stasis/config"
 	"github.com/stasis-project/stasis/fusemount"
 )
@@ -123,27 +121,6 @@ Every problem is listed with its line.`,
 	return cmd
 }
 
-// openOrCreateRepo opens the agent's repository, creating it on first start.
-func openOrCreateRepo(log *slog.Logger) func(string) (*chain.Repository, error) {
-	return func(path string) (*chain.Repository, error) {
-		if _, err := os.Stat(filepath.Join(path, "config")); errors.Is(err, os.ErrNotExist) {
-			be, err := local.Create(path)
-			if err != nil {
-				return nil, err
-			}
-			if err := chain.Init(context.Background(), be); err != nil {
-				return nil, err
-			}
-			log.Info("created repository", "path", path)
-		}
-		be, err := local.Open(path)
-		if err != nil {
-			return nil, err
-		}
-		return chain.Open(context.Background(), be, log)
-	}
-}
-
 func newAgentCmd(g *globals) *cobra.Command {
 	return &cobra.Command{
 		Use:   "agent [--config FILE]",
@@ -166,7 +143,12 @@ finishes or aborts the running snapshot (never leaving anything frozen) and exit
 			if err != nil {
 				return err
 			}
-			svc, err := agent.NewService(ctx, cfg, g.loadConfig, openOrCreateRepo(log),
+			acc := g.accessFor(cfg)
+			svc, err := agent.NewService(ctx, cfg, g.loadConfig, func(ctx context.Context, loc, passwordFile string) (*chain.Repository, error) {
+				a := *acc
+				a.passwordFile = passwordFile
+				return a.openOrInit(ctx, loc)
+			},
 				agent.Options{Log: log, GuardCommand: []string{exe, "freeze-guard"}, Hold: g.logHold, FreezeHook: testFreezeHook()})
 			if err != nil {
 				return err
@@ -177,7 +159,7 @@ finishes or aborts the running snapshot (never leaving anything frozen) and exit
 				// The view of the snapshots; a dead agent's stale mount is cleared first.
 				exec.Command("fusermount3", "-uz", *cfg.Mount).Run()
 				os.MkdirAll(*cfg.Mount, 0o755)
-				m, err := fusemount.Mount(svc.Repository(), cfg.Repository, *cfg.Mount, fusemount.Options{Log: log, AllowOther: cfg.MountAllowOther})
+				m, err := fusemount.Mount(svc.Repository().Reader, localDir(cfg.Repository), *cfg.Mount, fusemount.Options{Log: log, AllowOther: cfg.MountAllowOther})
 				if err != nil {
 					return fmt.Errorf("mount %s: %w; set mount: \"\" to run without the view", *cfg.Mount, err)
 				}
@@ -223,7 +205,6 @@ finishes or aborts the running snapshot (never leaving anything frozen) and exit
 }
 
 func newStatusCmd(g *globals) *cobra.Command {
-	var asJSON bool
 	cmd := &cobra.Command{
 		Use:   "status [--json]",
 		Short: "Show each volume's last snapshot, next run, tracking and last failure",
@@ -240,8 +221,8 @@ func newStatusCmd(g *globals) *cobra.Command {
 				}
 				return err
 			}
-			if asJSON {
-				return printJSON(cmd, resp.Status)
+			if g.asJSON {
+				return printJSON(cmd, statusJSON{Volumes: resp.Status, Replica: resp.Replica})
 			}
 			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 0, 2, ' ', 0)
 			fmt.Fprintln(tw, "VOLUME\tLAST SNAPSHOT\tRESULT\tFREEZE\tNEXT RUN\tSNAPSHOTS\tTRACKING")
@@ -262,11 +243,36 @@ func newStatusCmd(g *globals) *cobra.Command {
 					fmt.Fprintf(cmd.OutOrStdout(), "\n%s: last failure: %s\n", s.Volume, s.LastFailure)
 				}
 			}
+			if rp := resp.Replica; rp != nil {
+				state := "up to date"
+				if rp.Lag > 0 {
+					state = plural(rp.Lag, "snapshot") + " behind"
+				}
+				if rp.Running {
+					state += ", copying now"
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "\nreplica %s: %s; %s there; last complete pass %s\n", rp.Repository, state, plural(rp.Snapshots, "snapshot"), orNever(rp.LastSuccess))
+				if rp.LastError != "" {
+					fmt.Fprintf(cmd.OutOrStdout(), "replica: last failure at %s: %s\n", rp.LastErrorAt, rp.LastError)
+				}
+			}
 			return nil
 		},
 	}
-	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	return cmd
+}
+
+// statusJSON is what `status --json` prints.
+type statusJSON struct {
+	Volumes []agent.VolumeStatus `json:"volumes"`
+	Replica *agent.ReplicaStatus `json:"replica,omitempty"`
+}
+
+func orNever(s string) string {
+	if s == "" {
+		return "never"
+	}
+	return s
 }
 
 func trim(s string, n int) string {
@@ -277,7 +283,7 @@ func trim(s string, n int) string {
 }
 
 func newPruneCmd(g *globals) *cobra.Command {
-	var dryRun, asJSON bool
+	var dryRun bool
 	cmd := &cobra.Command{
 		Use:   "prune [VOLUME|GROUP] [--dry-run]",
 		Short: "Apply retention: delete automatic snapshots the policy does not keep, then gc",
@@ -310,7 +316,7 @@ reason it would be kept or deleted, and change nothing. Goes through the agent w
 			default:
 				return err
 			}
-			if asJSON {
+			if g.asJSON {
 				return printJSON(cmd, decisions)
 			}
 			verb := "deleted"
@@ -328,7 +334,6 @@ reason it would be kept or deleted, and change nothing. Goes through the agent w
 		},
 	}
 	cmd.Flags().BoolVar(&dryRun, "dry-run", false, "show what would be deleted, delete nothing")
-	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	return cmd
 }
 
@@ -339,7 +344,9 @@ func pruneDirect(ctx context.Context, g *globals, cfg *config.Config, volume str
 	unlock := func() {}
 	var err error
 	if dryRun {
-		r, err = g.openRepo(ctx)
+		if r, err = g.openRepo(ctx); err == nil {
+			unlock = func() { r.Close() }
+		}
 	} else {
 		r, unlock, err = g.lockRepo(ctx)
 	}
@@ -351,7 +358,7 @@ func pruneDirect(ctx context.Context, g *globals, cfg *config.Config, volume str
 	if err != nil {
 		return nil, err
 	}
-	all, victims := agent.PlanConfig(snaps, cfg, volume, time.Now())
+	all, victims := agent.PlanConfig(chain.OfHost(snaps, r.Host()), cfg, volume, time.Now())
 	deleted := false
 	if !dryRun && len(victims) > 0 {
 		if err := r.Delete(ctx, victims...); err != nil {
@@ -360,7 +367,7 @@ func pruneDirect(ctx context.Context, g *globals, cfg *config.Config, volume str
 		deleted = true
 	}
 	if deleted && *cfg.GCAfterPrune {
-		if _, err := r.GC(ctx); err != nil {
+		if _, err := r.GC(ctx, chain.GCOptions{}); err != nil {
 			return all, err
 		}
 	}

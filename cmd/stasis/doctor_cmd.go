@@ -1,16 +1,18 @@
 package main
 
 import (
+	"context"
+
 	"fmt"
 
 	"github.com/spf13/cobra"
 
 	"github.com/stasis-project/stasis/agent"
+	"github.com/stasis-project/stasis/chain"
 	"github.com/stasis-project/stasis/config"
 )
 
 func newDoctorCmd(g *globals) *cobra.Command {
-	var asJSON bool
 	cmd := &cobra.Command{
 		Use:   "doctor [--config FILE] [--json]",
 		Short: "Check everything that makes a snapshot fail, and say what to do",
@@ -30,9 +32,17 @@ Exit status: 0 all well, 1 warnings, 2 errors.`,
 			// Without the system checks: doctor reports missing sources itself.
 			cfg, err := config.Load(path, nil)
 			if err != nil {
-				return exitError{2, err}
+				return exitError{exitFailure, err}
 			}
-			findings := agent.Doctor(cmd.Context(), cfg, agent.DefaultDoctorEnv())
+			env := agent.DefaultDoctorEnv()
+			env.OpenRepo = func(ctx context.Context) (*chain.Reader, error) {
+				r, err := g.accessFor(cfg).openReader(ctx, cfg.Repository)
+				if isMissing(err) {
+					return nil, fmt.Errorf("%s: %w", cfg.Repository, chain.ErrNotRepository)
+				}
+				return r, err
+			}
+			findings := agent.Doctor(cmd.Context(), cfg, env)
 			worst := 0
 			for _, f := range findings {
 				switch f.Severity {
@@ -42,7 +52,7 @@ Exit status: 0 all well, 1 warnings, 2 errors.`,
 					worst = 2
 				}
 			}
-			if asJSON {
+			if g.asJSON {
 				if err := printJSON(cmd, findings); err != nil {
 					return err
 				}
@@ -60,13 +70,12 @@ Exit status: 0 all well, 1 warnings, 2 errors.`,
 			}
 			switch worst {
 			case 2:
-				return exitError{2, fmt.Errorf("doctor found errors: snapshots will fail until they are fixed")}
+				return exitError{exitDamage, fmt.Errorf("doctor found errors: snapshots will fail until they are fixed")}
 			case 1:
-				return exitError{1, fmt.Errorf("doctor found warnings")}
+				return exitError{exitWarnings, fmt.Errorf("doctor found warnings")}
 			}
 			return nil
 		},
 	}
-	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	return cmd
 }

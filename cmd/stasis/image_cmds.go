@@ -11,17 +11,23 @@ import (
 	"github.com/stasis-project/stasis/chain/image"
 )
 
-func (g *globals) findSnapshot(cmd *cobra.Command, ref string) (*chain.Repository, *chain.Snapshot, error) {
-	r, err := g.openRepo(cmd.Context())
+// findSnapshot opens the repository to read and resolves ref (see chain.Find).
+func (g *globals) findSnapshot(cmd *cobra.Command, ref string) (*chain.Reader, *chain.Snapshot, error) {
+	r, err := g.openReader(cmd.Context())
 	if err != nil {
 		return nil, nil, err
 	}
 	snaps, _, err := r.Snapshots(cmd.Context())
 	if err != nil {
+		r.Close()
 		return nil, nil, err
 	}
-	s, err := chain.Find(snaps, ref)
-	return r, s, err
+	s, err := chain.Find(snaps, r.Host(), ref)
+	if err != nil {
+		r.Close()
+		return nil, nil, err
+	}
+	return r, s, nil
 }
 
 func newExportCmd(g *globals) *cobra.Command {
@@ -38,22 +44,23 @@ chunk fails the export and leaves nothing behind.`,
 			if err != nil {
 				return err
 			}
+			defer r.Close()
 			prog := newProgress(cmd.ErrOrStderr(), "exporting", s.SizeBytes)
-			st, err := image.Export(cmd.Context(), r.Reader(s), args[1], prog.set)
+			st, err := image.Export(cmd.Context(), r.SnapshotReader(s), args[1], prog.set)
 			prog.done()
 			if err != nil {
 				return fmt.Errorf("export of %s/%s failed: %w", s.Volume, s.Name, err)
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "exported %s/%s to %s: %s volume, %s written in %s\n", s.Volume, s.Name, args[1],
-				humanize.IBytes(uint64(s.SizeBytes)), humanize.IBytes(uint64(st.BytesWritten)), time.Since(start).Round(time.Millisecond))
-			return nil
+			return g.print(cmd, map[string]any{"snapshot": s.ID, "target": args[1], "size_bytes": s.SizeBytes,
+				"bytes_written": st.BytesWritten, "duration_ms": time.Since(start).Milliseconds()},
+				fmt.Sprintf("exported %s/%s to %s: %s volume, %s written in %s", s.Volume, s.Name, args[1],
+					humanize.IBytes(uint64(s.SizeBytes)), humanize.IBytes(uint64(st.BytesWritten)), time.Since(start).Round(time.Millisecond)))
 		},
 	}
 }
 
 func newRestoreCmd(g *globals) *cobra.Command {
 	var to string
-	var asJSON bool
 	cmd := &cobra.Command{
 		Use:   "restore SNAPSHOT --to PATH",
 		Short: "Roll a device or file back to a snapshot, writing only chunks that differ",
@@ -71,23 +78,20 @@ PATH that does not exist is created as with export.`,
 			if err != nil {
 				return err
 			}
+			defer r.Close()
 			prog := newProgress(cmd.ErrOrStderr(), "restoring", s.SizeBytes)
-			st, err := image.Restore(cmd.Context(), r.Reader(s), to, prog.set)
+			st, err := image.Restore(cmd.Context(), r.SnapshotReader(s), to, prog.set)
 			prog.done()
 			if err != nil {
 				return fmt.Errorf("restore of %s/%s onto %s failed after writing %d chunks: %w", s.Volume, s.Name, to, st.ChunksWritten, err)
 			}
-			if asJSON {
-				return printJSON(cmd, map[string]any{"snapshot": s.ID, "target": to, "chunks": st.Chunks,
-					"chunks_written": st.ChunksWritten, "bytes_written": st.BytesWritten, "bytes_compared": st.BytesRead,
-					"duration_ms": time.Since(start).Milliseconds()})
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "restored %s/%s onto %s: %d of %d chunks differed and were written (%s) in %s\n",
-				s.Volume, s.Name, to, st.ChunksWritten, st.Chunks, humanize.IBytes(uint64(st.BytesWritten)), time.Since(start).Round(time.Millisecond))
-			return nil
+			return g.print(cmd, map[string]any{"snapshot": s.ID, "target": to, "chunks": st.Chunks,
+				"chunks_written": st.ChunksWritten, "bytes_written": st.BytesWritten, "bytes_compared": st.BytesRead,
+				"duration_ms": time.Since(start).Milliseconds()},
+				fmt.Sprintf("restored %s/%s onto %s: %d of %d chunks differed and were written (%s) in %s",
+					s.Volume, s.Name, to, st.ChunksWritten, st.Chunks, humanize.IBytes(uint64(st.BytesWritten)), time.Since(start).Round(time.Millisecond)))
 		},
 	}
 	cmd.Flags().StringVar(&to, "to", "", "device or file to restore onto")
-	cmd.Flags().BoolVar(&asJSON, "json", false, "print the result as JSON")
 	return cmd
 }

@@ -39,7 +39,7 @@ A damaged chunk or filesystem gives an I/O error for what it touches, and a log 
 				return err
 			}
 			opts.Log = g.logger()
-			m, err := fusemount.Mount(r, g.repoPath(), args[0], opts)
+			m, err := fusemount.Mount(r, localDir(g.repoPath()), args[0], opts)
 			if err != nil {
 				return err
 			}

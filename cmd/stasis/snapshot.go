@@ -26,7 +26,7 @@ type snapshotJSON struct {
 type snapshotFlags struct {
 	app                  *agent.AppSpec
 	source, volume, name string
-	asJSON, noFreeze     bool
+	noFreeze             bool
 	chunkSize            int
 	maxFreeze            time.Duration
 }
@@ -69,7 +69,6 @@ settings; when the agent runs, it takes the snapshot (waiting for a running one)
 	fl.StringVar(&f.source, "source", "", "block device, partition, mount point or image file to snapshot")
 	fl.StringVar(&f.volume, "volume", "", "volume (chain) name")
 	fl.StringVar(&f.name, "name", "", "snapshot name, unique in the volume")
-	fl.BoolVar(&f.asJSON, "json", false, "print the result as JSON")
 	fl.BoolVar(&f.noFreeze, "no-freeze", false, "do not freeze filesystems (crash-consistent snapshot)")
 	fl.DurationVar(&f.maxFreeze, "max-freeze", 5*time.Second, "longest time filesystems may stay frozen")
 	fl.IntVar(&f.chunkSize, "chunk-size", 0, "chunk size in bytes for a new volume (default 65536); fixed afterwards")
@@ -103,16 +102,18 @@ func runConfiguredSnapshot(cmd *cobra.Command, g *globals, name string, f snapsh
 				fmt.Fprintf(cmd.ErrOrStderr(), "stasis: warning: %s: %s\n", r.Snapshot.Volume, w)
 			}
 		}
-		return printSnapshots(cmd, f.asJSON, reports)
+		return printSnapshots(cmd, g.asJSON, reports)
 	}
 	if !errors.Is(err, agent.ErrNoAgent) {
 		return err
 	}
 	g.repo = cfg.Repository
 	// The configured repository is created on first use, as the agent does.
-	if _, err := openOrCreateRepo(g.logger())(cfg.Repository); err != nil {
+	r, err := g.accessFor(cfg).openOrInit(cmd.Context(), cfg.Repository)
+	if err != nil {
 		return err
 	}
+	r.Close()
 	if grp != nil {
 		return runGroupSnapshot(cmd, g, cfg, grp, f)
 	}
@@ -147,11 +148,11 @@ func runGroupSnapshot(cmd *cobra.Command, g *globals, cfg *config.Config, grp *c
 	if cmd.Flags().Changed("max-freeze") {
 		spec.MaxFreeze = f.maxFreeze
 	}
-	r, unlock, err := g.lockRepo(ctx)
+	r, err := g.openRepo(ctx) // snapshots take no lock (see chain/leases.go)
 	if err != nil {
 		return err
 	}
-	defer unlock()
+	defer r.Close()
 	prog := newProgress(cmd.ErrOrStderr(), "reading group "+grp.Name, 0)
 	outs, err := agent.SnapshotGroup(ctx, r, spec, vols, agent.Request{Name: f.name, Kind: chain.KindManual, Progress: prog.add})
 	prog.done()
@@ -162,7 +163,7 @@ func runGroupSnapshot(cmd *cobra.Command, g *globals, cfg *config.Config, grp *c
 	for _, o := range outs {
 		reports = append(reports, agent.Report(o))
 	}
-	return printSnapshots(cmd, f.asJSON, reports)
+	return printSnapshots(cmd, g.asJSON, reports)
 }
 
 // volumeOptions is how the CLI's volumes work: its logger and log holder, its own
@@ -187,7 +188,7 @@ func runSnapshot(cmd *cobra.Command, g *globals, f snapshotFlags) error {
 	if f.maxFreeze <= 0 {
 		return fmt.Errorf("--max-freeze must be positive")
 	}
-	// Check the source before taking the repository lock, so a typo fails fast.
+	// Check the source before opening the repository, so a typo fails fast.
 	if _, err := capture.Resolve(f.source); err != nil {
 		return err
 	}
@@ -198,18 +199,18 @@ func runSnapshot(cmd *cobra.Command, g *globals, f snapshotFlags) error {
 	vol := agent.NewVolume(agent.VolumeSpec{Name: f.volume, Source: f.source, MaxFreeze: f.maxFreeze,
 		NoFreeze: f.noFreeze, ChunkSize: f.chunkSize, App: f.app}, opts)
 	defer vol.Close()
-	r, unlock, err := g.lockRepo(ctx)
+	r, err := g.openRepo(ctx) // snapshots take no lock (see chain/leases.go)
 	if err != nil {
 		return err
 	}
-	defer unlock()
+	defer r.Close()
 	prog := newProgress(cmd.ErrOrStderr(), "reading "+f.source, 0)
 	out, err := vol.Snapshot(ctx, r, agent.Request{Name: f.name, Kind: chain.KindManual, Progress: prog.add})
 	prog.done()
 	if err != nil {
 		return err
 	}
-	return printSnapshots(cmd, f.asJSON, []*agent.SnapshotReport{agent.Report(out)})
+	return printSnapshots(cmd, g.asJSON, []*agent.SnapshotReport{agent.Report(out)})
 }
 
 // printSnapshots prints one snapshot, or a group snapshot's members (a JSON array).

@@ -15,7 +15,7 @@ import (
 	"github.com/stasis-project/stasis/chain/local"
 )
 
-// openLocked opens (creating) a repository and takes its writer lock, as the agent does.
+// openLocked opens (creating) a repository, as the agent does; snapshots take no lock.
 func openLocked(dir string) (*chain.Repository, func()) {
 	ctx := context.Background()
 	if _, err := os.Stat(filepath.Join(dir, "config")); err != nil {
@@ -25,15 +25,11 @@ func openLocked(dir string) (*chain.Repository, func()) {
 	if err != nil {
 		fatal(err.Error())
 	}
-	r, err := chain.Open(ctx, be, nil)
+	r, err := chain.Open(ctx, be, chain.Options{CacheDir: filepath.Join(dir, "..", "cache")})
 	if err != nil {
 		fatal(err.Error())
 	}
-	unlock, err := r.Lock(ctx, "stasis bench")
-	if err != nil {
-		fatal(err.Error())
-	}
-	return r, unlock
+	return r, func() { r.Close() }
 }
 
 // newTrackedVolume is a volume as the agent keeps it: its tracker runs between snapshots.

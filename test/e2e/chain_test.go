@@ -16,6 +16,7 @@ import (
 
 type listed struct {
 	ID          string  `json:"id"`
+	Host        string  `json:"host"`
 	Volume      string  `json:"volume"`
 	Name        string  `json:"name"`
 	Created     string  `json:"created"`

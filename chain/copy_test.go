@@ -1,0 +1,141 @@
+package chain_test
+
+import (
+	"bytes"
+	"context"
+	"math/rand"
+	"testing"
+
+	"github.com/stasis-project/stasis/chain"
+	"github.com/stasis-project/stasis/chain/memory"
+)
+
+// TestCopyIsExactAndIncremental copies a chain into repositories with the same and with
+// other blob IDs: every copy reads back bit for bit, a later copy reads only the chunks
+// that changed, copying again copies nothing, and the copies form a chain of their own
+// (deleting a middle one and collecting keeps the rest exact).
+func TestCopyIsExactAndIncremental(t *testing.T) {
+	ctx := context.Background()
+	src, _ := newEncryptedRepo(t)
+	sameKeys := func() *chain.Repository {
+		be := memory.New()
+		if _, err := chain.Init(ctx, be, chain.InitOptions{Password: []byte("other"), KDF: testKDF, SameKeysAs: src.Reader}); err != nil {
+			t.Fatal(err)
+		}
+		return openRepo(t, be, chain.Options{Password: password("other")})
+	}
+	dsts := map[string]func() *chain.Repository{
+		"plain":          func() *chain.Repository { r, _ := newRepo(t); return r },
+		"other keys":     func() *chain.Repository { r, _ := newEncryptedRepo(t); return r },
+		"same keys":      sameKeys,
+		"same keys, new": sameKeys,
+	}
+	rng := rand.New(rand.NewSource(5))
+	const chunk = 16 << 10
+	v := newVolume(rng, 4<<20, chunk)
+	var snaps []*chain.Snapshot
+	var images [][]byte
+	for i, name := range []string{"a", "b", "c", "d"} {
+		if i > 0 {
+			v.scribble(rng, 5) // at most 5 chunks change
+		}
+		snaps = append(snaps, v.snapshot(t, src, name, false, nil))
+		images = append(images, bytes.Clone(v.data))
+	}
+	for what, mk := range dsts {
+		t.Run(what, func(t *testing.T) {
+			dst := mk()
+			var copies []*chain.Snapshot
+			for i, s := range snaps {
+				var st chain.CopyStats
+				c, err := chain.Copy(ctx, src.Reader, dst, s, &st)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if c.Name != s.Name || !c.Created.Equal(s.Created) || c.Host != s.Host || c.Consistency != s.Consistency {
+					t.Fatalf("copy of %s is %+v", s.Name, c)
+				}
+				if !bytes.Equal(readAll(t, dst.Reader, c), images[i]) {
+					t.Fatalf("copy of %s differs from the original", s.Name)
+				}
+				if i > 0 && st.ChunksRead > 10 {
+					t.Fatalf("incremental copy of %s read %d chunks; at most 10 changed", s.Name, st.ChunksRead)
+				}
+				if i == 0 && what == "same keys, new" {
+					// A repository with the same IDs that already holds the data reads nothing.
+					var first, again chain.CopyStats
+					other := sameKeys()
+					if _, err := chain.Copy(ctx, dst.Reader, other, c, &first); err != nil {
+						t.Fatal(err)
+					}
+					unlock, _ := other.Lock(ctx, "t")
+					os, _, _ := other.Snapshots(ctx)
+					other.Delete(ctx, os...)
+					unlock()
+					if _, err := chain.Copy(ctx, src.Reader, other, s, &again); err != nil {
+						t.Fatal(err)
+					}
+					if first.ChunksRead == 0 || again.ChunksRead != 0 {
+						t.Fatalf("copies read %d and %d chunks, want some for the first and none for the second", first.ChunksRead, again.ChunksRead)
+					}
+				}
+				copies = append(copies, c)
+			}
+			var st chain.CopyStats
+			for _, s := range snaps {
+				if _, err := chain.Copy(ctx, src.Reader, dst, s, &st); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if st.Copied != 0 || st.Skipped != len(snaps) || st.ChunksRead != 0 {
+				t.Fatalf("copying again: %+v", st)
+			}
+			unlock, err := dst.Lock(ctx, "test")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := dst.Delete(ctx, copies[1]); err != nil {
+				t.Fatal(err)
+			}
+			unlock()
+			gc(t, dst)
+			for i, c := range copies {
+				if i != 1 && !bytes.Equal(readAll(t, dst.Reader, c), images[i]) {
+					t.Fatalf("after deleting a middle copy, %s differs", c.Name)
+				}
+			}
+		})
+	}
+}
+
+// TestCopyAfterSourceLostTheBase: when the source no longer has the snapshot the
+// destination's newest copy came from, the copy is a full one, still exact.
+func TestCopyAfterSourceLostTheBase(t *testing.T) {
+	ctx := context.Background()
+	src, _ := newRepo(t)
+	dst, _ := newEncryptedRepo(t)
+	rng := rand.New(rand.NewSource(6))
+	v := newVolume(rng, 1<<20, 16<<10)
+	a := v.snapshot(t, src, "a", false, nil)
+	var st chain.CopyStats
+	if _, err := chain.Copy(ctx, src.Reader, dst, a, &st); err != nil {
+		t.Fatal(err)
+	}
+	unlock, _ := src.Lock(ctx, "t")
+	src.Delete(ctx, a)
+	unlock()
+	gc(t, src)
+	v.scribble(rng, 3)
+	b := v.snapshot(t, src, "b", false, nil)
+	st = chain.CopyStats{}
+	c, err := chain.Copy(ctx, src.Reader, dst, b, &st)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(readAll(t, dst.Reader, c), v.data) {
+		t.Fatal("full copy differs")
+	}
+	if st.ChunksRead == 0 {
+		t.Fatal("full copy read nothing")
+	}
+}

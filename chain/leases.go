@@ -1,0 +1,237 @@
+package chain
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+)
+
+// Liveness of snapshot writers and of deletion leases is shown by objects that the holder
+// rewrites (as new objects) while it works: NAME.start once, then NAME.<sequence> every
+// LeaseRefresh. Their modification times are the storage's clock, so hosts compare them
+// without trusting each other's clocks. A holder whose newest object is older than
+// LeaseStale is dead; a holder that could not refresh for LeaseStale/2 stops before its
+// next irreversible step (a commit, a deletion), so it is never taken for dead while alive.
+var (
+	LeaseRefresh = time.Minute
+	LeaseStale   = 10 * time.Minute
+)
+
+// leaseInfo is the content of a lease object.
+type leaseInfo struct {
+	Holder  string    `json:"holder"`
+	Host    string    `json:"host"`
+	PID     int       `json:"pid"`
+	Created time.Time `json:"created"`
+}
+
+// lease keeps a holder's objects fresh in one file type.
+type lease struct {
+	r       *Reader
+	t       FileType
+	id      string
+	info    leaseInfo
+	mu      sync.Mutex
+	last    string    // newest refresh object
+	okAt    time.Time // when a refresh last succeeded
+	stop    chan struct{}
+	stopped chan struct{}
+}
+
+func randomName() string {
+	b := make([]byte, 12)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// startLease writes the holder's start object and keeps refreshing until release.
+func startLease(ctx context.Context, r *Reader, t FileType, holder string) (*lease, error) {
+	l := &lease{r: r, t: t, id: randomName(), stop: make(chan struct{}), stopped: make(chan struct{}),
+		info: leaseInfo{Holder: holder, Host: r.host, PID: os.Getpid(), Created: time.Now().UTC()}}
+	if err := l.write(ctx, l.id+".start"); err != nil {
+		return nil, err
+	}
+	if err := l.refresh(ctx); err != nil {
+		l.remove(ctx, l.id+".start")
+		return nil, err
+	}
+	go func() {
+		defer close(l.stopped)
+		tick := time.NewTicker(LeaseRefresh)
+		defer tick.Stop()
+		for {
+			select {
+			case <-l.stop:
+				return
+			case <-tick.C:
+				if err := l.refresh(context.Background()); err != nil {
+					r.log.Warn("could not refresh a lease; stopping before the next irreversible step if this goes on", "type", t, "err", err)
+				}
+			}
+		}
+	}()
+	return l, nil
+}
+
+func (l *lease) write(ctx context.Context, name string) error {
+	b, _ := json.Marshal(l.info)
+	return l.r.be.Save(ctx, Handle{Type: l.t, Name: name}, l.r.sealObject(l.t, name, b))
+}
+
+func (l *lease) remove(ctx context.Context, name string) {
+	if err := l.r.be.Remove(ctx, Handle{Type: l.t, Name: name}); err != nil && !errors.Is(err, ErrNotExist) {
+		l.r.log.Warn("could not remove a lease object; it goes stale", "type", l.t, "name", name, "err", err)
+	}
+}
+
+// refresh writes a new refresh object and removes the previous one.
+func (l *lease) refresh(ctx context.Context) error {
+	name := l.id + "." + strconv.FormatInt(time.Now().UnixNano(), 10)
+	if err := l.write(ctx, name); err != nil {
+		return err
+	}
+	l.mu.Lock()
+	old := l.last
+	l.last, l.okAt = name, time.Now()
+	l.mu.Unlock()
+	if old != "" {
+		l.remove(ctx, old)
+	}
+	return nil
+}
+
+// fresh fails if the lease has not been refreshed for LeaseStale/2: others may soon take
+// the holder for dead, so it must not take another irreversible step.
+func (l *lease) fresh() error {
+	if l == nil { // a backend lock (flock) that the kernel holds for as long as we live
+		return nil
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if since := time.Since(l.okAt); since > LeaseStale/2 {
+		return fmt.Errorf("could not show this process alive in %s for %s (the storage was unreachable, or the process was paused): stopping, since others may take it for dead after %s", l.r.Location(), since.Round(time.Second), LeaseStale)
+	}
+	return nil
+}
+
+// release stops refreshing and removes the holder's objects.
+func (l *lease) release() {
+	close(l.stop)
+	<-l.stopped
+	ctx := context.Background()
+	l.mu.Lock()
+	last := l.last
+	l.mu.Unlock()
+	l.remove(ctx, last)
+	l.remove(ctx, l.id+".start")
+}
+
+// holderState is one holder seen in a listing.
+type holderState struct {
+	id       string
+	started  time.Time // the storage's time of the start object
+	lastSeen time.Time // the storage's time of the newest object
+	info     leaseInfo
+	objects  []string
+}
+
+// listHolders reads the holders of file type t; stale ones (dead for LeaseStale) are
+// returned apart.
+func listHolders(ctx context.Context, r *Reader, t FileType) (live, stale []holderState, err error) {
+	by := map[string]*holderState{}
+	err = r.be.List(ctx, t, func(fi FileInfo) error {
+		id, suffix, ok := strings.Cut(fi.Name, ".")
+		if !ok {
+			return nil
+		}
+		h := by[id]
+		if h == nil {
+			h = &holderState{id: id}
+			by[id] = h
+		}
+		h.objects = append(h.objects, fi.Name)
+		if suffix == "start" {
+			h.started = fi.ModTime
+			if b, err := r.be.ReadAll(ctx, Handle{Type: t, Name: fi.Name}); err == nil {
+				if plain, err := r.openObject(t, fi.Name, b); err == nil {
+					json.Unmarshal(plain, &h.info)
+				}
+			}
+		}
+		if fi.ModTime.After(h.lastSeen) {
+			h.lastSeen = fi.ModTime
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, nil, fmt.Errorf("list %s: %w", t, err)
+	}
+	now := time.Now()
+	ids := make([]string, 0, len(by))
+	for id := range by {
+		ids = append(ids, id)
+	}
+	sort.Strings(ids)
+	for _, id := range ids {
+		h := by[id]
+		if h.started.IsZero() {
+			h.started = h.lastSeen
+		}
+		if now.Sub(h.lastSeen) > LeaseStale {
+			stale = append(stale, *h)
+		} else {
+			live = append(live, *h)
+		}
+	}
+	return live, stale, nil
+}
+
+// leaseLock takes the deletion lock with lease objects, for backends that cannot lock
+// (object storage): it writes its own lease, then gives up if any other live lease exists.
+// Two that start at once may both give up (the caller retries); two never both hold it,
+// since each lists after writing and the storage's listing is consistent.
+func leaseLock(ctx context.Context, r *Reader, holder string) (func() error, error) {
+	l, err := startLease(ctx, r, LockFile, holder)
+	if err != nil {
+		return nil, fmt.Errorf("lock repository: %w", err)
+	}
+	live, stale, err := listHolders(ctx, r, LockFile)
+	if err != nil {
+		l.release()
+		return nil, err
+	}
+	for _, h := range live {
+		if h.id != l.id {
+			l.release()
+			who := h.info.Holder
+			if who == "" {
+				who = "another process"
+			}
+			return nil, &LockedError{Location: r.Location(), Holder: who}
+		}
+	}
+	for _, h := range stale { // a dead holder's leftovers
+		for _, name := range h.objects {
+			r.be.Remove(ctx, Handle{Type: LockFile, Name: name})
+		}
+	}
+	r.mu.Lock()
+	r.deletionLease = l
+	r.mu.Unlock()
+	return func() error {
+		r.mu.Lock()
+		r.deletionLease = nil
+		r.mu.Unlock()
+		l.release()
+		return nil
+	}, nil
+}
