@@ -18,7 +18,7 @@ import (
 type ReplicaStatus struct {
 	Repository string `json:"repository"`
 	Running    bool   `json:"running"`
-	// Lag counts this host's snapshots the replica does not have yet.
+	// Lag counts this host's snapshots newer than the replica's newest copy of their volume.
 	Lag         int    `json:"lag"`
 	Snapshots   int    `json:"snapshots"` // this host's snapshots in the replica
 	LastSuccess string `json:"last_success,omitempty"`
@@ -114,12 +114,12 @@ func (p *replicator) pass(ctx context.Context) error {
 		p.replica, replica = r, r
 		p.mu.Unlock()
 	}
-	own, _, err := p.s.ownSnapshots(ctx)
+	todo, err := p.pending(ctx, replica)
 	if err != nil {
 		return err
 	}
 	var st chain.CopyStats
-	for _, snap := range own {
+	for _, snap := range todo {
 		before := st.BytesStored
 		if _, err := chain.Copy(ctx, p.s.repo.Reader, replica, snap, &st); err != nil {
 			if errors.Is(err, chain.ErrNotFound) || errors.Is(err, chain.ErrNotExist) {
@@ -145,23 +145,44 @@ func (p *replicator) pass(ctx context.Context) error {
 	return nil
 }
 
-// updateLag counts this host's snapshots the replica lacks.
-func (p *replicator) updateLag(ctx context.Context, replica *chain.Repository) {
-	own, _, err1 := p.s.ownSnapshots(ctx)
-	theirs, _, err2 := replica.Snapshots(ctx)
-	if err1 != nil || err2 != nil {
-		return
+// pending returns this host's snapshots the replica should receive, oldest first: per
+// volume, those newer than the replica's newest copy (all of them for a volume the replica
+// does not have yet). Older ones missing from the replica were deleted there by its own
+// retention, and stay deleted.
+func (p *replicator) pending(ctx context.Context, replica *chain.Repository) ([]*chain.Snapshot, error) {
+	own, _, err := p.s.ownSnapshots(ctx)
+	if err != nil {
+		return nil, err
 	}
-	lag := 0
+	theirs, _, err := replica.Snapshots(ctx)
+	if err != nil {
+		return nil, err
+	}
+	theirs = chain.OfHost(theirs, p.s.repo.Host())
+	newest := map[string]time.Time{}
+	for _, s := range theirs {
+		if s.Created.After(newest[s.Volume]) {
+			newest[s.Volume] = s.Created
+		}
+	}
+	var todo []*chain.Snapshot
 	for _, s := range own {
-		if chain.CopyOf(theirs, s) == nil {
-			lag++
+		if s.Created.After(newest[s.Volume]) && chain.CopyOf(theirs, s) == nil {
+			todo = append(todo, s)
 		}
 	}
 	p.mu.Lock()
-	p.status.Lag, p.status.Snapshots = lag, len(chain.OfHost(theirs, p.s.repo.Host()))
+	p.status.Lag, p.status.Snapshots = len(todo), len(theirs)
 	p.mu.Unlock()
-	p.s.metrics.replicaLag.Set(float64(lag))
+	p.s.metrics.replicaLag.Set(float64(len(todo)))
+	return todo, nil
+}
+
+// updateLag refreshes the lag after a pass.
+func (p *replicator) updateLag(ctx context.Context, replica *chain.Repository) {
+	if _, err := p.pending(ctx, replica); err != nil {
+		p.s.log.Warn("cannot read the replica's snapshots", "err", err)
+	}
 }
 
 // retain applies replicate.retention to this host's chains in the replica: each volume's

@@ -556,7 +556,9 @@ func (r *Repository) deleteOrphans(ctx context.Context, st *GCStats) error {
 	}
 	// Uploads a writer killed mid-Save left behind, begun before every running writer.
 	if c, ok := r.be.(IncompleteCleaner); ok {
-		before := time.Now().Add(-LeaseStale)
+		// Every writer writes its heartbeat before any upload, so what began before the
+		// oldest live writer started is a dead one's.
+		before := time.Now()
 		for _, w := range writers {
 			if w.started.Before(before) {
 				before = w.started

@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -32,6 +33,39 @@ type leaseInfo struct {
 	Host    string    `json:"host"`
 	PID     int       `json:"pid"`
 	Created time.Time `json:"created"`
+	// Machine, Boot and PIDNS say where PID lives (machine-id, boot_id, PID namespace): a
+	// holder on this very machine whose process is gone, or from an earlier boot, is dead
+	// at once, without waiting LeaseStale.
+	Machine string `json:"machine,omitempty"`
+	Boot    string `json:"boot,omitempty"`
+	PIDNS   string `json:"pidns,omitempty"`
+}
+
+// processPlace is this process's machine, boot and PID namespace, read once.
+var processPlace = sync.OnceValue(func() [3]string {
+	read := func(p string) string {
+		b, _ := os.ReadFile(p)
+		return strings.TrimSpace(string(b))
+	}
+	ns, _ := os.Readlink("/proc/self/ns/pid")
+	return [3]string{read("/etc/machine-id"), read("/proc/sys/kernel/random/boot_id"), ns}
+})
+
+// deadHere reports whether info names a process of this machine that is known to be gone:
+// one from an earlier boot, or one in this PID namespace that no longer exists. Anything
+// it cannot tell counts as alive.
+func (info leaseInfo) deadHere() bool {
+	here := processPlace()
+	if info.Machine == "" || info.Machine != here[0] || here[0] == "" {
+		return false
+	}
+	if info.Boot != "" && here[1] != "" && info.Boot != here[1] {
+		return true
+	}
+	if info.Boot != here[1] || info.PIDNS == "" || info.PIDNS != here[2] || info.PID <= 0 {
+		return false
+	}
+	return syscall.Kill(info.PID, 0) == syscall.ESRCH
 }
 
 // lease keeps a holder's objects fresh in one file type.
@@ -57,6 +91,8 @@ func randomName() string {
 func startLease(ctx context.Context, r *Reader, t FileType, holder string) (*lease, error) {
 	l := &lease{r: r, t: t, id: randomName(), stop: make(chan struct{}), stopped: make(chan struct{}),
 		info: leaseInfo{Holder: holder, Host: r.host, PID: os.Getpid(), Created: time.Now().UTC()}}
+	place := processPlace()
+	l.info.Machine, l.info.Boot, l.info.PIDNS = place[0], place[1], place[2]
 	if err := l.write(ctx, l.id+".start"); err != nil {
 		return nil, err
 	}
@@ -186,7 +222,7 @@ func listHolders(ctx context.Context, r *Reader, t FileType) (live, stale []hold
 		if h.started.IsZero() {
 			h.started = h.lastSeen
 		}
-		if now.Sub(h.lastSeen) > LeaseStale {
+		if now.Sub(h.lastSeen) > LeaseStale || h.info.deadHere() {
 			stale = append(stale, *h)
 		} else {
 			live = append(live, *h)

@@ -298,13 +298,22 @@ func (r *Reader) openObject(t FileType, name string, stored []byte) ([]byte, err
 // for a refused caller, for example "pid 123 (stasis gc) on host-a since 2026-11-23T10:00:00Z".
 // Snapshots take no lock.
 func (r *Repository) Lock(ctx context.Context, holder string) (unlock func(), err error) {
+	// A backend's own lock (flock on a directory) first, then always the lease: on a
+	// shared filesystem where flock does not work across machines (some NFS setups), the
+	// lease still keeps two deleters apart.
 	var release func() error
 	if l, ok := r.be.(Locker); ok {
-		release, err = l.Lock(ctx, holder)
-	} else {
-		release, err = leaseLock(ctx, r.Reader, holder)
-	}
-	if err != nil {
+		flock, err := l.Lock(ctx, holder)
+		if err != nil {
+			return nil, err
+		}
+		lease, err := leaseLock(ctx, r.Reader, holder)
+		if err != nil {
+			flock()
+			return nil, err
+		}
+		release = func() error { lease(); return flock() }
+	} else if release, err = leaseLock(ctx, r.Reader, holder); err != nil {
 		return nil, err
 	}
 	r.mu.Lock()

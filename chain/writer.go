@@ -588,5 +588,15 @@ func (w *SnapshotWriter) Abort() {
 	w.mu.Unlock()
 	close(w.saves)
 	w.saved.Wait()
+	// Its saved packs are its own (pack names are unique: see packBuilder) and unindexed:
+	// remove them now rather than leave them to gc.
+	ctx := context.Background()
+	for _, p := range w.packs {
+		if p.saved {
+			if err := w.r.be.Remove(ctx, Handle{Type: PackFile, Name: p.id.String()}); err != nil && !errors.Is(err, ErrNotExist) {
+				w.r.log.Warn("could not remove a pack of the aborted snapshot; gc removes it", "pack", p.id.Short(), "err", err)
+			}
+		}
+	}
 	w.heartbeat.release()
 }

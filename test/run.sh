@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH=$PATH:/usr/local/go/bin:$(go env GOPATH 2>/dev/null || echo /root/go)/bin
-packaging/scripts/install-deps.sh
+packaging/scripts/install-deps.sh --test
 
 echo "== gofmt, go vet, staticcheck"
 bad=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))
@@ -13,7 +13,11 @@ go vet ./...
 go run honnef.co/go/tools/cmd/staticcheck@v0.8.2 ./...
 
 echo "== tests"
-go test -count=1 -timeout 12m ./...
+# Packages that run goroutines of their own run under the race detector; the rest (the
+# end-to-end tests drive the binary, which the race detector would only slow) without.
+race=(./chain ./chain/capture/... ./chain/s3/... ./fusemount/... ./agent/...)
+go test -count=1 -race -timeout 10m "${race[@]}"
+go test -count=1 -timeout 16m $(go list ./... | grep -v -E '/chain$|/chain/capture|/chain/s3|/fusemount|/agent')
 
 echo "== fuzz (briefly; seeds already ran above)"
 fuzztime=${FUZZTIME:-5s}

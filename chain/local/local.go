@@ -103,7 +103,7 @@ func (b *Backend) Save(ctx context.Context, h chain.Handle, data []byte) error {
 	if st, err := os.Stat(final); err == nil && st.Size() == int64(len(data)) {
 		return nil // content-addressed: same name, same size, same content
 	}
-	tmp, err := os.CreateTemp(filepath.Join(b.dir, "tmp"), "save-")
+	tmp, err := os.CreateTemp(filepath.Join(b.dir, "tmp"), fmt.Sprintf("save-%d-", os.Getpid()))
 	if err != nil {
 		return fmt.Errorf("save %s: %w", h, err)
 	}
@@ -327,6 +327,39 @@ func (b *Backend) Lock(ctx context.Context, holder string) (func() error, error)
 // Writers take no lock: a younger one may be another process's Save in progress, and no
 // single Save takes an hour.
 const TmpGrace = time.Hour
+
+// CleanIncomplete removes temporary files of interrupted Saves last written before
+// olderThan (gc passes the time the oldest live writer started): those of a process that
+// no longer exists, and any older than TmpGrace. A temporary file names its process.
+func (b *Backend) CleanIncomplete(ctx context.Context, olderThan time.Time) (int, error) {
+	entries, err := os.ReadDir(filepath.Join(b.dir, "tmp"))
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return 0, err
+	}
+	n := 0
+	for _, e := range entries {
+		info, err := e.Info()
+		if err != nil || !info.ModTime().Before(olderThan) {
+			continue
+		}
+		if time.Since(info.ModTime()) > TmpGrace || !saverAlive(e.Name()) {
+			if os.Remove(filepath.Join(b.dir, "tmp", e.Name())) == nil {
+				n++
+			}
+		}
+	}
+	return n, nil
+}
+
+// saverAlive reports whether the process that created temporary file name ("save-PID-...")
+// may still be running: in doubt, yes.
+func saverAlive(name string) bool {
+	var pid int
+	if _, err := fmt.Sscanf(name, "save-%d-", &pid); err != nil || pid <= 0 {
+		return true
+	}
+	return unix.Kill(pid, 0) != unix.ESRCH
+}
 
 func (b *Backend) cleanTmp() {
 	entries, _ := os.ReadDir(filepath.Join(b.dir, "tmp"))

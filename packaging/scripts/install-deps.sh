@@ -3,7 +3,8 @@
 # Debian's packages, Go modules from the module proxy. Safe to run again.
 set -euo pipefail
 need=(e2fsprogs xfsprogs util-linux fdisk fuse3 kmod time mariadb-server mariadb-client)
-[ "${1:-}" = "--bench" ] && need+=(restic borgbackup)
+mode=${1:-}
+[ "$mode" = "--bench" ] && need+=(restic borgbackup)
 missing=()
 for p in "${need[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -26,3 +27,12 @@ if ! command -v go >/dev/null; then
   exit 1
 fi
 go mod download
+if [ "$mode" = "--test" ] || [ "$mode" = "--bench" ]; then
+  # The S3-compatible server the object-storage tests and benchmarks start (Apache-2.0).
+  gobin=$(go env GOBIN)
+  [ -n "$gobin" ] || gobin=$(go env GOPATH)/bin
+  if [ ! -x "$gobin/versitygw" ] && ! command -v versitygw >/dev/null; then
+    echo "install-deps: building versitygw (the tests' S3 server) into $gobin"
+    go install github.com/versity/versitygw/cmd/versitygw@v1.8.0
+  fi
+fi

@@ -100,8 +100,8 @@ func TestDoctor(t *testing.T) {
 	expectFinding(t, fs, "source", "warning", "is an image file, not a block device")
 	expectFinding(t, fs, "filesystem", "warning", "root filesystem")
 	expectFinding(t, fs, "filesystem", "ok", "mounted read-only")
-	if code != 2 {
-		t.Errorf("errors must exit 2, got %d", code)
+	if code != 3 {
+		t.Errorf("errors must exit 3, got %d", code)
 	}
 
 	// Repository: missing; locked (by whom); on the volume it backs up; too little space.
@@ -112,8 +112,8 @@ func TestDoctor(t *testing.T) {
 	fs, code = doctor(t, healthy)
 	release()
 	expectFinding(t, fs, "repository", "warning", "locked by pid 777 (stasis gc)")
-	if code != 1 {
-		t.Errorf("warnings must exit 1, got %d", code)
+	if code != 4 {
+		t.Errorf("warnings must exit 4, got %d", code)
 	}
 	inside := filepath.Join(mnt, "repo")
 	testenv.MustStasis(t, "init", "-r", inside)
@@ -204,7 +204,7 @@ func TestDoctorQuotaAndDatabase(t *testing.T) {
 	os.WriteFile(v.dsnFile, []byte("weak:pw@unix("+v.srv.Socket+")/"), 0o600)
 	fs, code := doctor(t, v.cfg)
 	expectFinding(t, fs, "mysql", "error", "GRANT RELOAD")
-	if code != 2 {
+	if code != 3 {
 		t.Errorf("exit %d", code)
 	}
 	os.WriteFile(v.dsnFile, []byte("weak:bad@unix("+v.srv.Socket+")/"), 0o600)

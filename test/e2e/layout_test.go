@@ -23,6 +23,13 @@ import (
 type configuredAgent struct {
 	cfg, repo string
 	log       *testLog
+	stop      func() // SIGTERM and wait; safe to call more than once
+}
+
+// stopAgent stops the agent as systemd does, waiting for it to exit.
+func stopAgent(t *testing.T, a *configuredAgent) {
+	t.Helper()
+	a.stop()
 }
 
 // startAgent writes a configuration with body (volumes:, groups:) and starts the agent with
@@ -50,7 +57,9 @@ func startAgentWrapped(t *testing.T, wrapper []string, body string, env ...strin
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { cmd.Process.Signal(unix.SIGTERM); cmd.Wait() })
+	var once sync.Once
+	a.stop = func() { once.Do(func() { cmd.Process.Signal(unix.SIGTERM); cmd.Wait() }) }
+	t.Cleanup(a.stop)
 	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(100 * time.Millisecond) {
 		if testenv.Stasis(t, "--config", a.cfg, "status").Code == 0 {
 			return a

@@ -3,7 +3,10 @@ package e2e
 import (
 	"encoding/json"
 	"fmt"
+	"io"
 	"math/rand"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -396,5 +399,148 @@ func TestCopyToS3AndBack(t *testing.T) {
 	sort.Strings(names)
 	if strings.Join(names, ",") != "one,two" {
 		t.Fatalf("the same-key copy lists %v", names)
+	}
+}
+
+// TestAgentReplicates runs the agent with a local repository and replicate: to an
+// encrypted S3 repository reached through a proxy that fails a fifth of the requests.
+// Replication keeps going (failed passes are retried), catches up once the network heals,
+// keeps its own retention, reports its lag and last success in status and the metrics, and
+// every replicated snapshot exports exactly what the local one does.
+func TestAgentReplicates(t *testing.T) {
+	testenv.RequireRoot(t)
+	s3 := testenv.StartS3(t)
+	proxy := testenv.StartFaultProxy(t, s3.Endpoint, 0.2, 1)
+	replica := fmt.Sprintf("s3:http://%s/%s/replica", proxy.Addr, s3.Bucket)
+	pw := passwordFile(t, "replica passphrase")
+	creds := passwordFile(t, fmt.Sprintf("[default]\naws_access_key_id = %s\naws_secret_access_key = %s", s3.Access, s3.Secret))
+	src := filepath.Join(t.TempDir(), "disk.img")
+	f, err := os.Create(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rng := rand.New(rand.NewSource(4))
+	testenv.FillMixed(t, rng, f, 8<<20)
+	var wmu sync.Mutex // the writer below and the test's own scribbles
+	stopWriter := make(chan struct{})
+	writerDone := make(chan struct{})
+	go func() {
+		defer close(writerDone)
+		for {
+			select {
+			case <-stopWriter:
+				return
+			case <-time.After(300 * time.Millisecond):
+			}
+			wmu.Lock()
+			testenv.Scribble(t, rng, f, 8<<20, 5)
+			wmu.Unlock()
+		}
+	}()
+	defer func() { close(stopWriter); <-writerDone; f.Close() }()
+	l, _ := net.Listen("tcp", "127.0.0.1:0")
+	metrics := l.Addr().String()
+	l.Close()
+	a := startAgent(t, fmt.Sprintf(`metrics_listen: %s
+s3: {credentials_file: %s}
+replicate:
+  repository: %s
+  password_file: %s
+  retention: {keep_auto: 2, keep_days: 30, keep_daily: 0, keep_weekly: 0, keep_monthly: 0}
+volumes:
+  - name: data
+    source: %s
+    schedules: ["@every 2s"]
+    retention: {keep_auto: 5, keep_days: 30, keep_daily: 0, keep_weekly: 0, keep_monthly: 0}
+`, metrics, creds, replica, pw, src), "STASIS_TEST_KDF_TARGET=1ms")
+	type status struct {
+		Replica *struct {
+			Lag         int    `json:"lag"`
+			Snapshots   int    `json:"snapshots"`
+			LastSuccess string `json:"last_success"`
+			LastError   string `json:"last_error"`
+			CopiedBytes int64  `json:"copied_bytes"`
+		} `json:"replica"`
+	}
+	read := func() status {
+		var st status
+		r := testenv.Stasis(t, "--config", a.cfg, "status", "--json")
+		if r.Code != 0 || json.Unmarshal([]byte(r.Stdout), &st) != nil || st.Replica == nil {
+			t.Fatalf("status: exit %d\n%s%s", r.Code, r.Stdout, r.Stderr)
+		}
+		return st
+	}
+	// With faults, snapshots go on and replication makes progress.
+	for deadline := time.Now().Add(40 * time.Second); ; time.Sleep(500 * time.Millisecond) {
+		if st := read(); st.Replica.Snapshots >= 2 && st.Replica.CopiedBytes > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("replication made no progress through the faulty network: %+v\n%s", read().Replica, a.log.String())
+		}
+	}
+	if proxy.Faults.Load() == 0 {
+		t.Fatal("the proxy injected no fault")
+	}
+	proxy.SetRate(0)
+	for deadline := time.Now().Add(40 * time.Second); ; time.Sleep(300 * time.Millisecond) {
+		st := read()
+		if st.Replica.Lag == 0 && st.Replica.LastSuccess != "" && st.Replica.LastError == "" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("replication did not catch up once the network healed: %+v", st.Replica)
+		}
+	}
+	resp, err := http.Get("http://" + metrics + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, series := range []string{"stasis_replica_lag_snapshots", "stasis_replica_last_success_timestamp_seconds", "stasis_replica_bytes_stored_total"} {
+		if !strings.Contains(string(body), series+" ") {
+			t.Fatalf("metrics lack %s", series)
+		}
+	}
+	// Stop the agent, then compare: the replica keeps at most its own quota (plus one a
+	// pass may have copied before its retention ran), and each replicated snapshot is
+	// bit for bit the local one.
+	stopAgent(t, a)
+	env := append(s3.Env(), "STASIS_PASSWORD_FILE="+pw, "STASIS_CACHE_DIR="+t.TempDir())
+	direct := fmt.Sprintf("s3:http://%s/%s/replica", s3.Endpoint, s3.Bucket)
+	var remote []listed
+	r := testenv.StasisEnv(t, env, "list", "-r", direct, "--json")
+	if r.Code != 0 || json.Unmarshal([]byte(r.Stdout), &remote) != nil {
+		t.Fatalf("list the replica: exit %d\n%s", r.Code, r.Stderr)
+	}
+	local := list(t, a.repo)
+	if len(remote) == 0 || len(remote) > 3 {
+		t.Fatalf("the replica holds %d snapshots; its retention keeps 2", len(remote))
+	}
+	if len(local) > 6 {
+		t.Fatalf("the local repository holds %d snapshots; its retention keeps 5", len(local))
+	}
+	compared := 0
+	for _, s := range remote {
+		for _, l := range local {
+			if l.Name != s.Name {
+				continue
+			}
+			out := filepath.Join(t.TempDir(), "replica.img")
+			if r := testenv.StasisEnv(t, env, "export", "-r", direct, "data/"+s.Name, out); r.Code != 0 {
+				t.Fatalf("export from the replica: %s", r.Stderr)
+			}
+			if testenv.HashFile(t, out, 0) != exportHash(t, a.repo, "data/"+s.Name) {
+				t.Fatalf("the replica of %s differs from the local snapshot", s.Name)
+			}
+			compared++
+		}
+	}
+	if compared == 0 {
+		t.Fatal("no replicated snapshot is still in the local repository to compare with")
+	}
+	if r := testenv.StasisEnv(t, env, "verify", "--read-data", "-r", direct); r.Code != 0 {
+		t.Fatalf("verify the replica: exit %d\n%s%s", r.Code, r.Stdout, r.Stderr)
 	}
 }
