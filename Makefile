@@ -5,7 +5,7 @@ GO      ?= go
 VERSION ?= 0.1.0+g$(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X main.version=$(VERSION)
 
-.PHONY: build demo test bench bench-mysql package deps clean
+.PHONY: build demo test bench bench-mysql bench-rss package deps clean
 
 build:
 	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/stasis ./cmd/stasis
@@ -19,9 +19,14 @@ demo: deps build
 test:
 	test/run.sh
 
-bench: build bench-mysql
+bench: build bench-mysql bench-rss
 	packaging/scripts/install-deps.sh --bench
 	$(GO) run ./test/bench -stasis bin/stasis
+
+# Peak RSS of a snapshot writer in a repository indexing 50 million chunks (about 5 GB of
+# scratch space under $TMPDIR).
+bench-rss:
+	$(GO) test -run '^$$' -bench WriterPeakRSS -benchtime 1x -timeout 30m ./chain
 
 # Database lock hold and writer stall for tracked incrementals under a MariaDB workload.
 bench-mysql: deps

@@ -30,6 +30,10 @@ type ControlRequest struct {
 	Volume string `json:"volume,omitempty"`
 	Name   string `json:"name,omitempty"`
 	DryRun bool   `json:"dry_run,omitempty"`
+	// A snapshot's tags and note.
+	Tags  []string `json:"tags,omitempty"`
+	Note  string   `json:"note,omitempty"`
+	Force bool     `json:"force,omitempty"`
 }
 
 // ControlResponse is the final answer.
@@ -211,7 +215,7 @@ func (s *Service) handle(conn net.Conn, idle *idleConns) {
 			}
 			defer s.unprivileged.Add(-1)
 		}
-		outs, err := s.Snapshot(req.Volume, req.Name, func(note string) { enc.Encode(ControlResponse{Note: note}) })
+		outs, err := s.Snapshot(req.Volume, Request{Name: req.Name, Tags: req.Tags, Note: req.Note, Force: req.Force}, func(note string) { enc.Encode(ControlResponse{Note: note}) })
 		if err != nil {
 			resp.Error = err.Error()
 		} else {

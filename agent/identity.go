@@ -3,6 +3,7 @@ package agent
 import (
 	"fmt"
 	"io"
+	"strings"
 
 	"golang.org/x/sys/unix"
 
@@ -43,4 +44,39 @@ func sourceIdentity(vol *capture.Volume, src *capture.Source) *chain.SourceIdent
 		}
 	}
 	return id
+}
+
+// otherSource says how a source differs from the one a chain's newest snapshot was taken
+// from, or "" if it may be the same: the same filesystems (type and UUID) and size, or, for
+// a source without a filesystem stasis knows, the same size and path. A device number alone
+// may change across reboots and does not count.
+func otherSource(parent *chain.Snapshot, id *chain.SourceIdentity, source string) string {
+	if parent == nil || parent.Identity == nil || id == nil {
+		return ""
+	}
+	was := parent.Identity
+	if was.SizeBytes != id.SizeBytes {
+		return fmt.Sprintf("%s was %d bytes, this one is %d", parent.Source, was.SizeBytes, id.SizeBytes)
+	}
+	fs := func(x *chain.SourceIdentity) string {
+		var parts []string
+		for _, f := range x.Filesystems {
+			parts = append(parts, fmt.Sprintf("%s %s", f.Type, f.UUID))
+		}
+		return strings.Join(parts, ", ")
+	}
+	switch a, b := fs(was), fs(id); {
+	case a != b:
+		return fmt.Sprintf("%s held %s, this one holds %s", parent.Source, orNone(a), orNone(b))
+	case a == "" && parent.Source != "" && parent.Source != source:
+		return fmt.Sprintf("it was %s, this is %s, and neither has a filesystem to tell them apart", parent.Source, source)
+	}
+	return ""
+}
+
+func orNone(s string) string {
+	if s == "" {
+		return "no filesystem stasis knows"
+	}
+	return s
 }

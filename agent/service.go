@@ -47,6 +47,7 @@ type Service struct {
 	// unprivileged counts snapshots requested on the socket by users other than root.
 	unprivileged atomic.Int32
 	replica      *replicator // nil without replicate:
+	retainMu     sync.Mutex  // the agent's own retention runs take turns
 }
 
 // serviceVolume is one configured volume and its runtime state.
@@ -116,14 +117,61 @@ type VolumeStatus struct {
 	Running      bool      `json:"running"`
 	LastSnapshot string    `json:"last_snapshot,omitempty"`
 	LastResult   string    `json:"last_result,omitempty"` // "ok" or the error
-	LastAt       time.Time `json:"last_at,omitempty"`
+	LastAt       time.Time `json:"-"`
 	LastFailure  string    `json:"last_failure,omitempty"`
-	LastFailedAt time.Time `json:"last_failed_at,omitempty"`
+	LastFailedAt time.Time `json:"-"`
 	LastFreezeMS float64   `json:"last_freeze_ms"`
-	NextRun      time.Time `json:"next_run,omitempty"`
+	NextRun      time.Time `json:"-"`
 	Tracking     string    `json:"tracking"`
 	Snapshots    int       `json:"snapshots"`
-	StoredBytes  int64     `json:"stored_bytes"`
+	// AddedBytes is what the volume's snapshots still in the repository added when they were
+	// taken (stats has the exact stored and exclusive bytes, at the cost of a tree walk).
+	AddedBytes int64 `json:"added_bytes"`
+}
+
+// MarshalJSON writes times as every report does (RFC 3339, UTC, milliseconds) and leaves
+// out the ones that never happened.
+func (v VolumeStatus) MarshalJSON() ([]byte, error) {
+	type plain VolumeStatus
+	out := struct {
+		plain
+		LastAt       string `json:"last_at,omitempty"`
+		LastFailedAt string `json:"last_failed_at,omitempty"`
+		NextRun      string `json:"next_run,omitempty"`
+	}{plain: plain(v)}
+	for _, t := range []struct {
+		dst *string
+		t   time.Time
+	}{{&out.LastAt, v.LastAt}, {&out.LastFailedAt, v.LastFailedAt}, {&out.NextRun, v.NextRun}} {
+		if !t.t.IsZero() {
+			*t.dst = stampTime(t.t)
+		}
+	}
+	return json.Marshal(out)
+}
+
+// UnmarshalJSON reads what MarshalJSON wrote (the CLI reads the agent's status).
+func (v *VolumeStatus) UnmarshalJSON(b []byte) error {
+	type plain VolumeStatus
+	var in struct {
+		plain
+		LastAt       string `json:"last_at"`
+		LastFailedAt string `json:"last_failed_at"`
+		NextRun      string `json:"next_run"`
+	}
+	if err := json.Unmarshal(b, &in); err != nil {
+		return err
+	}
+	*v = VolumeStatus(in.plain)
+	for _, t := range []struct {
+		dst *time.Time
+		s   string
+	}{{&v.LastAt, in.LastAt}, {&v.LastFailedAt, in.LastFailedAt}, {&v.NextRun, in.NextRun}} {
+		if t.s != "" {
+			*t.dst, _ = time.Parse(time.RFC3339Nano, t.s)
+		}
+	}
+	return nil
 }
 
 // NewService opens (creating if needed) the configured repository. load re-reads the
@@ -307,7 +355,7 @@ func (s *Service) scheduled(j *job) {
 	defer s.running.Done()
 	defer j.unlock()
 	s.state.setLastRun(j.name, time.Now())
-	s.snapshot(j, "", chain.KindAuto)
+	s.snapshot(j, Request{Kind: chain.KindAuto})
 }
 
 // catchUp takes one snapshot for each volume or group whose schedule should have fired
@@ -348,7 +396,7 @@ func (s *Service) catchUp() {
 
 // Snapshot takes a manual snapshot of a volume or group now, waiting for a running one;
 // said is told when it has to wait.
-func (s *Service) Snapshot(name, snapName string, said func(string)) ([]*Outcome, error) {
+func (s *Service) Snapshot(name string, req Request, said func(string)) ([]*Outcome, error) {
 	s.mu.Lock()
 	var j *job
 	if v, ok := s.vols[name]; ok {
@@ -369,12 +417,13 @@ func (s *Service) Snapshot(name, snapName string, said func(string)) ([]*Outcome
 	s.running.Add(1)
 	defer s.running.Done()
 	defer j.unlock()
-	return s.snapshot(j, snapName, chain.KindManual)
+	req.Kind = chain.KindManual
+	return s.snapshot(j, req)
 }
 
 // snapshot takes one snapshot of the job with its busy locks held, then applies retention.
 // A panic while snapshotting is that snapshot's failure, not the agent's end.
-func (s *Service) snapshot(j *job, name, kind string) (outs []*Outcome, err error) {
+func (s *Service) snapshot(j *job, req Request) (outs []*Outcome, err error) {
 	ctx := s.ctx
 	j.smu.Lock()
 	j.status.Running = true
@@ -391,13 +440,12 @@ func (s *Service) snapshot(j *job, name, kind string) (outs []*Outcome, err erro
 	}()
 	// Snapshots take no repository lock: their packs are protected from a concurrent gc by
 	// the writer's heartbeat (chain/leases.go). Only retention below takes the deletion lock.
-	if kind == chain.KindAuto && name == "" {
-		if name, err = s.autoName(ctx, j, time.Now()); err != nil {
+	if req.Kind == chain.KindAuto && req.Name == "" {
+		if req.Name, err = s.autoName(ctx, j, time.Now()); err != nil {
 			s.recordFailure(j, err)
 			return nil, err
 		}
 	}
-	req := Request{Name: name, Kind: kind}
 	if j.group == nil {
 		var out *Outcome
 		if out, err = j.vols[0].vol.Snapshot(ctx, s.repo, req); err == nil {
@@ -453,12 +501,19 @@ func (s *Service) ownSnapshots(ctx context.Context) ([]*chain.Snapshot, []error,
 	return chain.OfHost(snaps, s.repo.Host()), bad, err
 }
 
-// retainAfter applies the job's retention after a snapshot. When another process holds the
-// deletion lock (a gc from the CLI or another host), retention waits for the next snapshot
-// rather than holding this job up: deleting late never loses data.
+// holder describes the agent doing what, for whoever finds the deletion lock held.
+func (s *Service) holder(what string) string {
+	return fmt.Sprintf("pid %d (stasis agent: %s) on %s since %s", os.Getpid(), what, s.repo.Host(), stampTime(time.Now()))
+}
+
+// retainAfter applies the job's retention after a snapshot. The agent's own jobs take
+// turns; when another process holds the deletion lock (a gc from the CLI or another host)
+// for more than a minute, retention waits for the next snapshot rather than holding this
+// job up: deleting late never loses data.
 func (s *Service) retainAfter(ctx context.Context, j *job) {
-	holder := fmt.Sprintf("pid %d (stasis agent: retention of %s) since %s", os.Getpid(), j.name, time.Now().UTC().Format(time.RFC3339))
-	unlock, err := s.repo.Lock(ctx, holder)
+	s.retainMu.Lock()
+	defer s.retainMu.Unlock()
+	unlock, err := s.lockWithin(ctx, s.holder("retention of "+j.name), time.Minute)
 	if errors.Is(err, chain.ErrLocked) {
 		s.log.Warn("retention deferred to the next snapshot", "volume", j.name, "reason", err)
 		return
@@ -479,8 +534,13 @@ func (s *Service) retainAfter(ctx context.Context, j *job) {
 }
 
 func (s *Service) lock(ctx context.Context, holder string) (func(), error) {
-	// Another writer (a CLI gc, another volume's snapshot) may hold the lock briefly.
-	deadline := time.Now().Add(10 * time.Minute)
+	// Another deleter (a CLI gc, another host's prune) may hold the lock briefly.
+	return s.lockWithin(ctx, holder, 10*time.Minute)
+}
+
+// lockWithin takes the deletion lock, waiting up to wait for another holder to finish.
+func (s *Service) lockWithin(ctx context.Context, holder string, wait time.Duration) (func(), error) {
+	deadline := time.Now().Add(wait)
 	for {
 		unlock, err := s.repo.Lock(ctx, holder)
 		if err == nil || !errors.Is(err, chain.ErrLocked) || time.Now().After(deadline) {
@@ -535,7 +595,7 @@ func (s *Service) Prune(name string, dryRun bool) ([]PruneDecision, error) {
 		var unlock func()
 		if !dryRun {
 			var err error
-			if unlock, err = s.lock(s.ctx, fmt.Sprintf("pid %d (stasis agent: prune %s)", os.Getpid(), what)); err != nil {
+			if unlock, err = s.lock(s.ctx, s.holder("prune "+what)); err != nil {
 				return err
 			}
 		}
@@ -717,6 +777,7 @@ func (s *Service) status(counts bool) []VolumeStatus {
 		for _, sn := range snaps {
 			if count(sn) {
 				st.Snapshots++
+				st.AddedBytes += sn.NewBytes
 			}
 		}
 		for _, e := range entries {

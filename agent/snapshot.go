@@ -84,6 +84,12 @@ type Options struct {
 type Request struct {
 	Name string // "" for the default name
 	Kind string // chain.KindManual or chain.KindAuto
+	// Tags and Note describe the snapshot for people (list --tag filters on tags).
+	Tags []string
+	Note string
+	// Force continues a chain from a source that is not the one the chain was made from
+	// (another filesystem, another size).
+	Force bool
 	// Progress, if set, is told how many bytes were handed to the repository.
 	Progress func(n int64)
 }
@@ -356,6 +362,9 @@ func (v *Volume) prepare(ctx context.Context, r *chain.Repository, req Request, 
 		return nil, err
 	}
 	parent := chain.Latest(snaps, r.Host(), v.spec.Name)
+	if d := otherSource(parent, p.identity, v.spec.Source); d != "" && !req.Force {
+		return nil, fmt.Errorf("volume %s's chain was made from another source (%s): refusing to add this one to it; give the snapshot another volume name, or --force to continue the chain anyway", v.spec.Name, d)
+	}
 	switch {
 	case parent == nil:
 		p.fullReason = "first snapshot of the volume"
@@ -374,7 +383,7 @@ func (v *Volume) prepare(ctx context.Context, r *chain.Repository, req Request, 
 	if !tracked {
 		v.stopTracker()
 	}
-	so.Volume, so.Name, so.Kind = v.spec.Name, req.Name, req.Kind
+	so.Volume, so.Name, so.Kind, so.Tags, so.Note = v.spec.Name, req.Name, req.Kind, req.Tags, req.Note
 	so.Size, so.ChunkSize, so.Source, so.Identity, so.FromParent = src.Size, v.spec.ChunkSize, v.spec.Source, p.identity, tracked
 	if p.w, err = r.NewSnapshot(ctx, so); err != nil {
 		return nil, err

@@ -506,6 +506,9 @@ func dedupEntries(p indexedPack) indexedPack {
 // deleteOrphans removes packs no index file names, written before every running writer
 // started (so none of them can be about to index it). Both times are the storage's.
 func (r *Repository) deleteOrphans(ctx context.Context, st *GCStats) error {
+	// A writer missing from the listing below started after listedAt: what is older than
+	// listedAt and every listed writer's start cannot be a live writer's.
+	listedAt := r.storageNow()
 	writers, _, err := listHolders(ctx, r.Reader, WriterFile)
 	if err != nil {
 		return err
@@ -534,6 +537,9 @@ func (r *Repository) deleteOrphans(ctx context.Context, st *GCStats) error {
 		if err != nil || indexed[id] {
 			return nil // not ours, or live
 		}
+		if !fi.ModTime.Before(listedAt) {
+			return nil // perhaps a writer's that started after the listing
+		}
 		for _, w := range writers {
 			if !fi.ModTime.Before(w.started) {
 				return nil // perhaps that writer's
@@ -558,7 +564,7 @@ func (r *Repository) deleteOrphans(ctx context.Context, st *GCStats) error {
 	if c, ok := r.be.(IncompleteCleaner); ok {
 		// Every writer writes its heartbeat before any upload, so what began before the
 		// oldest live writer started is a dead one's.
-		before := time.Now()
+		before := listedAt
 		for _, w := range writers {
 			if w.started.Before(before) {
 				before = w.started

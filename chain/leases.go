@@ -100,6 +100,7 @@ func startLease(ctx context.Context, r *Reader, t FileType, holder string) (*lea
 		l.remove(ctx, l.id+".start")
 		return nil, err
 	}
+	r.leaseIDs.Store(l.id, l)
 	go func() {
 		defer close(l.stopped)
 		tick := time.NewTicker(LeaseRefresh)
@@ -163,6 +164,7 @@ func (l *lease) fresh() error {
 func (l *lease) release() {
 	close(l.stop)
 	<-l.stopped
+	l.r.leaseIDs.Delete(l.id)
 	ctx := context.Background()
 	l.mu.Lock()
 	last := l.last
@@ -171,11 +173,26 @@ func (l *lease) release() {
 	l.remove(ctx, l.id+".start")
 }
 
+// ownLease returns this handle's lease id, or nil.
+func (r *Reader) ownLease(id string) *lease {
+	l, _ := r.leaseIDs.Load(id)
+	l2, _ := l.(*lease)
+	return l2
+}
+
+// storageNow estimates the storage's clock: this machine's, less the skew measured from
+// our own lease objects (an overestimate of the skew by the listing's latency, so the
+// estimate errs early: toward counting others alive).
+func (r *Reader) storageNow() time.Time {
+	return time.Now().Add(-time.Duration(r.clockSkew.Load()))
+}
+
 // holderState is one holder seen in a listing.
 type holderState struct {
 	id       string
 	started  time.Time // the storage's time of the start object
 	lastSeen time.Time // the storage's time of the newest object
+	newest   string    // the newest object's name
 	info     leaseInfo
 	objects  []string
 }
@@ -204,14 +221,27 @@ func listHolders(ctx context.Context, r *Reader, t FileType) (live, stale []hold
 			}
 		}
 		if fi.ModTime.After(h.lastSeen) {
-			h.lastSeen = fi.ModTime
+			h.lastSeen, h.newest = fi.ModTime, fi.Name
 		}
 		return nil
 	})
 	if err != nil {
 		return nil, nil, fmt.Errorf("list %s: %w", t, err)
 	}
-	now := time.Now()
+	// Staleness is judged on the storage's clock: this machine's clock may be off. Our own
+	// lease objects, when listed, say how far (their times are the storage's, and we wrote
+	// the newest one no later than now); otherwise the last measurement stands.
+	for id, h := range by {
+		if l := r.ownLease(id); l != nil {
+			l.mu.Lock()
+			last, wrote := l.last, l.okAt // when that object's write returned, by this clock
+			l.mu.Unlock()
+			if last == h.newest {
+				r.clockSkew.Store(int64(wrote.Sub(h.lastSeen)))
+			}
+		}
+	}
+	now := r.storageNow()
 	ids := make([]string, 0, len(by))
 	for id := range by {
 		ids = append(ids, id)

@@ -105,8 +105,9 @@ func TestOrphansOfDeadWriters(t *testing.T) {
 	rng := rand.New(rand.NewSource(33))
 	chain.SetPackTarget(t, 128<<10)
 	r, be := newRepo(t)
+	other := openRepo(t, be, chain.Options{Host: "other"}) // another process
 	v := newVolume(rng, 4<<20, 64<<10)
-	running, err := r.NewSnapshot(ctx, chain.SnapshotOptions{Volume: "vol", Size: int64(len(v.data)), ChunkSize: v.chunkSize})
+	running, err := other.NewSnapshot(ctx, chain.SnapshotOptions{Volume: "vol", Size: int64(len(v.data)), ChunkSize: v.chunkSize})
 	if err != nil {
 		t.Fatal(err)
 	}

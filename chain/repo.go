@@ -20,6 +20,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	lru "github.com/hashicorp/golang-lru/v2"
@@ -82,6 +83,9 @@ type Reader struct {
 	mu            sync.Mutex
 	manifests     map[string]*Snapshot // decoded manifests by file name, from the last listing
 	deletionLease *lease               // the deletion lock's lease, where there is one
+
+	leaseIDs  sync.Map     // IDs of this process's leases
+	clockSkew atomic.Int64 // this machine's clock minus the storage's, in ns (leases.go)
 }
 
 // Repository is a Reader that also writes: snapshots (without any lock) and, holding the

@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -45,9 +46,9 @@ func toListEntry(s *chain.Snapshot) listEntry {
 }
 
 func newListCmd(g *globals) *cobra.Command {
-	var volume, group, host string
+	var volume, group, host, tag string
 	cmd := &cobra.Command{
-		Use:   "list [--host HOST] [--volume NAME] [--group NAME]",
+		Use:   "list [--host HOST] [--volume NAME] [--group NAME] [--tag TAG]",
 		Short: "List snapshots, oldest first",
 		Long: `List snapshots, oldest first, of every host that writes to the repository (a HOST
 column appears when there are several; --host shows one). Members of a group snapshot
@@ -69,7 +70,7 @@ column appears when there are several; --host shows one). Members of a group sna
 			out := []listEntry{}
 			hosts := map[string]bool{}
 			for _, s := range snaps {
-				if (volume == "" || s.Volume == volume) && (group == "" || s.Group == group) && (host == "" || s.Host == host) {
+				if (volume == "" || s.Volume == volume) && (group == "" || s.Group == group) && (host == "" || s.Host == host) && (tag == "" || slices.Contains(s.Tags, tag)) {
 					out = append(out, toListEntry(s))
 					hosts[s.Host] = true
 				}
@@ -85,7 +86,7 @@ column appears when there are several; --host shows one). Members of a group sna
 			if withHost {
 				fmt.Fprint(tw, "HOST\t")
 			}
-			fmt.Fprintln(tw, "ID\tVOLUME\tNAME\tCREATED\tKIND\tCONSISTENCY\tSIZE\tNEW\tGROUP")
+			fmt.Fprintln(tw, "ID\tVOLUME\tNAME\tCREATED\tKIND\tCONSISTENCY\tSIZE\tNEW\tGROUP\tTAGS")
 			for _, s := range out {
 				created, _ := time.Parse(time.RFC3339, s.Created)
 				grp := "-"
@@ -95,9 +96,13 @@ column appears when there are several; --host shows one). Members of a group sna
 				if withHost {
 					fmt.Fprintf(tw, "%s\t", s.Host)
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.ID[:12], s.Volume, s.Name,
+				tags := strings.Join(s.Tags, ",")
+				if s.Note != "" {
+					tags = strings.TrimPrefix(tags+" \""+trim(s.Note, 40)+"\"", " ")
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.ID[:12], s.Volume, s.Name,
 					created.Local().Format("2006-01-02 15:04:05"), s.Kind, s.Consistency,
-					humanize.IBytes(uint64(s.SizeBytes)), humanize.IBytes(uint64(s.NewBytes)), grp)
+					humanize.IBytes(uint64(s.SizeBytes)), humanize.IBytes(uint64(s.NewBytes)), grp, tags)
 			}
 			return tw.Flush()
 		},
@@ -105,6 +110,7 @@ column appears when there are several; --host shows one). Members of a group sna
 	cmd.Flags().StringVar(&host, "host", "", "only this host's snapshots")
 	cmd.Flags().StringVar(&volume, "volume", "", "only this volume's snapshots")
 	cmd.Flags().StringVar(&group, "group", "", "only the members of this group's snapshots")
+	cmd.Flags().StringVar(&tag, "tag", "", "only snapshots with this tag")
 	return cmd
 }
 

@@ -28,6 +28,7 @@ type globals struct {
 	cacheDir     string
 	asJSON       bool
 	quiet        bool
+	retryLock    time.Duration
 	verbose      bool
 	logHold      *holdHandler
 	log          *slog.Logger
@@ -58,6 +59,7 @@ The repository is -r DIR, else $STASIS_REPO, else ` + DefaultRepo + `.
 	root.PersistentFlags().BoolVarP(&g.verbose, "verbose", "v", false, "log details to stderr")
 	root.PersistentFlags().BoolVar(&g.asJSON, "json", false, "print results as JSON (times in RFC 3339, UTC, to the millisecond)")
 	root.PersistentFlags().BoolVarP(&g.quiet, "quiet", "q", false, "print nothing but errors (and JSON when asked)")
+	root.PersistentFlags().DurationVar(&g.retryLock, "retry-lock", 0, "wait up to this long for a repository's deletion lock held by another process (delete, prune, gc, repair)")
 	root.PersistentFlags().StringVar(&g.config, "config", "", "configuration file (default "+config.DefaultPath+" when it exists); gives the repository and the volumes")
 	root.AddCommand(
 		newInitCmd(g), newSnapshotCmd(g), newListCmd(g), newDeleteCmd(g), newGCCmd(g),
@@ -217,7 +219,18 @@ func (g *globals) lockRepo(ctx context.Context) (*chain.Repository, func(), erro
 	if err != nil {
 		return nil, nil, err
 	}
+	deadline := time.Now().Add(g.retryLock)
 	unlock, err := r.Lock(ctx, holder())
+	for errors.Is(err, chain.ErrLocked) && time.Now().Before(deadline) {
+		select {
+		case <-ctx.Done():
+		case <-time.After(min(time.Second, time.Until(deadline))):
+		}
+		if ctx.Err() != nil {
+			break
+		}
+		unlock, err = r.Lock(ctx, holder())
+	}
 	if err != nil {
 		r.Close()
 		if errors.Is(err, chain.ErrLocked) {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"time"
 
 	"github.com/dustin/go-humanize"
@@ -26,6 +27,9 @@ type snapshotJSON struct {
 type snapshotFlags struct {
 	app                  *agent.AppSpec
 	source, volume, name string
+	tags                 []string
+	note                 string
+	force                bool
 	noFreeze             bool
 	chunkSize            int
 	maxFreeze            time.Duration
@@ -69,6 +73,9 @@ settings; when the agent runs, it takes the snapshot (waiting for a running one)
 	fl.StringVar(&f.source, "source", "", "block device, partition, mount point or image file to snapshot")
 	fl.StringVar(&f.volume, "volume", "", "volume (chain) name")
 	fl.StringVar(&f.name, "name", "", "snapshot name, unique in the volume")
+	fl.StringSliceVar(&f.tags, "tag", nil, "a tag for the snapshot (repeat, or comma-separated); list --tag filters on it")
+	fl.StringVar(&f.note, "note", "", "a note describing the snapshot, shown by list")
+	fl.BoolVar(&f.force, "force", false, "add to the volume's chain even if the source is not the one the chain was made from (another filesystem or size)")
 	fl.BoolVar(&f.noFreeze, "no-freeze", false, "do not freeze filesystems (crash-consistent snapshot)")
 	fl.DurationVar(&f.maxFreeze, "max-freeze", 5*time.Second, "longest time filesystems may stay frozen")
 	fl.IntVar(&f.chunkSize, "chunk-size", 0, "chunk size in bytes for a new volume (default 65536); fixed afterwards")
@@ -89,7 +96,7 @@ func runConfiguredSnapshot(cmd *cobra.Command, g *globals, name string, f snapsh
 	if v == nil && grp == nil {
 		return fmt.Errorf("no volume or group %q in %s", name, cfg.Path)
 	}
-	resp, err := agent.Call(cfg.Socket, agent.ControlRequest{Op: "snapshot", Volume: name, Name: f.name},
+	resp, err := agent.Call(cfg.Socket, agent.ControlRequest{Op: "snapshot", Volume: name, Name: f.name, Tags: f.tags, Note: f.note, Force: f.force},
 		func(note string) { fmt.Fprintln(cmd.ErrOrStderr(), note) })
 	if err == nil {
 		reports := resp.Group
@@ -154,7 +161,7 @@ func runGroupSnapshot(cmd *cobra.Command, g *globals, cfg *config.Config, grp *c
 	}
 	defer r.Close()
 	prog := newProgress(cmd.ErrOrStderr(), "reading group "+grp.Name, 0)
-	outs, err := agent.SnapshotGroup(ctx, r, spec, vols, agent.Request{Name: f.name, Kind: chain.KindManual, Progress: prog.add})
+	outs, err := agent.SnapshotGroup(ctx, r, spec, vols, f.request(prog.add))
 	prog.done()
 	if err != nil {
 		return err
@@ -177,6 +184,11 @@ func (g *globals) volumeOptions() (agent.Options, error) {
 		FreezeHook: testFreezeHook(), TrackerDisk: testTrackerDisk()}, nil
 }
 
+// request is what the flags ask of a manual snapshot.
+func (f snapshotFlags) request(progress func(int64)) agent.Request {
+	return agent.Request{Name: f.name, Kind: chain.KindManual, Tags: f.tags, Note: f.note, Force: f.force, Progress: progress}
+}
+
 func runSnapshot(cmd *cobra.Command, g *globals, f snapshotFlags) error {
 	ctx := cmd.Context()
 	if f.source == "" || f.volume == "" {
@@ -187,6 +199,10 @@ func runSnapshot(cmd *cobra.Command, g *globals, f snapshotFlags) error {
 	}
 	if f.maxFreeze <= 0 {
 		return fmt.Errorf("--max-freeze must be positive")
+	}
+	// Manifests record where a snapshot came from: an absolute path.
+	if abs, err := filepath.Abs(f.source); err == nil {
+		f.source = abs
 	}
 	// Check the source before opening the repository, so a typo fails fast.
 	if _, err := capture.Resolve(f.source); err != nil {
@@ -205,7 +221,7 @@ func runSnapshot(cmd *cobra.Command, g *globals, f snapshotFlags) error {
 	}
 	defer r.Close()
 	prog := newProgress(cmd.ErrOrStderr(), "reading "+f.source, 0)
-	out, err := vol.Snapshot(ctx, r, agent.Request{Name: f.name, Kind: chain.KindManual, Progress: prog.add})
+	out, err := vol.Snapshot(ctx, r, f.request(prog.add))
 	prog.done()
 	if err != nil {
 		return err

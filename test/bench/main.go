@@ -33,6 +33,8 @@ var (
 	mountBenchF = flag.Bool("mount", true, "measure the FUSE file view")
 	onlyMount   = flag.Bool("only-mount", false, "measure only the FUSE file view")
 	layouts     = flag.Bool("layouts", true, "measure zram (bio-based) tracking and a two-volume group's freeze window")
+	encBench    = flag.Bool("encryption", true, "compare an encrypted repository with an unencrypted one")
+	s3BenchF    = flag.Bool("s3", true, "measure snapshots, copy, export and the view against S3 (versitygw)")
 )
 
 func main() {
@@ -161,6 +163,7 @@ func main() {
 	add("dd writing the image to a file (conv=fsync)", ddw, "")
 	t = timeIt(func() { run(*stasis, "export", "-r", repo, "vol/full", img) })
 	add("stasis export (sparse, fsynced)", t, fmt.Sprintf("%.0f%% of dd's throughput", 100*ratio(ddw, t)))
+	base := baseline{dd: dd, full: stasisFull, resticFull: resticFull, tracked: tt, resticInc: resticInc, export: t, repo: repo}
 	var rs struct {
 		ChunksWritten int64 `json:"chunks_written"`
 	}
@@ -171,6 +174,12 @@ func main() {
 	add("stasis restore of the newer snapshot onto the exported older image", t, fmt.Sprintf("%.0f%% of dd's throughput; %d chunks written", 100*ratio(ddw, t), rs.ChunksWritten))
 	os.Remove(ddImg)
 
+	if *encBench {
+		encryptionBench(dir, v, base, add)
+	}
+	if *s3BenchF {
+		s3Bench(dir, v, base, add)
+	}
 	if *chunkStudy {
 		chunkSizes(dir, v)
 	}

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stasis-project/stasis/test/testenv"
 )
@@ -92,11 +93,21 @@ func TestLockedRepository(t *testing.T) {
 	holder := startFlock(t, lock)
 	defer holder()
 	r := testenv.Stasis(t, "gc", "-r", repo)
-	if r.Code == 0 || !strings.Contains(r.Stderr, "is locked by pid 4242 (stasis snapshot --volume big)") {
-		t.Fatalf("gc while locked: exit %d: %s", r.Code, r.Stderr)
+	if r.Code != 11 || !strings.Contains(r.Stderr, "is locked by pid 4242 (stasis snapshot --volume big)") {
+		t.Fatalf("gc while locked: exit %d (want 11): %s", r.Code, r.Stderr)
 	}
-	// Readers do not need the lock.
+	// Readers and snapshots do not need the lock.
 	testenv.MustStasis(t, "list", "-r", repo)
+	src := filepath.Join(t.TempDir(), "small.img")
+	os.WriteFile(src, []byte(strings.Repeat("stasis ", 100000)), 0o644)
+	testenv.MustStasis(t, "snapshot", "-r", repo, "--source", src, "--volume", "v")
+	// --retry-lock waits for the holder to go.
+	go func() { time.Sleep(1500 * time.Millisecond); holder() }()
+	start := time.Now()
+	r = testenv.Stasis(t, "gc", "-r", repo, "--retry-lock", "30s")
+	if r.Code != 0 || time.Since(start) < time.Second {
+		t.Fatalf("gc --retry-lock: exit %d after %v: %s", r.Code, time.Since(start), r.Stderr)
+	}
 }
 
 // TestENOSPC fills a small filesystem holding the repository: the snapshot fails with a

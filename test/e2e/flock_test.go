@@ -2,6 +2,8 @@ package e2e
 
 import (
 	"os/exec"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -11,9 +13,13 @@ import (
 func startFlock(t *testing.T, path string) func() {
 	t.Helper()
 	cmd := exec.Command("flock", "-x", path, "sleep", "60")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true} // sleep holds the lock too
 	if err := cmd.Start(); err != nil {
 		t.Skipf("flock(1) unavailable: %v", err)
 	}
 	time.Sleep(200 * time.Millisecond) // let it take the lock
-	return func() { cmd.Process.Kill(); cmd.Wait() }
+	var once sync.Once
+	release := func() { once.Do(func() { syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL); cmd.Wait() }) }
+	t.Cleanup(release)
+	return release
 }
