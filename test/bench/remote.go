@@ -20,7 +20,7 @@ import (
 // baseline is what the main run measured, for the ratios below.
 type baseline struct {
 	dd, full, resticFull, tracked, resticInc, export time.Duration
-	repo                                           string // the unencrypted repository: vol/full, vol/after-20MiB
+	repo                                             string // the unencrypted repository: vol/full, vol/after-20MiB
 }
 
 const benchPassword = "stasis bench passphrase"
