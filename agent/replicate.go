@@ -227,6 +227,13 @@ func (p *replicator) retain(ctx context.Context, replica *chain.Repository) erro
 
 // PlanReplica applies one retention policy to every volume's snapshots in a replica.
 func PlanReplica(snaps []*chain.Snapshot, r config.Retention, now time.Time) ([]PruneDecision, []*chain.Snapshot) {
+	return PlanPolicy(snaps, policy(r), now, false)
+}
+
+// PlanPolicy applies p to each volume's snapshots among snaps (one host's), group members
+// included: they share names and times, so a group's members are kept or deleted together.
+// Manual snapshots are kept unless manualToo.
+func PlanPolicy(snaps []*chain.Snapshot, p retention.Policy, now time.Time, manualToo bool) ([]PruneDecision, []*chain.Snapshot) {
 	byVolume := map[string][]*chain.Snapshot{}
 	for _, s := range snaps {
 		byVolume[s.Volume] = append(byVolume[s.Volume], s)
@@ -238,9 +245,9 @@ func PlanReplica(snaps []*chain.Snapshot, r config.Retention, now time.Time) ([]
 		var in []retention.Snapshot
 		for _, s := range ss {
 			byID[s.ID] = s
-			in = append(in, retention.Snapshot{ID: s.ID, Name: s.Name, Created: s.Created, Auto: s.Kind == chain.KindAuto})
+			in = append(in, retention.Snapshot{ID: s.ID, Name: s.Name, Created: s.Created, Auto: manualToo || s.Kind == chain.KindAuto})
 		}
-		for _, d := range retention.Apply(in, policy(r), now, time.Local) {
+		for _, d := range retention.Apply(in, p, now, time.Local) {
 			out = append(out, PruneDecision{Volume: vol, Name: d.Snapshot.Name, ID: d.Snapshot.ID, Created: d.Snapshot.Created, Keep: d.Keep, Reason: d.Reason})
 			if !d.Keep {
 				victims = append(victims, byID[d.Snapshot.ID])

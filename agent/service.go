@@ -425,6 +425,10 @@ func (s *Service) Snapshot(name string, req Request, said func(string)) ([]*Outc
 // A panic while snapshotting is that snapshot's failure, not the agent's end.
 func (s *Service) snapshot(j *job, req Request) (outs []*Outcome, err error) {
 	ctx := s.ctx
+	defer func() { // last: after the panic recovery below has set err
+		h, n := s.afterConfig(j)
+		AfterSnapshot(ctx, h, n, NewResult(s.repo.Host(), j.name, req.Kind, outs, err), s.log)
+	}()
 	j.smu.Lock()
 	j.status.Running = true
 	j.smu.Unlock()
@@ -499,6 +503,17 @@ func GroupSpecFromConfig(g config.Group) *GroupSpec {
 func (s *Service) ownSnapshots(ctx context.Context) ([]*chain.Snapshot, []error, error) {
 	snaps, bad, err := s.repo.Snapshots(ctx)
 	return chain.OfHost(snaps, s.repo.Host()), bad, err
+}
+
+// afterConfig returns the job's hooks (for the after phase) and the notification settings.
+func (s *Service) afterConfig(j *job) (*config.Hooks, *config.Notify) {
+	s.mu.Lock()
+	n := s.cfg.Notify
+	s.mu.Unlock()
+	if j.group != nil {
+		return j.group.spec.Hooks, n
+	}
+	return j.vols[0].spec.Hooks, n
 }
 
 // holder describes the agent doing what, for whoever finds the deletion lock held.
@@ -754,8 +769,8 @@ func PlanConfig(snaps []*chain.Snapshot, cfg *config.Config, name string, now ti
 }
 
 func policy(r config.Retention) retention.Policy {
-	return retention.Policy{KeepAuto: *r.KeepAuto, KeepDays: *r.KeepDays, KeepDaily: *r.KeepDaily,
-		KeepWeekly: *r.KeepWeekly, KeepMonthly: *r.KeepMonthly}
+	return retention.Policy{KeepAuto: *r.KeepAuto, KeepDays: *r.KeepDays, KeepLast: *r.KeepLast, KeepHourly: *r.KeepHourly,
+		KeepDaily: *r.KeepDaily, KeepWeekly: *r.KeepWeekly, KeepMonthly: *r.KeepMonthly, KeepYearly: *r.KeepYearly}
 }
 
 // Status reports every volume, with its snapshot count read from the repository.

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/url"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -37,24 +38,31 @@ type Config struct {
 	Host string `yaml:"host"`
 	// Replicate copies every snapshot to a second repository, with its own retention.
 	Replicate *Replicate `yaml:"replicate"`
-	Mount     *string    `yaml:"mount"` // nil: default; "": disabled
+	// Notify posts each snapshot's result to a webhook.
+	Notify *Notify `yaml:"notify"`
+	Mount  *string `yaml:"mount"` // nil: default; "": disabled
 	// MountAllowOther lets every local user into the view; each reads only what the
 	// snapshot's own permissions allow.
-	MountAllowOther bool     `yaml:"mount_allow_other"`
-	StateDir        string   `yaml:"state_dir"`
-	Socket          string   `yaml:"socket"`
-	SocketGroup     string   `yaml:"socket_group"`
-	MetricsListen   string   `yaml:"metrics_listen"`
-	Volumes         []Volume `yaml:"volumes"`
-	Groups          []Group  `yaml:"groups"`
-	GCAfterPrune    *bool    `yaml:"gc_after_prune"`
-	CatchUp         *bool    `yaml:"catch_up"`
-	lines           map[string]int
+	MountAllowOther bool   `yaml:"mount_allow_other"`
+	StateDir        string `yaml:"state_dir"`
+	Socket          string `yaml:"socket"`
+	SocketGroup     string `yaml:"socket_group"`
+	MetricsListen   string `yaml:"metrics_listen"`
+	// Retention is the default policy of every volume and group (each key a volume or
+	// group leaves out comes from here, then from the built-in defaults).
+	Retention    Retention `yaml:"retention"`
+	Volumes      []Volume  `yaml:"volumes"`
+	Groups       []Group   `yaml:"groups"`
+	GCAfterPrune *bool     `yaml:"gc_after_prune"`
+	CatchUp      *bool     `yaml:"catch_up"`
+	lines        map[string]int
 }
 
 // S3 is how to reach S3-compatible object storage.
 type S3 struct {
-	Region string `yaml:"region"`
+	// Endpoint serves s3://bucket/prefix locations (default https://s3.amazonaws.com).
+	Endpoint string `yaml:"endpoint"`
+	Region   string `yaml:"region"`
 	// CredentialsFile is an AWS shared credentials file ([default] aws_access_key_id = ...);
 	// without it, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment are used.
 	CredentialsFile string `yaml:"credentials_file"`
@@ -113,18 +121,31 @@ type MySQL struct {
 
 // Hooks are commands run around the freeze.
 type Hooks struct {
-	Pre     []string `yaml:"pre"`
-	Post    []string `yaml:"post"`
+	Pre  []string `yaml:"pre"`
+	Post []string `yaml:"post"`
+	// After runs once per snapshot, after it was committed or failed, with STASIS_RESULT.
+	After   []string `yaml:"after"`
 	Timeout Duration `yaml:"timeout"`
+}
+
+// Notify is a webhook told about snapshots: a JSON POST (healthchecks-style ping URLs work).
+type Notify struct {
+	URL string `yaml:"url"`
+	// On lists the results that are sent: "failure" (default) and/or "success".
+	On      []string `yaml:"on"`
+	Timeout Duration `yaml:"timeout"` // default 10s; one attempt, never retried
 }
 
 // Retention is a volume's policy for automatic snapshots. Manual snapshots are never pruned.
 type Retention struct {
 	KeepAuto    *int `yaml:"keep_auto"`    // at most this many auto snapshots; the oldest go first
 	KeepDays    *int `yaml:"keep_days"`    // auto snapshots older than this many days go; -1 keeps forever
-	KeepDaily   *int `yaml:"keep_daily"`   // also keep the newest of each of the last N days with snapshots
+	KeepLast    *int `yaml:"keep_last"`    // also keep the newest N, whatever their age
+	KeepHourly  *int `yaml:"keep_hourly"`  // also keep the newest of each of the last N hours with snapshots
+	KeepDaily   *int `yaml:"keep_daily"`   // ... of the last N days
 	KeepWeekly  *int `yaml:"keep_weekly"`  // ... of the last N ISO weeks
 	KeepMonthly *int `yaml:"keep_monthly"` // ... of the last N months
+	KeepYearly  *int `yaml:"keep_yearly"`  // ... of the last N years
 }
 
 // Defaults.
@@ -312,6 +333,7 @@ func (c *Config) validate(probe Prober) Errors {
 	if c.PasswordFile != "" && !filepath.IsAbs(c.PasswordFile) {
 		c.errf(&es, "password_file", "%q is not an absolute path", c.PasswordFile)
 	}
+	c.checkRetention(&es, "retention", &c.Retention, nil)
 	if r := c.Replicate; r != nil {
 		if r.Repository == "" {
 			c.errf(&es, "replicate", "repository is missing: give the second repository's location")
@@ -324,7 +346,30 @@ func (c *Config) validate(probe Prober) Errors {
 		if r.PasswordFile != "" && !filepath.IsAbs(r.PasswordFile) {
 			c.errf(&es, "replicate.password_file", "%q is not an absolute path", r.PasswordFile)
 		}
-		c.checkRetention(&es, "replicate.retention", &r.Retention)
+		c.checkRetention(&es, "replicate.retention", &r.Retention, nil)
+	}
+	if n := c.Notify; n != nil {
+		if u, err := url.Parse(n.URL); err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
+			c.errf(&es, "notify.url", "%q: write a URL like https://hc-ping.com/UUID", n.URL)
+		}
+		if len(n.On) == 0 {
+			n.On = []string{"failure"}
+		}
+		for i, on := range n.On {
+			if on != "failure" && on != "success" {
+				c.errf(&es, fmt.Sprintf("notify.on[%d]", i), "%q: use failure or success", on)
+			}
+		}
+		if n.Timeout == 0 {
+			n.Timeout = Duration(10 * time.Second)
+		} else if n.Timeout < 0 || time.Duration(n.Timeout) > 5*time.Minute {
+			c.errf(&es, "notify.timeout", "%v: use a duration from 1s to 5m", time.Duration(n.Timeout))
+		}
+	}
+	if c.S3 != nil && c.S3.Endpoint != "" {
+		if u, err := url.Parse(c.S3.Endpoint); err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" || strings.Trim(u.Path, "/") != "" {
+			c.errf(&es, "s3.endpoint", "%q: write it like https://s3.example.net", c.S3.Endpoint)
+		}
 	}
 	if c.S3 != nil && c.S3.CredentialsFile != "" && !filepath.IsAbs(c.S3.CredentialsFile) {
 		c.errf(&es, "s3.credentials_file", "%q is not an absolute path", c.S3.CredentialsFile)
@@ -395,7 +440,7 @@ func (c *Config) validate(probe Prober) Errors {
 		}
 		c.checkMySQL(&es, key+".mysql", v.MySQL, probe)
 		c.checkHooks(&es, key+".hooks", v.Hooks, probe)
-		c.checkRetention(&es, key+".retention", &v.Retention)
+		c.checkRetention(&es, key+".retention", &v.Retention, &c.Retention)
 	}
 	for i := range c.Groups {
 		g := &c.Groups[i]
@@ -421,7 +466,7 @@ func (c *Config) validate(probe Prober) Errors {
 		c.checkMaxFreeze(&es, key, &g.MaxFreeze)
 		c.checkMySQL(&es, key+".mysql", g.MySQL, probe)
 		c.checkHooks(&es, key+".hooks", g.Hooks, probe)
-		c.checkRetention(&es, key+".retention", &g.Retention)
+		c.checkRetention(&es, key+".retention", &g.Retention, &c.Retention)
 	}
 	return es
 }
@@ -554,7 +599,7 @@ func (c *Config) checkHooks(es *Errors, k string, h *Hooks, probe Prober) {
 	for _, phase := range []struct {
 		name string
 		list []string
-	}{{"pre", h.Pre}, {"post", h.Post}} {
+	}{{"pre", h.Pre}, {"post", h.Post}, {"after", h.After}} {
 		for j, p := range phase.list {
 			hk := fmt.Sprintf("%s.%s[%d]", k, phase.name, j)
 			if !filepath.IsAbs(p) {
@@ -573,16 +618,25 @@ func (c *Config) checkHooks(es *Errors, k string, h *Hooks, probe Prober) {
 // maxKeepDays keeps keep_days (in days) far from overflowing a time.Duration.
 const maxKeepDays = 100000
 
-func (c *Config) checkRetention(es *Errors, k string, r *Retention) {
+// checkRetention fills r's missing keys from base (the top-level retention:, already
+// checked; nil for none), else the defaults, and checks the values.
+func (c *Config) checkRetention(es *Errors, k string, r *Retention, base *Retention) {
+	if base == nil {
+		base = &Retention{}
+	}
 	for _, f := range []struct {
 		name     string
-		p        **int
+		p, b     **int
 		def, min int
-	}{{"keep_auto", &r.KeepAuto, DefaultKeepAuto, 1}, {"keep_days", &r.KeepDays, DefaultKeepDays, -1},
-		{"keep_daily", &r.KeepDaily, DefaultKeepDaily, 0}, {"keep_weekly", &r.KeepWeekly, DefaultKeepWeekly, 0},
-		{"keep_monthly", &r.KeepMonthly, DefaultKeepMonthly, 0}} {
+	}{{"keep_auto", &r.KeepAuto, &base.KeepAuto, DefaultKeepAuto, 1}, {"keep_days", &r.KeepDays, &base.KeepDays, DefaultKeepDays, -1},
+		{"keep_last", &r.KeepLast, &base.KeepLast, 0, 0}, {"keep_hourly", &r.KeepHourly, &base.KeepHourly, 0, 0},
+		{"keep_daily", &r.KeepDaily, &base.KeepDaily, DefaultKeepDaily, 0}, {"keep_weekly", &r.KeepWeekly, &base.KeepWeekly, DefaultKeepWeekly, 0},
+		{"keep_monthly", &r.KeepMonthly, &base.KeepMonthly, DefaultKeepMonthly, 0}, {"keep_yearly", &r.KeepYearly, &base.KeepYearly, 0, 0}} {
 		if *f.p == nil {
 			d := f.def
+			if *f.b != nil {
+				d = **f.b
+			}
 			*f.p = &d
 		}
 		if **f.p < f.min {
@@ -601,8 +655,10 @@ func IsRemote(loc string) bool { return strings.HasPrefix(loc, "s3:") }
 func (c *Config) checkLocation(es *Errors, key, loc string) {
 	if IsRemote(loc) {
 		rest := strings.TrimPrefix(loc, "s3:")
-		if !strings.HasPrefix(rest, "https://") && !strings.HasPrefix(rest, "http://") || strings.Count(strings.Trim(rest, "/"), "/") < 3 {
-			c.errf(es, key, "%q: write an S3 location like s3:https://s3.example.net/bucket/prefix", loc)
+		withHost := (strings.HasPrefix(rest, "https://") || strings.HasPrefix(rest, "http://")) && strings.Count(strings.Trim(rest, "/"), "/") >= 3
+		bucketOnly := strings.HasPrefix(rest, "//") && strings.Trim(rest, "/") != ""
+		if !withHost && !bucketOnly {
+			c.errf(es, key, "%q: write an S3 location like s3:https://s3.example.net/bucket/prefix, or s3://bucket/prefix with s3.endpoint", loc)
 		}
 		return
 	}

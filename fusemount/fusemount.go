@@ -329,6 +329,14 @@ func Mount(repo *chain.Reader, repoDir, dir string, opts Options) (*Mounted, err
 	if err != nil {
 		return nil, err
 	}
+	if st, err := os.Stat(absDir); err != nil {
+		return nil, fmt.Errorf("mount point %s: %w; create the directory first (mkdir -p %s)", dir, err, absDir)
+	} else if !st.IsDir() {
+		return nil, fmt.Errorf("mount point %s is not a directory", dir)
+	}
+	if fstype, ok := MountedAt(absDir); ok && fstype == "fuse.stasis" {
+		return nil, fmt.Errorf("%s already serves snapshots (another stasis mount); `stasis umount %s` first", dir, dir)
+	}
 	if repoDir != "" {
 		absRepo, _ := filepath.Abs(repoDir)
 		if absDir == absRepo || strings.HasPrefix(absDir, absRepo+"/") {
@@ -355,6 +363,69 @@ func Mount(repo *chain.Reader, repoDir, dir string, opts Options) (*Mounted, err
 	}
 	raiseReadahead(absDir, opts.Log)
 	return &Mounted{server: server, dir: absDir}, nil
+}
+
+// MountedAt returns the filesystem type mounted at dir (absolute), if something is.
+func MountedAt(dir string) (fstype string, ok bool) {
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return "", false
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		// id parent major:minor root mountpoint options [optional...] - fstype source super
+		if len(f) < 7 || unescapeMount(f[4]) != dir {
+			continue
+		}
+		for i := 6; i < len(f)-1; i++ {
+			if f[i] == "-" {
+				fstype, ok = f[i+1], true // the last mount at dir is the visible one
+				break
+			}
+		}
+	}
+	return fstype, ok
+}
+
+// unescapeMount undoes mountinfo's octal escapes (\040 for a space).
+func unescapeMount(s string) string {
+	if !strings.Contains(s, "\\") {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+3 < len(s) {
+			var c byte
+			if _, err := fmt.Sscanf(s[i+1:i+4], "%o", &c); err == nil {
+				b.WriteByte(c)
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
+
+// Users lists the processes using something under dir (open files, working directories,
+// roots): what keeps an unmount busy.
+func Users(dir string) []string {
+	procs, _ := filepath.Glob("/proc/[0-9]*")
+	var out []string
+	under := func(p string) bool { return p == dir || strings.HasPrefix(p, dir+"/") }
+	for _, proc := range procs {
+		links := []string{filepath.Join(proc, "cwd"), filepath.Join(proc, "root")}
+		fds, _ := filepath.Glob(filepath.Join(proc, "fd", "*"))
+		links = append(links, fds...)
+		for _, l := range links {
+			if t, err := os.Readlink(l); err == nil && under(t) {
+				comm, _ := os.ReadFile(filepath.Join(proc, "comm"))
+				out = append(out, fmt.Sprintf("pid %s (%s)", filepath.Base(proc), strings.TrimSpace(string(comm))))
+				break
+			}
+		}
+	}
+	return out
 }
 
 // readaheadKB is the kernel readahead for the mount. FUSE starts at 128 KiB, which keeps

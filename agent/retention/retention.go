@@ -13,9 +13,14 @@ import (
 type Policy struct {
 	KeepAuto    int // at most this many auto snapshots (quota); the oldest go first
 	KeepDays    int // auto snapshots older than this many days go; -1 keeps forever
-	KeepDaily   int // also keep the newest snapshot of each of the last N days that have one
+	KeepLast    int // also keep the newest N auto snapshots, whatever their age
+	KeepHourly  int // also keep the newest snapshot of each of the last N hours that have one
+	KeepDaily   int // ... of each of the last N days
 	KeepWeekly  int // ... of each of the last N ISO weeks
 	KeepMonthly int // ... of each of the last N calendar months
+	KeepYearly  int // ... of each of the last N calendar years
+	// KeepWithin, if positive, keeps auto snapshots younger than it (as KeepDays does in days).
+	KeepWithin time.Duration
 }
 
 // Snapshot is what the policy looks at.
@@ -70,10 +75,22 @@ func Apply(snaps []Snapshot, p Policy, now time.Time, loc *time.Location) []Deci
 	ruled := map[int]string{}
 	for _, i := range autos {
 		s := sorted[i]
-		if p.KeepDays < 0 {
+		age := now.Sub(s.Created)
+		switch {
+		case p.KeepDays < 0:
 			ruled[i] = "keep_days -1 keeps every auto snapshot"
-		} else if age := now.Sub(s.Created); age < time.Duration(p.KeepDays)*24*time.Hour {
+		case age < time.Duration(p.KeepDays)*24*time.Hour:
 			ruled[i] = fmt.Sprintf("younger than %d days", p.KeepDays)
+		case p.KeepWithin > 0 && age < p.KeepWithin:
+			ruled[i] = fmt.Sprintf("younger than %v", p.KeepWithin)
+		}
+	}
+	for k, i := range autos {
+		if k >= p.KeepLast {
+			break
+		}
+		if _, ok := ruled[i]; !ok {
+			ruled[i] = fmt.Sprintf("one of the newest %d", p.KeepLast)
 		}
 	}
 	bucket := func(n int, what string, key func(time.Time) string) {
@@ -92,9 +109,11 @@ func Apply(snaps []Snapshot, p Policy, now time.Time, loc *time.Location) []Deci
 			}
 		}
 	}
+	bucket(p.KeepHourly, "hour", func(t time.Time) string { return t.Format("2006-01-02 15h") })
 	bucket(p.KeepDaily, "day", func(t time.Time) string { return t.Format("2006-01-02") })
 	bucket(p.KeepWeekly, "week", func(t time.Time) string { y, w := t.ISOWeek(); return fmt.Sprintf("%d-W%02d", y, w) })
 	bucket(p.KeepMonthly, "month", func(t time.Time) string { return t.Format("2006-01") })
+	bucket(p.KeepYearly, "year", func(t time.Time) string { return t.Format("2006") })
 	// The quota caps what the rules keep; the newest ones win.
 	kept := 0
 	for _, i := range autos {
@@ -118,7 +137,7 @@ func Apply(snaps []Snapshot, p Policy, now time.Time, loc *time.Location) []Deci
 		if _, ruledIn := ruled[i]; ruledIn {
 			out[i].Reason = fmt.Sprintf("over the quota of %d auto snapshots", p.KeepAuto)
 		} else {
-			out[i].Reason = "older than keep_days and in no daily, weekly or monthly bucket"
+			out[i].Reason = "older than keep_days, not among keep_last, in no hourly, daily, weekly, monthly or yearly bucket"
 		}
 	}
 	return out

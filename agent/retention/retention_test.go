@@ -137,3 +137,35 @@ func TestDST(t *testing.T) {
 		}
 	}
 }
+
+// TestLastHourlyYearlyWithin: keep_last keeps the newest N whatever their age; hourly and
+// yearly buckets keep the newest of each hour and year; keep_within keeps by age.
+func TestLastHourlyYearlyWithin(t *testing.T) {
+	now := time.Date(2026, 11, 23, 12, 0, 0, 0, utc)
+	// Every 20 minutes for 3 hours, all older than a year, except none: shift far back.
+	old := autoEvery(now.Add(-400*24*time.Hour), 20*time.Minute, 9)
+	k := kept(Apply(old, Policy{KeepLast: 2}, now, utc))
+	if len(k) != 2 || !k["8"] || !k["7"] {
+		t.Fatalf("keep_last 2 kept %v", k)
+	}
+	k = kept(Apply(old, Policy{KeepHourly: 2}, now, utc))
+	// Hours: 0,1,2 -> hour 0; 3,4,5 -> hour 1; 6,7,8 -> hour 2: the newest of the last two hours.
+	if len(k) != 2 || !k["8"] || !k["5"] {
+		t.Fatalf("keep_hourly 2 kept %v", k)
+	}
+	years := []Snapshot{
+		{ID: "a", Created: time.Date(2023, 6, 1, 0, 0, 0, 0, utc), Auto: true},
+		{ID: "b", Created: time.Date(2024, 3, 1, 0, 0, 0, 0, utc), Auto: true},
+		{ID: "c", Created: time.Date(2024, 9, 1, 0, 0, 0, 0, utc), Auto: true},
+		{ID: "d", Created: time.Date(2025, 1, 1, 0, 0, 0, 0, utc), Auto: true},
+	}
+	k = kept(Apply(years, Policy{KeepYearly: 2}, now, utc))
+	if len(k) != 2 || !k["d"] || !k["c"] {
+		t.Fatalf("keep_yearly 2 kept %v", k)
+	}
+	recent := autoEvery(now.Add(-48*time.Hour), 6*time.Hour, 8) // 48h ago .. 6h ago
+	k = kept(Apply(recent, Policy{KeepWithin: 25 * time.Hour}, now, utc))
+	if len(k) != 4 || !k["4"] || k["3"] {
+		t.Fatalf("keep_within 25h kept %v", k)
+	}
+}

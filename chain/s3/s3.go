@@ -58,6 +58,14 @@ func ParseLocation(loc string) (Config, error) {
 	if !ok {
 		return Config{}, fmt.Errorf("%q is not an s3: location", loc)
 	}
+	if path, ok := strings.CutPrefix(rest, "//"); ok {
+		// s3://bucket/prefix: the endpoint comes from elsewhere (WithEndpoint).
+		bucket, prefix, _ := strings.Cut(strings.Trim(path, "/"), "/")
+		if bucket == "" {
+			return Config{}, fmt.Errorf("s3 location %q names no bucket: write it like s3://bucket/prefix", loc)
+		}
+		return Config{Bucket: bucket, Prefix: strings.Trim(prefix, "/")}, nil
+	}
 	u, err := url.Parse(rest)
 	if err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
 		return Config{}, fmt.Errorf("s3 location %q: write it like s3:https://s3.example.net/bucket/prefix", loc)
@@ -67,6 +75,26 @@ func ParseLocation(loc string) (Config, error) {
 		return Config{}, fmt.Errorf("s3 location %q names no bucket: write it like s3:https://s3.example.net/bucket/prefix", loc)
 	}
 	return Config{Endpoint: u.Host, Insecure: u.Scheme == "http", Bucket: bucket, Prefix: strings.Trim(prefix, "/")}, nil
+}
+
+// DefaultEndpoint serves s3://bucket/prefix locations when nothing names another endpoint.
+const DefaultEndpoint = "https://s3.amazonaws.com"
+
+// WithEndpoint fills in the endpoint of an s3://bucket/prefix location from a URL such as
+// https://s3.example.net ("" for DefaultEndpoint); a location that names its host keeps it.
+func (c Config) WithEndpoint(endpoint string) (Config, error) {
+	if c.Endpoint != "" {
+		return c, nil
+	}
+	if endpoint == "" {
+		endpoint = DefaultEndpoint
+	}
+	u, err := url.Parse(endpoint)
+	if err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" || strings.Trim(u.Path, "/") != "" {
+		return c, fmt.Errorf("s3 endpoint %q: write it like https://s3.example.net", endpoint)
+	}
+	c.Endpoint, c.Insecure = u.Host, u.Scheme == "http"
+	return c, nil
 }
 
 // Open connects to the bucket and checks that it exists and the credentials work.

@@ -55,6 +55,27 @@ func TestErrors(t *testing.T) {
 	if err != nil || c.Endpoint != "s3.example.net:9000" || c.Bucket != "backups" || c.Prefix != "fleet/one" || c.Insecure {
 		t.Fatalf("parse: %+v %v", c, err)
 	}
+	// s3://bucket/prefix takes its endpoint from the configuration, else AWS's; a location
+	// with a host keeps its own.
+	c, err = s3.ParseLocation("s3://backups/fleet")
+	if err != nil || c.Endpoint != "" || c.Bucket != "backups" || c.Prefix != "fleet" {
+		t.Fatalf("parse s3://: %+v %v", c, err)
+	}
+	if d, err := c.WithEndpoint(""); err != nil || d.Endpoint != "s3.amazonaws.com" || d.Insecure {
+		t.Fatalf("default endpoint: %+v %v", d, err)
+	}
+	if d, err := c.WithEndpoint("http://127.0.0.1:7070"); err != nil || d.Endpoint != "127.0.0.1:7070" || !d.Insecure {
+		t.Fatalf("configured endpoint: %+v %v", d, err)
+	}
+	if _, err := c.WithEndpoint("s3.example.net/path"); err == nil {
+		t.Fatal("an endpoint without a scheme was accepted")
+	}
+	if _, err := s3.ParseLocation("s3://"); err == nil {
+		t.Fatal("s3:// without a bucket was accepted")
+	}
+	if d, _ := s3.ParseLocation("s3:https://h.example/b/p"); func() bool { e, _ := d.WithEndpoint("http://other:1"); return e.Endpoint != "h.example" }() {
+		t.Fatal("a location's own host was replaced")
+	}
 }
 
 // TestRepositoryThroughFaults: an encrypted repository in the bucket, written and read

@@ -4,10 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/stasis-project/stasis/agent/retention"
 	"os"
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"text/tabwriter"
@@ -102,9 +104,20 @@ Every problem is listed with its line.`,
 			if len(dbErrs) > 0 {
 				return errors.New(strings.Join(dbErrs, "\n"))
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "%s is valid: repository %s, %d volumes\n", c.Path, c.Repository, len(c.Volumes))
+			type volumeCheck struct {
+				Name   string `json:"name"`
+				Source string `json:"source"`
+				Next   string `json:"next_snapshot,omitempty"`
+			}
+			out := struct {
+				Path       string        `json:"path"`
+				Valid      bool          `json:"valid"`
+				Repository string        `json:"repository"`
+				Volumes    []volumeCheck `json:"volumes"`
+			}{Path: c.Path, Valid: true, Repository: c.Repository, Volumes: []volumeCheck{}}
+			text := fmt.Sprintf("%s is valid: repository %s, %s", c.Path, c.Repository, plural(len(c.Volumes), "volume"))
 			if len(c.Volumes) == 0 {
-				fmt.Fprintln(cmd.OutOrStdout(), "  no volumes yet: add one under volumes: (name and source) and reload the agent")
+				text += "\n  no volumes yet: add one under volumes: (name and source) and reload the agent"
 			}
 			for _, v := range c.Volumes {
 				next := time.Time{}
@@ -113,9 +126,16 @@ Every problem is listed with its line.`,
 						next = n
 					}
 				}
-				fmt.Fprintf(cmd.OutOrStdout(), "  %s: %s, next snapshot %s\n", v.Name, v.Source, next.Local().Format(time.RFC3339))
+				vc := volumeCheck{Name: v.Name, Source: v.Source}
+				when := "no automatic snapshots (schedules: [])"
+				if !next.IsZero() {
+					vc.Next = stamp(next)
+					when = "next snapshot " + next.Local().Format(time.RFC3339)
+				}
+				out.Volumes = append(out.Volumes, vc)
+				text += fmt.Sprintf("\n  %s: %s, %s", v.Name, v.Source, when)
 			}
-			return nil
+			return g.print(cmd, out, text)
 		},
 	})
 	return cmd
@@ -283,27 +303,61 @@ func trim(s string, n int) string {
 }
 
 func newPruneCmd(g *globals) *cobra.Command {
-	var dryRun bool
+	var dryRun, manualToo bool
+	var volume, within string
+	var p retention.Policy
 	cmd := &cobra.Command{
-		Use:   "prune [VOLUME|GROUP] [--dry-run]",
+		Use:   "prune [VOLUME|GROUP] [--dry-run] | prune --keep-... [--volume NAME] [--dry-run]",
 		Short: "Apply retention: delete automatic snapshots the policy does not keep, then gc",
-		Long: `Apply each volume's retention policy (or one volume's). Manual snapshots are never
-deleted; neither is a volume's newest snapshot. With --dry-run, show every snapshot with the
-reason it would be kept or deleted, and change nothing. Goes through the agent when it runs.`,
+		Long: `Apply each configured volume's retention policy (or one volume's or group's), through
+the agent when it runs. Or, with --keep-* flags, apply the policy the flags give to this
+host's chains in the repository (-r), every volume or --volume NAME, without a configuration
+(as restic forget and borg prune do): this is also how the chain of a volume no longer in
+the configuration gets pruned.
+
+A snapshot is kept if any rule keeps it: --keep-last N newest, --keep-within DURATION
+(e.g. 36h, 14d), or the newest of each of the last N hours, days, weeks, months or years
+that have one. Manual snapshots are never deleted (unless --include-manual, with --keep-*
+flags), nor is a volume's newest snapshot. With
+--dry-run, show every snapshot with the reason it would be kept or deleted, and change
+nothing. gc follows (gc_after_prune).`,
 		Args: cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			var decisions []agent.PruneDecision
+			flagMode := false
+			for _, f := range []string{"keep-last", "keep-within", "keep-hourly", "keep-daily", "keep-weekly", "keep-monthly", "keep-yearly"} {
+				flagMode = flagMode || cmd.Flags().Changed(f)
+			}
+			if flagMode {
+				if len(args) > 0 {
+					return fmt.Errorf("with --keep-* flags, name the volume with --volume, not as an argument")
+				}
+				if within != "" {
+					d, err := parseAge(within)
+					if err != nil {
+						return fmt.Errorf("--keep-within: %w", err)
+					}
+					p.KeepWithin = d
+				}
+				var err error
+				if decisions, err = pruneWithPolicy(cmd.Context(), g, p, volume, dryRun, manualToo); err != nil {
+					return err
+				}
+				return printDecisions(cmd, g, decisions, dryRun)
+			}
+			if volume != "" {
+				return fmt.Errorf("--volume goes with --keep-* flags; for a configured volume, name it as an argument")
+			}
 			cfg, err := g.loadConfig()
 			if err != nil {
 				return err
 			}
-			volume := ""
 			if len(args) == 1 {
 				volume = args[0]
 				if cfg.VolumeByName(volume) == nil && cfg.GroupByName(volume) == nil {
-					return fmt.Errorf("no volume or group %q in %s", volume, cfg.Path)
+					return fmt.Errorf("no volume or group %q in %s (a chain no longer configured: prune --volume %s --keep-last N)", volume, cfg.Path, volume)
 				}
 			}
-			var decisions []agent.PruneDecision
 			resp, err := agent.Call(cfg.Socket, agent.ControlRequest{Op: "prune", Volume: volume, DryRun: dryRun}, nil)
 			switch {
 			case err == nil:
@@ -316,25 +370,110 @@ reason it would be kept or deleted, and change nothing. Goes through the agent w
 			default:
 				return err
 			}
-			if g.asJSON {
-				return printJSON(cmd, decisions)
-			}
-			verb := "deleted"
-			if dryRun {
-				verb = "would delete"
-			}
-			for _, d := range decisions {
-				what := "keep"
-				if !d.Keep {
-					what = verb
-				}
-				fmt.Fprintf(cmd.OutOrStdout(), "%-12s %s/%s (%s): %s\n", what, d.Volume, d.Name, d.Created.Local().Format("2006-01-02 15:04"), d.Reason)
-			}
-			return nil
+			return printDecisions(cmd, g, decisions, dryRun)
 		},
 	}
-	cmd.Flags().BoolVar(&dryRun, "dry-run", false, "show what would be deleted, delete nothing")
+	fl := cmd.Flags()
+	fl.BoolVar(&dryRun, "dry-run", false, "show what would be deleted, delete nothing")
+	fl.StringVar(&volume, "volume", "", "with --keep-*: only this volume's chain")
+	fl.IntVar(&p.KeepLast, "keep-last", 0, "keep the newest N automatic snapshots")
+	fl.StringVar(&within, "keep-within", "", "keep automatic snapshots younger than this (36h, 14d)")
+	fl.IntVar(&p.KeepHourly, "keep-hourly", 0, "keep the newest snapshot of each of the last N hours")
+	fl.IntVar(&p.KeepDaily, "keep-daily", 0, "keep the newest snapshot of each of the last N days")
+	fl.IntVar(&p.KeepWeekly, "keep-weekly", 0, "keep the newest snapshot of each of the last N ISO weeks")
+	fl.IntVar(&p.KeepMonthly, "keep-monthly", 0, "keep the newest snapshot of each of the last N months")
+	fl.IntVar(&p.KeepYearly, "keep-yearly", 0, "keep the newest snapshot of each of the last N years")
+	fl.BoolVar(&manualToo, "include-manual", false, "with --keep-*: apply the rules to manual snapshots too (by default they are never deleted)")
 	return cmd
+}
+
+// parseAge reads a duration, also in days ("14d").
+func parseAge(s string) (time.Duration, error) {
+	if d, ok := strings.CutSuffix(s, "d"); ok {
+		n, err := strconv.Atoi(d)
+		if err != nil || n <= 0 || n > 100000 {
+			return 0, fmt.Errorf("%q: write a number of days like 14d, or a duration like 36h", s)
+		}
+		return time.Duration(n) * 24 * time.Hour, nil
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil || d <= 0 {
+		return 0, fmt.Errorf("%q: write a duration like 36h, or days like 14d", s)
+	}
+	return d, nil
+}
+
+// pruneWithPolicy applies p to this host's chains (or one), without a configuration.
+func pruneWithPolicy(ctx context.Context, g *globals, p retention.Policy, volume string, dryRun, manualToo bool) ([]agent.PruneDecision, error) {
+	var r *chain.Repository
+	unlock := func() {}
+	var err error
+	if dryRun {
+		if r, err = g.openRepo(ctx); err == nil {
+			unlock = func() { r.Close() }
+		}
+	} else {
+		r, unlock, err = g.lockRepo(ctx)
+	}
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	snaps, _, err := r.Snapshots(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var mine []*chain.Snapshot
+	for _, s := range chain.OfHost(snaps, r.Host()) {
+		if volume == "" || s.Volume == volume {
+			mine = append(mine, s)
+		}
+	}
+	if volume != "" && len(mine) == 0 {
+		return nil, fmt.Errorf("this host (%s) has no snapshots of volume %q in %s", r.Host(), volume, r.Location())
+	}
+	decisions, victims := agent.PlanPolicy(mine, p, time.Now(), manualToo)
+	if dryRun || len(victims) == 0 {
+		return decisions, nil
+	}
+	if err := r.Delete(ctx, victims...); err != nil {
+		return nil, err
+	}
+	gcAfter := true
+	if c := g.configIfAny(); c != nil && c.GCAfterPrune != nil {
+		gcAfter = *c.GCAfterPrune
+	}
+	if gcAfter {
+		if _, err := r.GC(ctx, chain.GCOptions{}); err != nil {
+			return decisions, err
+		}
+	}
+	return decisions, nil
+}
+
+// printDecisions prints what retention decided.
+func printDecisions(cmd *cobra.Command, g *globals, decisions []agent.PruneDecision, dryRun bool) error {
+	if g.asJSON {
+		if decisions == nil {
+			decisions = []agent.PruneDecision{}
+		}
+		return printJSON(cmd, decisions)
+	}
+	if g.quiet {
+		return nil
+	}
+	verb := "deleted"
+	if dryRun {
+		verb = "would delete"
+	}
+	for _, d := range decisions {
+		what := "keep"
+		if !d.Keep {
+			what = verb
+		}
+		fmt.Fprintf(cmd.OutOrStdout(), "%-12s %s/%s (%s): %s\n", what, d.Volume, d.Name, d.Created.Local().Format("2006-01-02 15:04"), d.Reason)
+	}
+	return nil
 }
 
 // pruneDirect applies retention without an agent.

@@ -11,11 +11,11 @@ import (
 )
 
 func newCopyCmd(g *globals) *cobra.Command {
-	var to, toPasswordFile, host, volume string
+	var from, to, toPasswordFile, host, volume string
 	cmd := &cobra.Command{
-		Use:   "copy --to REPO [--host HOST] [--volume NAME] [SNAPSHOT...]",
+		Use:   "copy [--from REPO] --to REPO [--host HOST] [--volume NAME] [SNAPSHOT...]",
 		Short: "Copy snapshots to another repository (a directory or S3), incrementally",
-		Long: `Copy snapshots of the repository (-r) to the repository --to, oldest first: every
+		Long: `Copy snapshots of the repository --from (default -r) to the repository --to, oldest first: every
 snapshot the destination does not have yet (a copy keeps the host, volume, name and time,
 which is how it is recognised), or only those named, or of --host/--volume. A copy is
 bit for bit the original, with its consistency labels and capture records.
@@ -30,6 +30,9 @@ copies may run at the same time.`,
 			ctx := cmd.Context()
 			if to == "" {
 				return fmt.Errorf("--to is required: the repository to copy into")
+			}
+			if from != "" {
+				g.repo = from
 			}
 			src, err := g.openReader(ctx)
 			if err != nil {
@@ -87,6 +90,7 @@ copies may run at the same time.`,
 					humanize.IBytes(uint64(st.BytesRead)), humanize.IBytes(uint64(st.BytesStored))))
 		},
 	}
+	cmd.Flags().StringVar(&from, "from", "", "source repository (default -r, $STASIS_REPO or the configuration's)")
 	cmd.Flags().StringVar(&to, "to", "", "destination repository: a directory or s3:https://host/bucket/prefix")
 	cmd.Flags().StringVar(&toPasswordFile, "to-password-file", "", "file holding the destination's passphrase (default $STASIS_TO_PASSWORD_FILE, else asked)")
 	cmd.Flags().StringVar(&host, "host", "", "only this host's snapshots")

@@ -6,6 +6,8 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"path/filepath"
+	"strings"
 	"syscall"
 
 	"github.com/spf13/cobra"
@@ -84,7 +86,13 @@ func newUmountCmd() *cobra.Command {
 				}
 				return nil
 			}
-			return fmt.Errorf("unmount %s: %s", args[0], out)
+			msg := strings.TrimSpace(string(out))
+			if abs, err := filepath.Abs(args[0]); err == nil && strings.Contains(msg, "busy") {
+				if users := fusemount.Users(abs); len(users) > 0 {
+					msg += "; in use by " + strings.Join(users, ", ") + " (close their files or leave the directory, then try again)"
+				}
+			}
+			return fmt.Errorf("unmount %s: %s", args[0], msg)
 		},
 	}
 }

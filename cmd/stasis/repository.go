@@ -44,8 +44,15 @@ func (a *access) backend(ctx context.Context, loc string, create bool) (chain.Ba
 		if err != nil {
 			return nil, err
 		}
+		endpoint := os.Getenv("AWS_ENDPOINT_URL")
 		if a.s3 != nil {
 			cfg.Region = a.s3.Region
+			if a.s3.Endpoint != "" {
+				endpoint = a.s3.Endpoint
+			}
+		}
+		if cfg, err = cfg.WithEndpoint(endpoint); err != nil {
+			return nil, err
 		}
 		if cfg.AccessKey, cfg.SecretKey, err = a.s3Credentials(); err != nil {
 			return nil, err

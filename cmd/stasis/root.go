@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"time"
 
@@ -65,7 +66,7 @@ The repository is -r DIR, else $STASIS_REPO, else ` + DefaultRepo + `.
 		newInitCmd(g), newSnapshotCmd(g), newListCmd(g), newDeleteCmd(g), newGCCmd(g),
 		newVerifyCmd(g), newStatsCmd(g), newExportCmd(g), newRestoreCmd(g),
 		newThawCmd(), newFreezeGuardCmd(), newAgentCmd(g), newStatusCmd(g), newPruneCmd(g), newConfigCmd(g),
-		newMountCmd(g), newUmountCmd(), newDoctorCmd(g), newRepairCmd(g), newKeyCmd(g), newCopyCmd(g),
+		newMountCmd(g), newUmountCmd(), newDoctorCmd(g), newRepairCmd(g), newKeyCmd(g), newCopyCmd(g), newVersionCmd(g),
 	)
 	return root
 }
@@ -334,4 +335,15 @@ func printJSON(cmd *cobra.Command, v any) error {
 	enc := json.NewEncoder(cmd.OutOrStdout())
 	enc.SetIndent("", "  ")
 	return enc.Encode(v)
+}
+
+func newVersionCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "version",
+		Short: "Print the version of stasis",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return g.print(cmd, map[string]string{"version": version, "go": runtime.Version()}, "stasis "+version+" ("+runtime.Version()+")")
+		},
+	}
 }

@@ -30,9 +30,11 @@ type snapshotFlags struct {
 	tags                 []string
 	note                 string
 	force                bool
-	noFreeze             bool
-	chunkSize            int
-	maxFreeze            time.Duration
+	// done, if set, is told the outcome (configured volumes: after hooks, notify).
+	done      func(outs []*agent.Outcome, err error)
+	noFreeze  bool
+	chunkSize int
+	maxFreeze time.Duration
 }
 
 func newSnapshotCmd(g *globals) *cobra.Command {
@@ -122,6 +124,9 @@ func runConfiguredSnapshot(cmd *cobra.Command, g *globals, name string, f snapsh
 	}
 	r.Close()
 	if grp != nil {
+		f.done = func(outs []*agent.Outcome, err error) {
+			agent.AfterSnapshot(cmd.Context(), grp.Hooks, cfg.Notify, agent.NewResult(r.Host(), name, chain.KindManual, outs, err), g.logger())
+		}
 		return runGroupSnapshot(cmd, g, cfg, grp, f)
 	}
 	f.source, f.volume = v.Source, v.Name
@@ -131,6 +136,9 @@ func runConfiguredSnapshot(cmd *cobra.Command, g *globals, name string, f snapsh
 	f.noFreeze = f.noFreeze || v.NoFreeze
 	f.chunkSize = v.ChunkSize
 	f.app = agent.SpecFromConfig(*v).App
+	f.done = func(outs []*agent.Outcome, err error) {
+		agent.AfterSnapshot(cmd.Context(), v.Hooks, cfg.Notify, agent.NewResult(r.Host(), name, chain.KindManual, outs, err), g.logger())
+	}
 	return runSnapshot(cmd, g, f)
 }
 
@@ -163,6 +171,9 @@ func runGroupSnapshot(cmd *cobra.Command, g *globals, cfg *config.Config, grp *c
 	prog := newProgress(cmd.ErrOrStderr(), "reading group "+grp.Name, 0)
 	outs, err := agent.SnapshotGroup(ctx, r, spec, vols, f.request(prog.add))
 	prog.done()
+	if f.done != nil {
+		f.done(outs, err)
+	}
 	if err != nil {
 		return err
 	}
@@ -223,6 +234,9 @@ func runSnapshot(cmd *cobra.Command, g *globals, f snapshotFlags) error {
 	prog := newProgress(cmd.ErrOrStderr(), "reading "+f.source, 0)
 	out, err := vol.Snapshot(ctx, r, f.request(prog.add))
 	prog.done()
+	if f.done != nil {
+		f.done([]*agent.Outcome{out}, err)
+	}
 	if err != nil {
 		return err
 	}
@@ -253,9 +267,9 @@ func printSnapshot(cmd *cobra.Command, r *agent.SnapshotReport) {
 	if r.FreezeMS > 0 {
 		frozen = fmt.Sprintf(", frozen %.1f ms", r.FreezeMS)
 	}
-	fmt.Fprintf(cmd.OutOrStdout(), "snapshot %s/%s (%s, %s): %s volume, read %s in %d rounds, %s new in %s%s\n",
+	fmt.Fprintf(cmd.OutOrStdout(), "snapshot %s/%s (%s, %s): %s volume, read %s in %s, %s new in %s%s\n",
 		s.Volume, s.Name, s.ID[:12], s.Consistency, humanize.IBytes(uint64(s.SizeBytes)), humanize.IBytes(uint64(r.BytesRead)),
-		r.Rounds, humanize.IBytes(uint64(s.NewBytes)), (time.Duration(r.DurationMS) * time.Millisecond).String(), frozen)
+		plural(r.Rounds, "round"), humanize.IBytes(uint64(s.NewBytes)), (time.Duration(r.DurationMS) * time.Millisecond).String(), frozen)
 }
 
 // testFreezeHook is a seam for the end-to-end tests, which must observe the device at the

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -329,5 +330,42 @@ func waitLog(t *testing.T, e *agentEnv, want string) {
 			t.Fatalf("the agent never logged %q:\n%s", want, e.log.String())
 		}
 		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// TestAfterHooksAndNotify: an after hook runs once per snapshot, after the commit or the
+// failure, and knows the result; the webhook receives each result as JSON.
+func TestAfterHooksAndNotify(t *testing.T) {
+	dir := t.TempDir()
+	os.Chmod(dir, 0o755)
+	record := filepath.Join(dir, "after.log")
+	hook := filepath.Join(dir, "after.sh")
+	os.WriteFile(hook, []byte("#!/bin/sh\necho \"$STASIS_PHASE $STASIS_VOLUME $STASIS_RESULT [$STASIS_SNAPSHOT] $STASIS_ERROR\" >> "+record+"\n"), 0o755)
+	var mu sync.Mutex
+	var posts []map[string]any
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var m map[string]any
+		json.NewDecoder(r.Body).Decode(&m)
+		mu.Lock()
+		posts = append(posts, m)
+		mu.Unlock()
+	}))
+	defer srv.Close()
+	src := filepath.Join(dir, "disk.img")
+	os.WriteFile(src, []byte(strings.Repeat("after hooks ", 100000)), 0o644)
+	a := startAgent(t, fmt.Sprintf("notify: {url: %s/ping, on: [failure, success]}\nvolumes:\n  - name: data\n    source: %s\n    schedules: []\n    hooks: {after: [%s]}\n", srv.URL, src, hook))
+	a.snapshot(t, "data", "one")
+	if r := testenv.Stasis(t, "--config", a.cfg, "snapshot", "data", "--name", "one"); r.Code == 0 {
+		t.Fatal("a second snapshot named one succeeded")
+	}
+	b, _ := os.ReadFile(record)
+	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+	if len(lines) != 2 || lines[0] != "after data ok [data/one] " || !strings.HasPrefix(lines[1], "after data failed [] ") || !strings.Contains(lines[1], "already has a snapshot named") {
+		t.Fatalf("after hook runs:\n%s", b)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(posts) != 2 || posts[0]["result"] != "ok" || posts[1]["result"] != "failed" || posts[0]["volume"] != "data" {
+		t.Fatalf("webhook posts: %v", posts)
 	}
 }

@@ -4,6 +4,7 @@ package e2e
 
 import (
 	"encoding/json"
+	"fmt"
 	"math/rand"
 	"os"
 	"os/exec"
@@ -210,4 +211,52 @@ func TestRestoreOntoFile(t *testing.T) {
 	if r.Code == 0 || !strings.Contains(r.Stderr, "backs the loop device "+loop) {
 		t.Fatalf("restore onto a loop device's backing file: exit %d, %s", r.Code, r.Stderr)
 	}
+}
+
+// TestPruneFlags: retention from the command line, without a configuration, as restic
+// forget does: a dry run changes nothing, the real run keeps what the rules say, and the
+// space comes back.
+func TestPruneFlags(t *testing.T) {
+	repo := newRepo(t)
+	src := filepath.Join(t.TempDir(), "disk.img")
+	f, err := os.Create(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rng := rand.New(rand.NewSource(8))
+	testenv.FillMixed(t, rng, f, 2<<20)
+	for i := 0; i < 5; i++ {
+		testenv.Scribble(t, rng, f, 2<<20, 50)
+		testenv.MustStasis(t, "snapshot", "-r", repo, "--source", src, "--volume", "v", "--name", fmt.Sprint("s", i))
+	}
+	f.Close()
+	if r := testenv.Stasis(t, "prune", "-r", repo, "--keep-last", "2"); r.Code != 0 {
+		t.Fatalf("prune: %s", r.Stderr)
+	}
+	if n := len(list(t, repo)); n != 5 {
+		t.Fatalf("manual snapshots were pruned without --include-manual: %d left", n)
+	}
+	out := testenv.MustStasis(t, "prune", "-r", repo, "--volume", "v", "--keep-last", "2", "--include-manual", "--dry-run", "--json")
+	var ds []struct {
+		Name string `json:"name"`
+		Keep bool   `json:"keep"`
+	}
+	if err := json.Unmarshal([]byte(out), &ds); err != nil || len(ds) != 5 {
+		t.Fatalf("dry run: %v %s", err, out)
+	}
+	if len(list(t, repo)) != 5 {
+		t.Fatal("a dry run deleted snapshots")
+	}
+	testenv.MustStasis(t, "prune", "-r", repo, "--volume", "v", "--keep-last", "2", "--include-manual")
+	var names []string
+	for _, s := range list(t, repo) {
+		names = append(names, s.Name)
+	}
+	if strings.Join(names, ",") != "s3,s4" {
+		t.Fatalf("after prune --keep-last 2: %v", names)
+	}
+	if r := testenv.Stasis(t, "prune", "-r", repo, "--volume", "nope", "--keep-last", "1"); r.Code == 0 || !strings.Contains(r.Stderr, "no snapshots of volume") {
+		t.Fatalf("prune of an unknown volume: exit %d: %s", r.Code, r.Stderr)
+	}
+	testenv.MustStasis(t, "verify", "--read-data", "-r", repo)
 }

@@ -3,6 +3,7 @@ package e2e
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"io"
 	"math/rand"
 	"os"
@@ -317,6 +318,17 @@ func TestMountBusy(t *testing.T) {
 	}
 	if b, err := io.ReadAll(f); err != nil || string(b) != "still here\n" {
 		t.Fatalf("the open file after a refused unmount: %q %v", b, err)
+	}
+	// stasis umount names who keeps it busy; a second mount on the same directory, or on
+	// one that does not exist, is refused with the reason.
+	if r := testenv.Stasis(t, "umount", mnt); r.Code == 0 || !strings.Contains(r.Stderr, fmt.Sprintf("pid %d", os.Getpid())) {
+		t.Fatalf("umount of a busy mount: exit %d: %s", r.Code, r.Stderr)
+	}
+	if r := testenv.Stasis(t, "mount", "-r", repo, mnt); r.Code == 0 || !strings.Contains(r.Stderr, "already serves snapshots") {
+		t.Fatalf("a second mount on the same directory: exit %d: %s", r.Code, r.Stderr)
+	}
+	if r := testenv.Stasis(t, "mount", "-r", repo, filepath.Join(dir, "nowhere")); r.Code == 0 || !strings.Contains(r.Stderr, "mkdir -p") {
+		t.Fatalf("a mount on a missing directory: exit %d: %s", r.Code, r.Stderr)
 	}
 	f.Close()
 	m.cmd.Process.Signal(syscall.SIGINT)

@@ -338,7 +338,7 @@ func TestCopyToS3AndBack(t *testing.T) {
 	}
 	copyTo := func() copyOut {
 		var out copyOut
-		res := h.run(t, "copy", "-r", local, "--to", remote, "--to-password-file", pw, "--json")
+		res := h.run(t, "copy", "--from", local, "--to", remote, "--to-password-file", pw, "--json")
 		if res.Code != 0 {
 			t.Fatalf("copy: exit %d\n%s", res.Code, res.Stderr)
 		}
@@ -371,6 +371,11 @@ func TestCopyToS3AndBack(t *testing.T) {
 		if testenv.HashFile(t, out, 0) != hashes[name] {
 			t.Fatalf("the S3 copy of %s differs", name)
 		}
+	}
+	// The same repository as s3://bucket/prefix, the endpoint from AWS_ENDPOINT_URL.
+	byBucket := remoteHost{name: "host-a", env: append(env, "AWS_ENDPOINT_URL=http://"+s3.Endpoint)}
+	if got := listAs(t, byBucket, "-r", "s3://"+s3.Bucket+"/copy"); len(got) != 2 {
+		t.Fatalf("s3://%s/copy lists %d snapshots, want 2", s3.Bucket, len(got))
 	}
 	// A wrong passphrase is refused with its own exit status and changes nothing.
 	bad := passwordFile(t, "wrong")
