@@ -39,6 +39,7 @@ package: build
 	mkdir -p dist/completions
 	bin/stasis completion bash > dist/completions/stasis.bash
 	bin/stasis completion zsh > dist/completions/_stasis
+	rm -rf dist/man && bin/stasis man dist/man
 	STASIS_VERSION=$(VERSION) $(GO) run $(NFPM) package --config packaging/nfpm.yaml --packager deb --target dist/
 	STASIS_VERSION=$(VERSION) $(GO) run $(NFPM) package --config packaging/nfpm.yaml --packager rpm --target dist/
 

@@ -245,7 +245,7 @@ func PlanPolicy(snaps []*chain.Snapshot, p retention.Policy, now time.Time, manu
 		var in []retention.Snapshot
 		for _, s := range ss {
 			byID[s.ID] = s
-			in = append(in, retention.Snapshot{ID: s.ID, Name: s.Name, Created: s.Created, Auto: manualToo || s.Kind == chain.KindAuto})
+			in = append(in, retention.Snapshot{ID: s.ID, Name: s.Name, Created: s.Created, Auto: manualToo || s.Kind == chain.KindAuto, Protected: s.Protected})
 		}
 		for _, d := range retention.Apply(in, p, now, time.Local) {
 			out = append(out, PruneDecision{Volume: vol, Name: d.Snapshot.Name, ID: d.Snapshot.ID, Created: d.Snapshot.Created, Keep: d.Keep, Reason: d.Reason})

@@ -701,7 +701,7 @@ func Plan(snaps []*chain.Snapshot, v config.Volume, now time.Time) ([]PruneDecis
 			continue
 		}
 		byID[sn.ID] = sn
-		in = append(in, retention.Snapshot{ID: sn.ID, Name: sn.Name, Created: sn.Created, Auto: sn.Kind == chain.KindAuto})
+		in = append(in, retention.Snapshot{ID: sn.ID, Name: sn.Name, Created: sn.Created, Auto: sn.Kind == chain.KindAuto, Protected: sn.Protected})
 	}
 	var out []PruneDecision
 	var victims []*chain.Snapshot
@@ -728,6 +728,11 @@ func PlanGroup(snaps []*chain.Snapshot, g config.Group, now time.Time) ([]PruneD
 			in = append(in, retention.Snapshot{ID: sn.GroupID, Name: sn.Name, Created: sn.Created, Auto: sn.Kind == chain.KindAuto})
 		}
 		members[sn.GroupID] = append(members[sn.GroupID], sn)
+	}
+	for i := range in { // a group snapshot is protected if any member is
+		for _, sn := range members[in[i].ID] {
+			in[i].Protected = in[i].Protected || sn.Protected
+		}
 	}
 	var out []PruneDecision
 	var victims []*chain.Snapshot

@@ -20,6 +20,7 @@ const (
 	DeletionFile FileType = "deletions" // packs gc will delete once no writer can need them
 	DamageFile   FileType = "damaged"   // blobs verify found damaged
 	LockFile     FileType = "locks"     // deletion leases, where the backend cannot lock
+	ProtectFile  FileType = "protected" // snapshots kept from deletion and retention, by ID
 )
 
 // FileInfo describes a listed file. ModTime is the storage's own clock (the server's, for
@@ -93,6 +94,13 @@ func (e *LockedError) Error() string {
 }
 
 func (e *LockedError) Unwrap() error { return ErrLocked }
+
+// ParallelSaver is implemented by backends that gain from several Saves at once (object
+// storage, where each upload waits on round trips): a writer keeps that many packs
+// uploading.
+type ParallelSaver interface {
+	SaveConcurrency() int
+}
 
 // IncompleteCleaner is implemented by backends where an interrupted Save leaves hidden
 // debris (object storage's incomplete multipart uploads): gc aborts those begun before

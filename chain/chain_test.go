@@ -411,3 +411,51 @@ func TestGCInTheSameSessionAsASnapshot(t *testing.T) {
 		}
 	}
 }
+
+// TestProtect: a protected snapshot cannot be deleted (nothing is, in that call), list says
+// so, unprotecting releases it, and gc drops protections of snapshots that are gone.
+func TestProtect(t *testing.T) {
+	ctx := context.Background()
+	r, be := newRepo(t)
+	v := newVolume(rand.New(rand.NewSource(3)), 1<<20, 16<<10)
+	a := v.snapshot(t, r, "a", false, nil)
+	b := v.snapshot(t, r, "b", false, nil)
+	if err := r.Protect(ctx, a, true); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Protect(ctx, a, true); err != nil {
+		t.Fatalf("protecting twice: %v", err)
+	}
+	snaps, _, _ := r.Snapshots(ctx)
+	if !snaps[0].Protected || snaps[1].Protected {
+		t.Fatalf("protected flags: %v %v", snaps[0].Protected, snaps[1].Protected)
+	}
+	unlock, err := r.Lock(ctx, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Delete(ctx, b, a); !errors.Is(err, chain.ErrProtected) {
+		t.Fatalf("deleting a protected snapshot: %v", err)
+	}
+	if snaps, _, _ := r.Snapshots(ctx); len(snaps) != 2 {
+		t.Fatal("a refused delete deleted something")
+	}
+	if err := r.Protect(ctx, a, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Delete(ctx, a); err != nil {
+		t.Fatal(err)
+	}
+	// A protection that arrives after its snapshot is gone is dropped by gc.
+	if err := r.Protect(ctx, a, true); err != nil {
+		t.Fatal(err)
+	}
+	unlock()
+	gc(t, r)
+	if n := len(objectsOf(be, chain.ProtectFile)); n != 0 {
+		t.Fatalf("%d stale protections after gc", n)
+	}
+	if !bytes.Equal(readAll(t, r.Reader, b), v.data) {
+		t.Fatal("b changed")
+	}
+}

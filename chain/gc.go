@@ -190,7 +190,27 @@ func (r *Repository) GC(ctx context.Context, opts GCOptions) (GCStats, error) {
 	if err := r.deleteOrphans(ctx, &st); err != nil {
 		return st, err
 	}
+	r.dropStaleProtections(ctx)
 	return st, r.index.refresh(ctx)
+}
+
+// dropStaleProtections removes protections of snapshots that no longer exist (protected
+// after their deletion began). A failure only leaves them for the next gc.
+func (r *Repository) dropStaleProtections(ctx context.Context) {
+	protected, err := r.Protected(ctx)
+	if err != nil || len(protected) == 0 {
+		return
+	}
+	snaps, bad, err := r.Snapshots(ctx)
+	if err != nil || len(bad) > 0 {
+		return // an unreadable manifest might be a protected snapshot's
+	}
+	for _, s := range snaps {
+		delete(protected, s.ID)
+	}
+	for id := range protected {
+		r.be.Remove(ctx, Handle{Type: ProtectFile, Name: id})
+	}
 }
 
 // packUses reads every index entry once: each pack's size and blobs.

@@ -31,6 +31,8 @@ const manifestVersion = 1
 // Its ID is derived from its content, so a manifest cannot change without changing its name.
 type Snapshot struct {
 	ID string `json:"-"`
+	// Protected is not part of the manifest: Snapshots fills it in (see Protect).
+	Protected bool `json:"-"`
 
 	Format      int       `json:"format"`
 	Volume      string    `json:"volume"`

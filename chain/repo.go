@@ -50,6 +50,7 @@ var (
 	ErrExists        = errors.New("repository already exists")
 	ErrNotFound      = errors.New("snapshot not found")
 	ErrNotLocked     = errors.New("repository deletion lock not held")
+	ErrProtected     = errors.New("snapshot is protected")
 )
 
 // Options say how to open a repository.
@@ -376,6 +377,13 @@ func (r *Reader) Snapshots(ctx context.Context) (snaps []*Snapshot, bad []error,
 	r.mu.Lock()
 	r.manifests = seen
 	r.mu.Unlock()
+	protected, err := r.Protected(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	for _, s := range snaps {
+		s.Protected = protected[s.ID]
+	}
 	SortSnapshots(snaps)
 	return snaps, bad, nil
 }
@@ -464,11 +472,52 @@ func OfHost(snaps []*Snapshot, host string) []*Snapshot {
 	return out
 }
 
+// Protected returns the IDs of protected snapshots (see Protect).
+func (r *Reader) Protected(ctx context.Context) (map[string]bool, error) {
+	out := map[string]bool{}
+	err := r.be.List(ctx, ProtectFile, func(fi FileInfo) error {
+		out[fi.Name] = true
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list protected snapshots: %w", err)
+	}
+	return out, nil
+}
+
+// Protect keeps s from Delete (and so from retention) until it is unprotected. It takes
+// no lock: a protection written while a deletion runs either is seen by it or comes after
+// the snapshot is gone (and then protects nothing; gc removes it).
+func (r *Repository) Protect(ctx context.Context, s *Snapshot, on bool) error {
+	h := Handle{Type: ProtectFile, Name: s.ID}
+	if _, err := r.be.Stat(ctx, h); err == nil && on {
+		return nil
+	}
+	if !on {
+		if err := r.be.Remove(ctx, h); err != nil && !errors.Is(err, ErrNotExist) {
+			return err
+		}
+		return nil
+	}
+	b, _ := json.Marshal(map[string]any{"protected": time.Now().UTC()})
+	return r.be.Save(ctx, h, r.sealObject(ProtectFile, s.ID, b))
+}
+
 // Delete removes snapshots' manifests, with the deletion lock held. Their blobs stay until
-// GC; no other snapshot changes.
+// GC; no other snapshot changes. A protected snapshot is refused (ErrProtected), and then
+// nothing is deleted.
 func (r *Repository) Delete(ctx context.Context, snaps ...*Snapshot) error {
 	if err := r.checkLocked(); err != nil {
 		return err
+	}
+	protected, err := r.Protected(ctx)
+	if err != nil {
+		return err
+	}
+	for _, s := range snaps {
+		if protected[s.ID] {
+			return fmt.Errorf("%s/%s: %w; `stasis unprotect %s/%s` first", s.Volume, s.Name, ErrProtected, s.Volume, s.Name)
+		}
 	}
 	for _, s := range snaps {
 		if err := r.be.Remove(ctx, Handle{Type: SnapshotFile, Name: s.ID}); err != nil && !errors.Is(err, ErrNotExist) {

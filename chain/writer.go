@@ -214,8 +214,14 @@ func (r *Repository) newWriter(ctx context.Context, opts SnapshotOptions, now ti
 	}
 	w.tree = newTreeBuilder(w, w.snap.Chunks(), base)
 	w.pack = newPackBuilder()
-	w.saved.Add(1)
-	go w.saver(ctx)
+	savers := 1
+	if ps, ok := r.be.(ParallelSaver); ok {
+		savers = max(1, ps.SaveConcurrency())
+	}
+	w.saved.Add(savers)
+	for range savers {
+		go w.saver(ctx)
+	}
 	return w, nil
 }
 

@@ -25,10 +25,11 @@ type Policy struct {
 
 // Snapshot is what the policy looks at.
 type Snapshot struct {
-	ID      string
-	Name    string
-	Created time.Time
-	Auto    bool
+	ID        string
+	Name      string
+	Created   time.Time
+	Auto      bool
+	Protected bool // kept, whatever the rules say (stasis protect)
 }
 
 // Decision is the verdict on one snapshot, with the reason, for previews and logs.
@@ -60,6 +61,10 @@ func Apply(snaps []Snapshot, p Policy, now time.Time, loc *time.Location) []Deci
 			continue
 		case newest < 0:
 			newest = i
+		}
+		if s.Protected {
+			keep[i] = "protected (stasis unprotect releases it)"
+			continue
 		}
 		if !s.Auto {
 			keep[i] = "manual snapshots are never pruned"

@@ -104,7 +104,7 @@ func Suite(t *testing.T, newBackend func(t *testing.T) chain.Backend) {
 			t.Fatalf("List must return fn's error, got %v", err)
 		}
 		// Every file type is stored and listed on its own, a type with no files included.
-		for _, ft := range []chain.FileType{chain.KeyFileType, chain.WriterFile, chain.DeletionFile, chain.DamageFile, chain.LockFile} {
+		for _, ft := range []chain.FileType{chain.KeyFileType, chain.WriterFile, chain.DeletionFile, chain.DamageFile, chain.LockFile, chain.ProtectFile} {
 			n := 0
 			b.List(ctx, ft, func(chain.FileInfo) error { n++; return nil })
 			if n != 0 {

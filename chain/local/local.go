@@ -44,7 +44,7 @@ func Create(dir string) (*Backend, error) {
 		return nil, fmt.Errorf("create repository directory: %w", err)
 	}
 	for _, sub := range []string{"tmp", string(chain.PackFile), string(chain.IndexFile), string(chain.SnapshotFile),
-		string(chain.KeyFileType), string(chain.WriterFile), string(chain.LockFile), string(chain.DeletionFile), string(chain.DamageFile)} {
+		string(chain.KeyFileType), string(chain.WriterFile), string(chain.LockFile), string(chain.DeletionFile), string(chain.DamageFile), string(chain.ProtectFile)} {
 		if err := os.Mkdir(filepath.Join(dir, sub), 0o700); err != nil && !errors.Is(err, os.ErrExist) {
 			return nil, fmt.Errorf("create repository directory: %w", err)
 		}

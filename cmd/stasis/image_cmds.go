@@ -32,8 +32,9 @@ func (g *globals) findSnapshot(cmd *cobra.Command, ref string) (*chain.Reader, *
 
 func newExportCmd(g *globals) *cobra.Command {
 	return &cobra.Command{
-		Use:   "export SNAPSHOT FILE",
-		Short: "Write a snapshot's volume to a new sparse raw image file",
+		Use:               "export SNAPSHOT FILE",
+		ValidArgsFunction: g.completeSnapshotFirst,
+		Short:             "Write a snapshot's volume to a new sparse raw image file",
 		Long: `Write the volume as it was in SNAPSHOT (ID prefix or VOLUME/NAME) to FILE, a new
 sparse raw image (empty chunks are holes). FILE appears only once complete; a damaged
 chunk fails the export and leaves nothing behind.`,
@@ -62,8 +63,9 @@ chunk fails the export and leaves nothing behind.`,
 func newRestoreCmd(g *globals) *cobra.Command {
 	var to string
 	cmd := &cobra.Command{
-		Use:   "restore SNAPSHOT --to PATH",
-		Short: "Roll a device or file back to a snapshot, writing only chunks that differ",
+		Use:               "restore SNAPSHOT --to PATH",
+		ValidArgsFunction: g.completeSnapshotFirst,
+		Short:             "Roll a device or file back to a snapshot, writing only chunks that differ",
 		Long: `Make PATH (a block device or a file) hold the volume as it was in SNAPSHOT. PATH's
 current content is compared chunk by chunk and only chunks that differ are written. A
 device must not be mounted or in use, and must be at least as large as the volume. A

@@ -25,9 +25,12 @@ type progress struct {
 	shown bool
 }
 
+// progressOff silences progress (--quiet).
+var progressOff bool
+
 func newProgress(w io.Writer, label string, total int64) *progress {
 	p := &progress{label: label, total: total, start: time.Now()}
-	if f, ok := w.(*os.File); ok && term.IsTerminal(int(f.Fd())) {
+	if f, ok := w.(*os.File); ok && !progressOff && term.IsTerminal(int(f.Fd())) {
 		p.w = w
 	}
 	return p

@@ -34,6 +34,7 @@ type listEntry struct {
 	GroupID     string         `json:"group_id,omitempty"`
 	Tags        []string       `json:"tags,omitempty"`
 	Note        string         `json:"note,omitempty"`
+	Protected   bool           `json:"protected,omitempty"`
 	Capture     map[string]any `json:"capture,omitempty"`
 	App         map[string]any `json:"app,omitempty"`
 }
@@ -41,7 +42,7 @@ type listEntry struct {
 func toListEntry(s *chain.Snapshot) listEntry {
 	return listEntry{ID: s.ID, Host: s.Host, Volume: s.Volume, Name: s.Name, Created: stamp(s.Created),
 		Kind: s.Kind, Consistency: s.Consistency, SizeBytes: s.SizeBytes, NewBytes: s.NewBytes, Parent: s.Parent,
-		ChunkSize: s.ChunkSize, Source: s.Source, Group: s.Group, GroupID: s.GroupID, Tags: s.Tags, Note: s.Note,
+		ChunkSize: s.ChunkSize, Source: s.Source, Group: s.Group, GroupID: s.GroupID, Tags: s.Tags, Note: s.Note, Protected: s.Protected,
 		Capture: s.Capture, App: s.App}
 }
 
@@ -97,6 +98,9 @@ column appears when there are several; --host shows one). Members of a group sna
 					fmt.Fprintf(tw, "%s\t", s.Host)
 				}
 				tags := strings.Join(s.Tags, ",")
+				if s.Protected {
+					tags = strings.TrimPrefix(tags+" [protected]", " ")
+				}
 				if s.Note != "" {
 					tags = strings.TrimPrefix(tags+" \""+trim(s.Note, 40)+"\"", " ")
 				}
@@ -116,8 +120,9 @@ column appears when there are several; --host shows one). Members of a group sna
 
 func newDeleteCmd(g *globals) *cobra.Command {
 	return &cobra.Command{
-		Use:   "delete SNAPSHOT...",
-		Short: "Delete snapshots (by ID prefix or VOLUME/NAME)",
+		Use:               "delete SNAPSHOT...",
+		ValidArgsFunction: g.completeSnapshots,
+		Short:             "Delete snapshots (by ID prefix or VOLUME/NAME)",
 		Long: `Delete snapshots. No other snapshot changes: blocks a later snapshot still needs stay.
 Run "stasis gc" afterwards to reclaim the space only the deleted snapshots used.
 Every reference is resolved before anything is deleted.`,
@@ -153,6 +158,54 @@ Every reference is resolved before anything is deleted.`,
 			}
 			if g.asJSON {
 				return printJSON(cmd, map[string]any{"deleted": deleted})
+			}
+			return nil
+		},
+	}
+}
+
+func newProtectCmd(g *globals, on bool) *cobra.Command {
+	use, short := "protect", "Keep snapshots from deletion and retention until unprotected"
+	if !on {
+		use, short = "unprotect", "Let protected snapshots be deleted and pruned again"
+	}
+	return &cobra.Command{
+		Use:               use + " SNAPSHOT...",
+		Short:             short,
+		Args:              cobra.MinimumNArgs(1),
+		ValidArgsFunction: g.completeSnapshots,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx := cmd.Context()
+			r, err := g.openRepo(ctx)
+			if err != nil {
+				return err
+			}
+			defer r.Close()
+			snaps, _, err := r.Snapshots(ctx)
+			if err != nil {
+				return err
+			}
+			var todo []*chain.Snapshot
+			for _, ref := range args {
+				s, err := chain.Find(snaps, r.Host(), ref)
+				if err != nil {
+					return err
+				}
+				todo = append(todo, s)
+			}
+			done := []listEntry{}
+			for _, s := range todo {
+				if err := r.Protect(ctx, s, on); err != nil {
+					return err
+				}
+				s.Protected = on
+				done = append(done, toListEntry(s))
+				if !g.asJSON && !g.quiet {
+					fmt.Fprintf(cmd.OutOrStdout(), "%sed %s/%s\n", use, s.Volume, s.Name)
+				}
+			}
+			if g.asJSON {
+				return printJSON(cmd, done)
 			}
 			return nil
 		},

@@ -14,6 +14,7 @@ import (
 
 	"github.com/coreos/go-systemd/v22/journal"
 	"github.com/spf13/cobra"
+	"github.com/spf13/cobra/doc"
 
 	"github.com/stasis-project/stasis/chain"
 	"github.com/stasis-project/stasis/config"
@@ -53,6 +54,9 @@ The repository is -r DIR, else $STASIS_REPO, else ` + DefaultRepo + `.
 		Version:       version,
 		SilenceUsage:  true,
 		SilenceErrors: true,
+		PersistentPreRun: func(*cobra.Command, []string) {
+			progressOff = g.quiet
+		},
 	}
 	root.PersistentFlags().StringVarP(&g.repo, "repo", "r", "", "repository: a directory or s3:https://host/bucket/prefix (default $STASIS_REPO or "+DefaultRepo+")")
 	root.PersistentFlags().StringVar(&g.passwordFile, "password-file", "", "file holding an encrypted repository's passphrase (default $STASIS_PASSWORD_FILE, else asked)")
@@ -66,7 +70,7 @@ The repository is -r DIR, else $STASIS_REPO, else ` + DefaultRepo + `.
 		newInitCmd(g), newSnapshotCmd(g), newListCmd(g), newDeleteCmd(g), newGCCmd(g),
 		newVerifyCmd(g), newStatsCmd(g), newExportCmd(g), newRestoreCmd(g),
 		newThawCmd(), newFreezeGuardCmd(), newAgentCmd(g), newStatusCmd(g), newPruneCmd(g), newConfigCmd(g),
-		newMountCmd(g), newUmountCmd(), newDoctorCmd(g), newRepairCmd(g), newKeyCmd(g), newCopyCmd(g), newVersionCmd(g),
+		newMountCmd(g), newUmountCmd(), newDoctorCmd(g), newRepairCmd(g), newKeyCmd(g), newCopyCmd(g), newVersionCmd(g), newManCmd(), newProtectCmd(g, true), newProtectCmd(g, false),
 	)
 	return root
 }
@@ -346,4 +350,65 @@ func newVersionCmd(g *globals) *cobra.Command {
 			return g.print(cmd, map[string]string{"version": version, "go": runtime.Version()}, "stasis "+version+" ("+runtime.Version()+")")
 		},
 	}
+}
+
+// newManCmd writes man pages for every command (the packages install them).
+func newManCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:    "man DIR",
+		Short:  "Write man pages for every command into DIR",
+		Hidden: true,
+		Args:   cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := os.MkdirAll(args[0], 0o755); err != nil {
+				return err
+			}
+			return doc.GenManTree(cmd.Root(), &doc.GenManHeader{Title: "STASIS", Section: "8", Source: "stasis " + version}, args[0])
+		},
+	}
+}
+
+// completeSnapshots completes snapshot references (VOLUME/NAME) from the repository.
+func (g *globals) completeSnapshots(cmd *cobra.Command, args []string, toComplete string) ([]string, cobra.ShellCompDirective) {
+	r, err := g.openReader(cmd.Context())
+	if err != nil {
+		return nil, cobra.ShellCompDirectiveNoFileComp
+	}
+	defer r.Close()
+	snaps, _, _ := r.Snapshots(cmd.Context())
+	var out []string
+	for _, s := range snaps {
+		ref := s.Volume + "/" + s.Name
+		if s.Host != "" && s.Host != r.Host() {
+			ref = s.Host + ":" + ref
+		}
+		if strings.HasPrefix(ref, toComplete) {
+			out = append(out, ref)
+		}
+	}
+	return out, cobra.ShellCompDirectiveNoFileComp
+}
+
+// completeSnapshotFirst completes the first argument as a snapshot, the rest as files.
+func (g *globals) completeSnapshotFirst(cmd *cobra.Command, args []string, toComplete string) ([]string, cobra.ShellCompDirective) {
+	if len(args) > 0 {
+		return nil, cobra.ShellCompDirectiveDefault
+	}
+	return g.completeSnapshots(cmd, args, toComplete)
+}
+
+// completeConfigured completes the configuration's volume and group names.
+func (g *globals) completeConfigured(cmd *cobra.Command, args []string, toComplete string) ([]string, cobra.ShellCompDirective) {
+	c := g.configIfAny()
+	if c == nil || len(args) > 0 {
+		return nil, cobra.ShellCompDirectiveNoFileComp
+	}
+	var out []string
+	for _, v := range c.Volumes {
+		out = append(out, v.Name)
+	}
+	for _, gr := range c.Groups {
+		out = append(out, gr.Name)
+	}
+	return out, cobra.ShellCompDirectiveNoFileComp
 }

@@ -40,8 +40,9 @@ type snapshotFlags struct {
 func newSnapshotCmd(g *globals) *cobra.Command {
 	var f snapshotFlags
 	cmd := &cobra.Command{
-		Use:   "snapshot {VOLUME | --source DEV|MOUNTPOINT|IMAGE --volume NAME} [--name NAME]",
-		Short: "Take a snapshot of a block device, partition, mount point or image file",
+		Use:               "snapshot {VOLUME | --source DEV|MOUNTPOINT|IMAGE --volume NAME} [--name NAME]",
+		ValidArgsFunction: g.completeConfigured,
+		Short:             "Take a snapshot of a block device, partition, mount point or image file",
 		Long: `Take a snapshot of --source as the next link of volume --volume's chain. The
 volume's first snapshot stores every non-empty chunk; later snapshots store only chunks the
 repository does not hold yet.

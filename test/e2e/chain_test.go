@@ -214,8 +214,8 @@ func TestRestoreOntoFile(t *testing.T) {
 }
 
 // TestPruneFlags: retention from the command line, without a configuration, as restic
-// forget does: a dry run changes nothing, the real run keeps what the rules say, and the
-// space comes back.
+// forget does: a dry run changes nothing, the real run keeps what the rules say (and what
+// is protected), and the space comes back.
 func TestPruneFlags(t *testing.T) {
 	repo := newRepo(t)
 	src := filepath.Join(t.TempDir(), "disk.img")
@@ -247,7 +247,13 @@ func TestPruneFlags(t *testing.T) {
 	if len(list(t, repo)) != 5 {
 		t.Fatal("a dry run deleted snapshots")
 	}
+	testenv.MustStasis(t, "protect", "-r", repo, "v/s0")
 	testenv.MustStasis(t, "prune", "-r", repo, "--volume", "v", "--keep-last", "2", "--include-manual")
+	if r := testenv.Stasis(t, "delete", "-r", repo, "v/s0"); r.Code == 0 || !strings.Contains(r.Stderr, "unprotect") {
+		t.Fatalf("delete of a protected snapshot: exit %d: %s", r.Code, r.Stderr)
+	}
+	testenv.MustStasis(t, "unprotect", "-r", repo, "v/s0")
+	testenv.MustStasis(t, "delete", "-r", repo, "v/s0")
 	var names []string
 	for _, s := range list(t, repo) {
 		names = append(names, s.Name)
@@ -259,4 +265,8 @@ func TestPruneFlags(t *testing.T) {
 		t.Fatalf("prune of an unknown volume: exit %d: %s", r.Code, r.Stderr)
 	}
 	testenv.MustStasis(t, "verify", "--read-data", "-r", repo)
+	// Shell completion offers the repository's snapshots.
+	if out := testenv.MustStasis(t, "__complete", "export", "-r", repo, "v/"); !strings.Contains(out, "v/s3\nv/s4\n") {
+		t.Fatalf("completion of export: %q", out)
+	}
 }

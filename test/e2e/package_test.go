@@ -34,7 +34,8 @@ func TestDebPackage(t *testing.T) {
 	testenv.Run(t, "dpkg", "-i", debs[0])
 	t.Cleanup(func() { exec.Command("dpkg", "--purge", "stasis").Run() })
 	for _, f := range []string{"/usr/bin/stasis", "/lib/systemd/system/stasis.service", "/etc/stasis/stasis.yaml",
-		"/usr/share/bash-completion/completions/stasis", "/usr/share/zsh/vendor-completions/_stasis", "/usr/share/doc/stasis/CONFIG.md"} {
+		"/usr/share/bash-completion/completions/stasis", "/usr/share/zsh/vendor-completions/_stasis", "/usr/share/doc/stasis/CONFIG.md",
+		"/usr/share/doc/stasis/CLI.md", "/usr/share/man/man8/stasis.8", "/usr/share/man/man8/stasis-snapshot.8"} {
 		if _, err := os.Stat(f); err != nil {
 			t.Errorf("package did not install %s", f)
 		}
