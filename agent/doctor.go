@@ -73,6 +73,14 @@ func Doctor(ctx context.Context, cfg *config.Config, env DoctorEnv) []Finding {
 	} else {
 		add("privileges", "", SevOK, "running as root", "")
 	}
+	if _, err := Call(cfg.Socket, ControlRequest{Op: "status"}, nil); err == nil {
+		add("agent", "", SevOK, "the agent answers on "+cfg.Socket, "")
+	} else if errors.Is(err, ErrNoAgent) {
+		add("agent", "", SevWarning, "the agent is not running (nothing answers on "+cfg.Socket+"): no scheduled snapshots are taken",
+			"systemctl enable --now stasis")
+	} else {
+		add("agent", "", SevWarning, "the agent on "+cfg.Socket+" does not answer properly: "+err.Error(), "systemctl restart stasis, and see journalctl -u stasis")
+	}
 	if _, err := os.Stat(env.FuseDevice); err != nil {
 		add("fuse", "", SevWarning, env.FuseDevice+" is missing: the snapshot view cannot be served", "modprobe fuse (and set mount: \"\" if you do not want the view)")
 	} else if _, err := exec.LookPath("fusermount3"); err != nil {
@@ -236,9 +244,11 @@ func doctorVolume(ctx context.Context, cfg *config.Config, v config.Volume, snap
 		f := filesystemFinding(m)
 		f.Volume = v.Name
 		fs = append(fs, f)
-		if strings.HasPrefix(cfg.Repository+"/", strings.TrimSuffix(m.Point, "/")+"/") && m.Point != "/" {
-			add("repository", SevWarning, "the repository "+cfg.Repository+" is on the volume it backs up: losing the volume loses its snapshots",
-				"keep the repository on another disk")
+	}
+	if !config.IsRemote(cfg.Repository) && !vol.IsFile {
+		if rd, ok := deviceOf(cfg.Repository); ok && (rd == vol.Dev || diskOf(rd) == vol.Disk) {
+			add("repository", SevWarning, "the repository "+cfg.Repository+" is on the same disk as the volume it backs up: losing the disk loses the snapshots too",
+				"keep the repository on another disk, or replicate: to another machine or a bucket")
 		}
 	}
 	// Retention quota.
@@ -394,4 +404,39 @@ func memAvailable() (int64, error) {
 		}
 	}
 	return 0, fmt.Errorf("no MemAvailable in /proc/meminfo")
+}
+
+// deviceOf returns the device number of the filesystem holding path (or its nearest
+// existing parent).
+func deviceOf(path string) (uint64, bool) {
+	for p := path; ; p = filepath.Dir(p) {
+		var st unix.Stat_t
+		if unix.Stat(p, &st) == nil {
+			return st.Dev, true
+		}
+		if p == "/" || p == "." {
+			return 0, false
+		}
+	}
+}
+
+// diskOf returns the whole disk holding block device dev (dev itself if it is a disk).
+func diskOf(dev uint64) uint64 {
+	sys := fmt.Sprintf("/sys/dev/block/%d:%d", unix.Major(dev), unix.Minor(dev))
+	if _, err := os.Stat(filepath.Join(sys, "partition")); err != nil {
+		return dev
+	}
+	real, err := filepath.EvalSymlinks(sys) // .../block/sda/sda1: the disk is the parent
+	if err != nil {
+		return dev
+	}
+	b, err := os.ReadFile(filepath.Join(real, "..", "dev"))
+	if err != nil {
+		return dev
+	}
+	var maj, mnr uint32
+	if _, err := fmt.Sscanf(strings.TrimSpace(string(b)), "%d:%d", &maj, &mnr); err != nil {
+		return dev
+	}
+	return unix.Mkdev(maj, mnr)
 }

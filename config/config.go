@@ -3,6 +3,9 @@
 package config
 
 import (
+	"strconv"
+	"os/user"
+	"net"
 	"bytes"
 	"errors"
 	"fmt"
@@ -387,8 +390,26 @@ func (c *Config) validate(probe Prober) Errors {
 	if c.StateDir == "" {
 		c.StateDir = DefaultStateDir
 	}
+	if !filepath.IsAbs(c.StateDir) {
+		c.errf(&es, "state_dir", "%q is not an absolute path", c.StateDir)
+	}
 	if c.Socket == "" {
 		c.Socket = DefaultSocket
+	}
+	if !filepath.IsAbs(c.Socket) {
+		c.errf(&es, "socket", "%q is not an absolute path", c.Socket)
+	}
+	if c.SocketGroup != "" {
+		if _, err := user.LookupGroup(c.SocketGroup); err != nil {
+			c.errf(&es, "socket_group", "%q is not a group on this machine (groupadd %s, or leave it out)", c.SocketGroup, c.SocketGroup)
+		}
+	}
+	if c.MetricsListen != "" {
+		if host, port, err := net.SplitHostPort(c.MetricsListen); err != nil || port == "" || (host != "" && net.ParseIP(host) == nil && host != "localhost") {
+			c.errf(&es, "metrics_listen", "%q: write an address like 127.0.0.1:9412 (or :9412 for every interface)", c.MetricsListen)
+		} else if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
+			c.errf(&es, "metrics_listen", "%q: the port must be a number from 1 to 65535", c.MetricsListen)
+		}
 	}
 	if c.GCAfterPrune == nil {
 		t := true

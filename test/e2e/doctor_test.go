@@ -61,8 +61,13 @@ func TestDoctor(t *testing.T) {
 	mnt := testenv.Mount(t, dev)
 	repo := filepath.Join(dir, "repo")
 	testenv.MustStasis(t, "init", "-r", repo)
-	healthy := writeCfg(t, dir, fmt.Sprintf("repository: %s\nstate_dir: %s\nvolumes:\n  - name: good\n    source: %s\n", repo, filepath.Join(dir, "state"), mnt))
-	fs, code := doctor(t, healthy)
+	// Healthy: the agent runs, with one volume on a loop device.
+	a := startAgent(t, fmt.Sprintf("volumes:\n  - name: good\n    source: %s\n", mnt))
+	fs, code := doctor(t, a.cfg)
+	expectFinding(t, fs, "agent", "ok", "the agent answers")
+	stopAgent(t, a)
+	// The same without an agent, from here on.
+	healthy := writeCfg(t, dir, fmt.Sprintf("repository: %s\nstate_dir: %s\nsocket: %s\nvolumes:\n  - name: good\n    source: %s\n", repo, filepath.Join(dir, "state"), filepath.Join(dir, "sock"), mnt))
 	expectFinding(t, fs, "filesystem", "ok", "can be frozen")
 	expectFinding(t, fs, "source", "ok", "request-based")
 	expectFinding(t, fs, "tracking", "ok", "a tracker saw this device's I/O")
@@ -71,6 +76,8 @@ func TestDoctor(t *testing.T) {
 	if code != 0 {
 		t.Errorf("a healthy setup exits %d: %+v", code, fs)
 	}
+	fs, _ = doctor(t, healthy)
+	expectFinding(t, fs, "agent", "warning", "the agent is not running")
 
 	// A bio-based device (zram, as device-mapper and md): tracked, as its proof shows.
 	zdev := testenv.ZramDevice(t, 64<<20)
@@ -118,7 +125,14 @@ func TestDoctor(t *testing.T) {
 	inside := filepath.Join(mnt, "repo")
 	testenv.MustStasis(t, "init", "-r", inside)
 	fs, _ = doctor(t, writeCfg(t, dir, fmt.Sprintf("repository: %s\nvolumes:\n  - {name: self, source: %s}\n", inside, mnt)))
-	expectFinding(t, fs, "repository", "warning", "on the volume it backs up")
+	expectFinding(t, fs, "repository", "warning", "on the same disk as the volume it backs up")
+	// A repository on a partition of the disk that is the volume: the same disk too.
+	part, disk := testenv.PartitionedLoop(t, 64<<20)
+	testenv.Mkfs(t, "ext4", part)
+	onPart := filepath.Join(testenv.Mount(t, part), "repo")
+	testenv.MustStasis(t, "init", "-r", onPart)
+	fs, _ = doctor(t, writeCfg(t, dir, fmt.Sprintf("repository: %s\nvolumes:\n  - {name: disk, source: %s}\n", onPart, disk)))
+	expectFinding(t, fs, "repository", "warning", "on the same disk as the volume it backs up")
 	smallDev, _ := testenv.LoopDevice(t, 16<<20)
 	testenv.Mkfs(t, "ext4", smallDev)
 	small := filepath.Join(testenv.Mount(t, smallDev), "repo")
