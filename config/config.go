@@ -3,17 +3,17 @@
 package config
 
 import (
-	"strconv"
-	"os/user"
-	"net"
 	"bytes"
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/url"
 	"os"
+	"os/user"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"time"
 
