@@ -580,12 +580,37 @@ func (s *Service) recordFailure(j *job, err error) {
 
 // autoName returns auto_YYYYMMDD_N, N counting the automatic snapshots of that day of the
 // volume (or of every member of the group, which all get the same name).
+// nameZone is the time zone of a job's automatic names: its schedules' CRON_TZ when they
+// all name the same one, else the machine's.
+func (s *Service) nameZone(j *job) *time.Location {
+	specs := j.vols[0].spec.Schedules
+	if j.group != nil {
+		specs = j.group.spec.Schedules
+	}
+	var zone string
+	for i, spec := range specs {
+		z := config.ScheduleZone(spec)
+		if i > 0 && z != zone {
+			return time.Local
+		}
+		zone = z
+	}
+	if zone == "" {
+		return time.Local
+	}
+	loc, err := time.LoadLocation(zone)
+	if err != nil {
+		return time.Local
+	}
+	return loc
+}
+
 func (s *Service) autoName(ctx context.Context, j *job, now time.Time) (string, error) {
 	snaps, _, err := s.ownSnapshots(ctx)
 	if err != nil {
 		return "", err
 	}
-	prefix := "auto_" + now.Format("20060102") + "_"
+	prefix := "auto_" + now.In(s.nameZone(j)).Format("20060102") + "_"
 	n := 0
 	for _, sn := range snaps {
 		for _, v := range j.vols {

@@ -93,13 +93,11 @@ func startLease(ctx context.Context, r *Reader, t FileType, holder string) (*lea
 		info: leaseInfo{Holder: holder, Host: r.host, PID: os.Getpid(), Created: time.Now().UTC()}}
 	place := processPlace()
 	l.info.Machine, l.info.Boot, l.info.PIDNS = place[0], place[1], place[2]
+	// The start object is also the first sign of life (one round trip, not two).
 	if err := l.write(ctx, l.id+".start"); err != nil {
 		return nil, err
 	}
-	if err := l.refresh(ctx); err != nil {
-		l.remove(ctx, l.id+".start")
-		return nil, err
-	}
+	l.last, l.okAt = l.id+".start", time.Now()
 	r.leaseIDs.Store(l.id, l)
 	go func() {
 		defer close(l.stopped)
@@ -140,7 +138,7 @@ func (l *lease) refresh(ctx context.Context) error {
 	old := l.last
 	l.last, l.okAt = name, time.Now()
 	l.mu.Unlock()
-	if old != "" {
+	if old != "" && old != l.id+".start" { // the start object stays: it says when the holder began
 		l.remove(ctx, old)
 	}
 	return nil
@@ -169,7 +167,9 @@ func (l *lease) release() {
 	l.mu.Lock()
 	last := l.last
 	l.mu.Unlock()
-	l.remove(ctx, last)
+	if last != l.id+".start" {
+		l.remove(ctx, last)
+	}
 	l.remove(ctx, l.id+".start")
 }
 

@@ -354,3 +354,41 @@ func TestConcurrentWritersAndGC(t *testing.T) {
 	}
 	t.Logf("%d snapshots written by two hosts, %d deleted meanwhile, %d checked", len(all), len(deleted), checked)
 }
+
+// TestHeartbeatKeepsItsStart: a writer's heartbeat refreshes without ever removing its
+// start object (gc compares its time with deletion lists), and leaves nothing at the end.
+func TestHeartbeatKeepsItsStart(t *testing.T) {
+	ctx := context.Background()
+	old := chain.LeaseRefresh
+	chain.LeaseRefresh = 20 * time.Millisecond
+	defer func() { chain.LeaseRefresh = old }()
+	r, be := newRepo(t)
+	v := newVolume(rand.New(rand.NewSource(1)), 256<<10, 16<<10)
+	w, err := r.NewSnapshot(ctx, chain.SnapshotOptions{Volume: "vol", Size: int64(len(v.data)), ChunkSize: v.chunkSize})
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(150 * time.Millisecond) // several refreshes
+	var names []string
+	for _, h := range objectsOf(be, chain.WriterFile) {
+		names = append(names, h.Name)
+	}
+	starts := 0
+	for _, n := range names {
+		if strings.HasSuffix(n, ".start") {
+			starts++
+		}
+	}
+	if starts != 1 || len(names) != 2 {
+		t.Fatalf("heartbeat objects after refreshes: %v (want the start and the newest refresh)", names)
+	}
+	for i := int64(0); i < w.Snapshot().Chunks(); i++ {
+		w.Put(ctx, i, v.data[i*int64(v.chunkSize):(i+1)*int64(v.chunkSize)])
+	}
+	if _, err := w.Commit(ctx, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(objectsOf(be, chain.WriterFile)); n != 0 {
+		t.Fatalf("%d heartbeat objects left after the commit", n)
+	}
+}

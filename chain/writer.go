@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"golang.org/x/sync/errgroup"
 	"sync"
 	"time"
 )
@@ -140,16 +141,14 @@ func (r *Repository) NewSnapshot(ctx context.Context, opts SnapshotOptions) (*Sn
 }
 
 func (r *Repository) newWriter(ctx context.Context, opts SnapshotOptions, now time.Time, hb *lease) (*SnapshotWriter, error) {
-	avoid, err := deletionCandidates(ctx, r.Reader)
-	if err != nil {
-		return nil, err
-	}
-	damaged, err := damagedBlobs(ctx, r.Reader)
-	if err != nil {
-		return nil, err
-	}
-	snaps, _, err := r.Snapshots(ctx)
-	if err != nil {
+	// Three listings, each a round trip on object storage: at once.
+	var avoid, damaged map[ID]bool
+	var snaps []*Snapshot
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() (err error) { avoid, err = deletionCandidates(gctx, r.Reader); return err })
+	g.Go(func() (err error) { damaged, err = damagedBlobs(gctx, r.Reader); return err })
+	g.Go(func() (err error) { snaps, _, err = r.Snapshots(gctx); return err })
+	if err := g.Wait(); err != nil {
 		return nil, err
 	}
 	if opts.Name == "" {

@@ -719,3 +719,14 @@ func (c *Config) VolumeByName(name string) *Volume {
 	}
 	return nil
 }
+
+// ScheduleZone returns the time zone a schedule names with a CRON_TZ= (or TZ=) prefix, or "".
+func ScheduleZone(spec string) string {
+	for _, p := range []string{"CRON_TZ=", "TZ="} {
+		if rest, ok := strings.CutPrefix(strings.TrimSpace(spec), p); ok {
+			zone, _, _ := strings.Cut(rest, " ")
+			return zone
+		}
+	}
+	return ""
+}

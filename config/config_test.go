@@ -182,3 +182,11 @@ groups:
 		t.Fatal("GroupOf")
 	}
 }
+
+func TestScheduleZone(t *testing.T) {
+	for spec, want := range map[string]string{"CRON_TZ=Asia/Shanghai 30 2 * * *": "Asia/Shanghai", "TZ=UTC @daily": "UTC", "@hourly": "", "0 3 * * *": ""} {
+		if got := ScheduleZone(spec); got != want {
+			t.Errorf("ScheduleZone(%q) = %q, want %q", spec, got, want)
+		}
+	}
+}
