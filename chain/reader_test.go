@@ -5,8 +5,11 @@ import (
 	"context"
 	"errors"
 	"math/rand"
+	"os"
+	"path/filepath"
 	"runtime"
 	"strings"
+	"sync/atomic"
 	"testing"
 
 	"github.com/stasis-project/stasis/chain"
@@ -164,5 +167,64 @@ func TestSnapshotsReadsEachManifestOnce(t *testing.T) {
 	unlock()
 	if got := names(); got != "b,c,d" || cb.manifestReads != 4 {
 		t.Fatalf("after adding d and deleting a: %s, %d reads in all (want one new)", got, cb.manifestReads)
+	}
+}
+
+// manifestCounter counts whole-file reads of manifests.
+type manifestCounter struct {
+	chain.Backend
+	manifestReads atomic.Int64
+}
+
+func (c *manifestCounter) ReadAll(ctx context.Context, h chain.Handle) ([]byte, error) {
+	if h.Type == chain.SnapshotFile {
+		c.manifestReads.Add(1)
+	}
+	return c.Backend.ReadAll(ctx, h)
+}
+
+// TestManifestCache: a second process with the same cache directory lists snapshots
+// without downloading a manifest again; a damaged cached copy is fetched anew, and copies
+// of deleted snapshots go.
+func TestManifestCache(t *testing.T) {
+	ctx := context.Background()
+	r, be := newEncryptedRepo(t)
+	v := newVolume(rand.New(rand.NewSource(2)), 256<<10, 16<<10)
+	a := v.snapshot(t, r, "a", false, nil)
+	v.snapshot(t, r, "b", false, nil)
+	cache := t.TempDir()
+	open := func() (*chain.Reader, *manifestCounter) {
+		cb := &manifestCounter{Backend: be}
+		rd, err := chain.OpenReader(ctx, cb, chain.Options{CacheDir: cache, Password: password("correct horse")})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { rd.Close() })
+		return rd, cb
+	}
+	r1, c1 := open()
+	if snaps, _, err := r1.Snapshots(ctx); err != nil || len(snaps) != 2 || c1.manifestReads.Load() != 2 {
+		t.Fatalf("first listing: %d snapshots, %d manifest reads, %v", len(snaps), c1.manifestReads.Load(), err)
+	}
+	r2, c2 := open()
+	if snaps, _, err := r2.Snapshots(ctx); err != nil || len(snaps) != 2 || c2.manifestReads.Load() != 0 {
+		t.Fatalf("second process: %d snapshots, %d manifest reads, %v", len(snaps), c2.manifestReads.Load(), err)
+	}
+	files, _ := filepath.Glob(filepath.Join(cache, "*", "snapshots", "*"))
+	if len(files) != 2 {
+		t.Fatalf("cached manifests: %v", files)
+	}
+	os.WriteFile(files[0], []byte("garbage"), 0o600)
+	r3, c3 := open()
+	if snaps, bad, err := r3.Snapshots(ctx); err != nil || len(snaps) != 2 || len(bad) != 0 || c3.manifestReads.Load() != 1 {
+		t.Fatalf("with a damaged cached copy: %d snapshots, %v bad, %d reads, %v", len(snaps), bad, c3.manifestReads.Load(), err)
+	}
+	unlock, _ := r.Lock(ctx, "t")
+	r.Delete(ctx, a)
+	unlock()
+	r4, _ := open()
+	r4.Snapshots(ctx)
+	if files, _ := filepath.Glob(filepath.Join(cache, "*", "snapshots", "*")); len(files) != 1 {
+		t.Fatalf("cached manifests after a deletion: %v", files)
 	}
 }

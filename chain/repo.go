@@ -17,6 +17,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"sort"
 	"strings"
 	"sync"
@@ -363,6 +364,9 @@ func (r *Reader) Snapshots(ctx context.Context) (snaps []*Snapshot, bad []error,
 		name := fi.Name
 		s, ok := known[name]
 		if !ok {
+			s = r.cachedManifest(name)
+		}
+		if s == nil {
 			b, err := r.be.ReadAll(ctx, Handle{Type: SnapshotFile, Name: name})
 			if errors.Is(err, ErrNotExist) {
 				return nil // deleted meanwhile
@@ -374,6 +378,7 @@ func (r *Reader) Snapshots(ctx context.Context) (snaps []*Snapshot, bad []error,
 				bad = append(bad, err)
 				return nil
 			}
+			r.cacheManifest(name, b)
 		}
 		seen[name] = s
 		c := *s // callers get their own copy to keep
@@ -393,8 +398,54 @@ func (r *Reader) Snapshots(ctx context.Context) (snaps []*Snapshot, bad []error,
 	for _, s := range snaps {
 		s.Protected = p.ids[s.ID]
 	}
+	if entries, err := os.ReadDir(r.manifestCache()); err == nil { // deleted snapshots' copies
+		for _, e := range entries {
+			if _, ok := seen[e.Name()]; !ok {
+				os.Remove(filepath.Join(r.manifestCache(), e.Name()))
+			}
+		}
+	}
 	SortSnapshots(snaps)
 	return snaps, bad, nil
+}
+
+// manifestCache is where checked manifests are kept between runs (as stored: sealed in an
+// encrypted repository), beside the index cache: a manifest never changes for its name.
+func (r *Reader) manifestCache() string {
+	return filepath.Join(filepath.Dir(r.index.dir), "snapshots")
+}
+
+// cachedManifest returns the cached manifest name, checked as if just downloaded, or nil.
+func (r *Reader) cachedManifest(name string) *Snapshot {
+	b, err := os.ReadFile(filepath.Join(r.manifestCache(), name))
+	if err != nil {
+		return nil
+	}
+	s, err := r.decodeManifest(name, b)
+	if err != nil {
+		os.Remove(filepath.Join(r.manifestCache(), name)) // damaged copy: fetch again
+		return nil
+	}
+	return s
+}
+
+// cacheManifest keeps a downloaded manifest; failing to is harmless.
+func (r *Reader) cacheManifest(name string, stored []byte) {
+	dir := r.manifestCache()
+	if os.MkdirAll(dir, 0o700) != nil {
+		return
+	}
+	tmp, err := os.CreateTemp(dir, ".tmp-")
+	if err != nil {
+		return
+	}
+	_, err = tmp.Write(stored)
+	if cerr := tmp.Close(); err == nil && cerr == nil {
+		if os.Rename(tmp.Name(), filepath.Join(dir, name)) == nil {
+			return
+		}
+	}
+	os.Remove(tmp.Name())
 }
 
 // SortSnapshots orders snapshots oldest first (ties by ID, so the order is total).

@@ -508,6 +508,10 @@ func (w *SnapshotWriter) storePage(ctx context.Context, level int, entries []ID)
 	stored, comp := w.r.encodeBlob(id, raw, make([]byte, 0, len(raw)+sealOverhead+64))
 	w.stats.TreeBytes += int64(len(stored))
 	w.addBlob(TreeBlob, id, stored, comp, len(raw))
+	// The next snapshot of the volume starts from this map: keep the page decoded, so an
+	// agent's incrementals do not fetch their parent's pages again (a round trip each on
+	// object storage). A page's content never changes for its ID.
+	w.r.pages.Add(id, append([]ID(nil), entries...))
 	return id, nil
 }
 

@@ -346,3 +346,35 @@ func TestMountBusy(t *testing.T) {
 		t.Fatal("still mounted")
 	}
 }
+
+// TestMountHostFolders: in a repository shared by hosts, the view shows this host's
+// volumes as VOLUME and another host's as HOST:VOLUME, each with its own snapshots.
+func TestMountHostFolders(t *testing.T) {
+	dir := t.TempDir()
+	repo := newRepo(t)
+	hashes := map[string]string{}
+	for i, host := range []string{"alpha", "beta"} {
+		src := filepath.Join(dir, host+".img")
+		os.WriteFile(src, []byte(strings.Repeat(fmt.Sprint(host, i), 50000)), 0o644)
+		if r := testenv.StasisEnv(t, []string{"STASIS_HOST=" + host}, "snapshot", "-r", repo, "--source", src, "--volume", "data", "--name", "s"); r.Code != 0 {
+			t.Fatalf("snapshot as %s: %s", host, r.Stderr)
+		}
+		hashes[host] = testenv.HashFile(t, src, 0)
+	}
+	t.Setenv("STASIS_HOST", "alpha")
+	mnt := filepath.Join(dir, "mnt")
+	startMount(t, repo, mnt, "beta:data/s.img")
+	entries, _ := os.ReadDir(mnt)
+	var names []string
+	for _, e := range entries {
+		names = append(names, e.Name())
+	}
+	if strings.Join(names, ",") != "beta:data,data" {
+		t.Fatalf("the view's root: %v", names)
+	}
+	for folder, host := range map[string]string{"data": "alpha", "beta:data": "beta"} {
+		if got := testenv.HashFile(t, filepath.Join(mnt, folder, "s.img"), 0); got != hashes[host] {
+			t.Fatalf("%s/s.img is not %s's snapshot", folder, host)
+		}
+	}
+}
