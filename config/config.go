@@ -322,15 +322,14 @@ func (c *Config) validate(probe Prober) Errors {
 		c.Repository = DefaultRepository
 	}
 	c.checkLocation(&es, "repository", c.Repository)
-	if c.CacheDir == "" {
-		c.CacheDir = DefaultCacheDir
-	}
 	if c.Host != "" {
 		if !volumeNameRE.MatchString(c.Host) {
 			c.errf(&es, "host", "%q: use letters, digits, '.', '_', '@', '+' or '-' (up to 128), starting with a letter or digit", c.Host)
 		}
 	}
-	if !filepath.IsAbs(c.CacheDir) {
+	// An empty cache_dir stays empty: commands then use $STASIS_CACHE_DIR, else
+	// DefaultCacheDir (root) or the user's cache directory.
+	if c.CacheDir != "" && !filepath.IsAbs(c.CacheDir) {
 		c.errf(&es, "cache_dir", "%q is not an absolute path", c.CacheDir)
 	}
 	if c.PasswordFile != "" && !filepath.IsAbs(c.PasswordFile) {

@@ -140,7 +140,11 @@ func (g *globals) access() *access {
 // accessFor is how the agent reaches its repositories: all from its configuration, never
 // a prompt.
 func (g *globals) accessFor(cfg *config.Config) *access {
-	return &access{log: g.logger(), passwordFile: cfg.PasswordFile, s3: cfg.S3, cacheDir: cfg.CacheDir, host: cfg.Host, noPrompt: true}
+	cache := cfg.CacheDir
+	if cache == "" {
+		cache = defaultCacheDir()
+	}
+	return &access{log: g.logger(), passwordFile: cfg.PasswordFile, s3: cfg.S3, cacheDir: cache, host: cfg.Host, noPrompt: true}
 }
 
 // localDir is loc when it is a directory, "" for object storage.

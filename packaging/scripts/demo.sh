@@ -22,7 +22,11 @@ cleanup() {
   [ -n "$dev" ] && losetup -d "$dev" 2>/dev/null
   ids=$("$STASIS" list --volume demo --json 2>/dev/null | sed -n 's/.*"id": "\([0-9a-f]*\)".*/\1/p')
   [ -n "$ids" ] && "$STASIS" delete $ids >/dev/null && "$STASIS" gc >/dev/null
-  if [ "$created_repo" = 1 ] && [ -z "$("$STASIS" list --json 2>/dev/null | tr -d '[] \n')" ]; then rm -rf "$STASIS_REPO"; fi
+  if [ "$created_repo" = 1 ] && [ -z "$("$STASIS" list --json 2>/dev/null | tr -d '[] \n')" ]; then
+    id=$(sed -n 's/.*"id": *"\([0-9a-f]*\)".*/\1/p' "$STASIS_REPO/config")
+    [ -n "$id" ] && rm -rf "/var/cache/stasis/$id"
+    rm -rf "$STASIS_REPO"
+  fi
   rm -rf "$work"
 }
 trap cleanup EXIT

@@ -54,6 +54,7 @@ func main() {
 			fatal(err.Error())
 		}
 	}
+	os.Setenv("STASIS_CACHE_DIR", filepath.Join(dir, "cache")) // nothing left in /var/cache/stasis
 	if !*keep {
 		defer os.RemoveAll(dir)
 		cleanups = append(cleanups, func() { os.RemoveAll(dir) })

@@ -42,16 +42,40 @@ var (
 	buildErr  error
 )
 
+// scratch is the test process's directory for the binary and the index cache (see Main).
+var scratch string
+
+// Main runs a package's tests (from TestMain) with one scratch directory for the stasis
+// binary and, through STASIS_CACHE_DIR, every stasis process's index cache; it is removed
+// afterwards, so runs leave nothing in /var/cache/stasis or /tmp.
+func Main(m *testing.M) {
+	dir, err := os.MkdirTemp("", "stasis-test-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	scratch = dir
+	if os.Getenv("STASIS_CACHE_DIR") == "" {
+		os.Setenv("STASIS_CACHE_DIR", filepath.Join(dir, "cache"))
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
 // Binary builds cmd/stasis once per test process and returns its path.
 func Binary(t testing.TB) string {
 	t.Helper()
 	buildOnce.Do(func() {
 		_, file, _, _ := runtime.Caller(0)
 		root := filepath.Join(filepath.Dir(file), "..", "..")
-		dir, err := os.MkdirTemp("", "stasis-bin-")
-		if err != nil {
-			buildErr = err
-			return
+		dir := scratch
+		if dir == "" {
+			var err error
+			if dir, err = os.MkdirTemp("", "stasis-bin-"); err != nil {
+				buildErr = err
+				return
+			}
 		}
 		binPath = filepath.Join(dir, "stasis")
 		cmd := exec.Command("go", "build", "-o", binPath, "./cmd/stasis")
