@@ -44,6 +44,7 @@ func StartFaultProxy(t testing.TB, target string, rate float64, seed int64) *Fau
 		p.mu.Lock()
 		fail := p.rng.Float64() < p.rate.Load().(float64)
 		kind := p.rng.Intn(5)
+		stall := time.Duration(200+p.rng.Intn(800)) * time.Millisecond
 		p.mu.Unlock()
 		if !fail {
 			rp.ServeHTTP(w, r)
@@ -67,7 +68,7 @@ func StartFaultProxy(t testing.TB, target string, rate float64, seed int64) *Fau
 			w.Header().Set("Retry-After", "0")
 			w.WriteHeader(http.StatusServiceUnavailable)
 		case 3: // a stall, then the real answer
-			time.Sleep(time.Duration(200+p.rng.Intn(800)) * time.Millisecond)
+			time.Sleep(stall)
 			rp.ServeHTTP(w, r)
 		case 4: // the body is cut short: announced length, half of it, then a dropped connection
 			rec := &truncating{ResponseWriter: w}
