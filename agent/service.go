@@ -674,6 +674,30 @@ type PruneDecision struct {
 	Reason  string    `json:"reason"`
 }
 
+// MarshalJSON writes Created as every report writes times (RFC 3339, UTC, milliseconds).
+func (d PruneDecision) MarshalJSON() ([]byte, error) {
+	type plain PruneDecision
+	return json.Marshal(struct {
+		plain
+		Created string `json:"created"`
+	}{plain(d), stampTime(d.Created)})
+}
+
+// UnmarshalJSON reads what MarshalJSON wrote (the CLI reads the agent's decisions).
+func (d *PruneDecision) UnmarshalJSON(b []byte) error {
+	type plain PruneDecision
+	var in struct {
+		plain
+		Created string `json:"created"`
+	}
+	if err := json.Unmarshal(b, &in); err != nil {
+		return err
+	}
+	*d = PruneDecision(in.plain)
+	d.Created, _ = time.Parse(time.RFC3339Nano, in.Created)
+	return nil
+}
+
 // prune applies retention to one volume; the lock is held unless dryRun.
 func (s *Service) prune(ctx context.Context, v config.Volume, dryRun bool) ([]PruneDecision, error) {
 	snaps, _, err := s.ownSnapshots(ctx)

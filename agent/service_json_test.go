@@ -31,3 +31,19 @@ func TestVolumeStatusJSON(t *testing.T) {
 		}
 	}
 }
+
+// TestPruneDecisionJSON: decisions carry their time in the reports' style, and read back.
+func TestPruneDecisionJSON(t *testing.T) {
+	d := PruneDecision{Volume: "v", Name: "n", ID: "id", Created: time.Date(2026, 12, 2, 8, 0, 0, 5e8, time.UTC), Keep: true, Reason: "r"}
+	b, err := json.Marshal([]PruneDecision{d})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(b), `"created":"2026-12-02T08:00:00.500Z"`) || strings.Count(string(b), `"created"`) != 1 {
+		t.Fatalf("JSON: %s", b)
+	}
+	var back []PruneDecision
+	if err := json.Unmarshal(b, &back); err != nil || len(back) != 1 || back[0] != d {
+		t.Fatalf("round trip: %+v %v", back, err)
+	}
+}
