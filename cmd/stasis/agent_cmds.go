@@ -403,18 +403,22 @@ func parseAge(s string) (time.Duration, error) {
 	return d, nil
 }
 
+// repoToPrune opens the repository for retention: with the deletion lock, or, for a dry
+// run, without.
+func (g *globals) repoToPrune(ctx context.Context, dryRun bool) (*chain.Repository, func(), error) {
+	if !dryRun {
+		return g.lockRepo(ctx)
+	}
+	r, err := g.openRepo(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	return r, func() { r.Close() }, nil
+}
+
 // pruneWithPolicy applies p to this host's chains (or one), without a configuration.
 func pruneWithPolicy(ctx context.Context, g *globals, p retention.Policy, volume string, dryRun, manualToo bool) ([]agent.PruneDecision, error) {
-	var r *chain.Repository
-	unlock := func() {}
-	var err error
-	if dryRun {
-		if r, err = g.openRepo(ctx); err == nil {
-			unlock = func() { r.Close() }
-		}
-	} else {
-		r, unlock, err = g.lockRepo(ctx)
-	}
+	r, unlock, err := g.repoToPrune(ctx, dryRun)
 	if err != nil {
 		return nil, err
 	}
@@ -479,16 +483,7 @@ func printDecisions(cmd *cobra.Command, g *globals, decisions []agent.PruneDecis
 // pruneDirect applies retention without an agent.
 func pruneDirect(ctx context.Context, g *globals, cfg *config.Config, volume string, dryRun bool) ([]agent.PruneDecision, error) {
 	g.repo = cfg.Repository
-	var r *chain.Repository
-	unlock := func() {}
-	var err error
-	if dryRun {
-		if r, err = g.openRepo(ctx); err == nil {
-			unlock = func() { r.Close() }
-		}
-	} else {
-		r, unlock, err = g.lockRepo(ctx)
-	}
+	r, unlock, err := g.repoToPrune(ctx, dryRun)
 	if err != nil {
 		return nil, err
 	}

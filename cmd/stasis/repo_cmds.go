@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"slices"
 	"strings"
@@ -134,17 +135,9 @@ Every reference is resolved before anything is deleted.`,
 				return err
 			}
 			defer unlock()
-			snaps, _, err := r.Snapshots(ctx)
+			victims, err := findAll(ctx, r.Reader, args)
 			if err != nil {
 				return err
-			}
-			var victims []*chain.Snapshot
-			for _, ref := range args {
-				s, err := chain.Find(snaps, r.Host(), ref)
-				if err != nil {
-					return err
-				}
-				victims = append(victims, s)
 			}
 			deleted := []listEntry{}
 			for _, s := range victims {
@@ -164,6 +157,23 @@ Every reference is resolved before anything is deleted.`,
 	}
 }
 
+// findAll resolves every reference before anything is changed.
+func findAll(ctx context.Context, r *chain.Reader, refs []string) ([]*chain.Snapshot, error) {
+	snaps, _, err := r.Snapshots(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var out []*chain.Snapshot
+	for _, ref := range refs {
+		s, err := chain.Find(snaps, r.Host(), ref)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, s)
+	}
+	return out, nil
+}
+
 func newProtectCmd(g *globals, on bool) *cobra.Command {
 	use, short := "protect", "Keep snapshots from deletion and retention until unprotected"
 	if !on {
@@ -181,17 +191,9 @@ func newProtectCmd(g *globals, on bool) *cobra.Command {
 				return err
 			}
 			defer r.Close()
-			snaps, _, err := r.Snapshots(ctx)
+			todo, err := findAll(ctx, r.Reader, args)
 			if err != nil {
 				return err
-			}
-			var todo []*chain.Snapshot
-			for _, ref := range args {
-				s, err := chain.Find(snaps, r.Host(), ref)
-				if err != nil {
-					return err
-				}
-				todo = append(todo, s)
 			}
 			done := []listEntry{}
 			for _, s := range todo {

@@ -41,22 +41,7 @@ func newTrackedVolume(source string) *agent.Volume {
 // trackedIncremental times a tracked incremental after 20 MiB of changes: the agent's
 // steady state, where the tracker has run since the previous snapshot's freeze.
 func trackedIncremental(dir string, v *volume) (time.Duration, *agent.Outcome) {
-	r, unlock := openLocked(filepath.Join(dir, "tracked-repo-"+filepath.Base(v.dev)))
-	defer unlock()
-	vol := newTrackedVolume(v.mnt)
-	defer vol.Close()
-	if _, err := vol.Snapshot(context.Background(), r, agent.Request{Name: "base"}); err != nil {
-		fatal(err.Error())
-	}
-	v.change(20 << 20)
-	var out *agent.Outcome
-	t := timeIt(func() {
-		var err error
-		if out, err = vol.Snapshot(context.Background(), r, agent.Request{Name: "tracked"}); err != nil {
-			fatal(err.Error())
-		}
-	})
-	return t, out
+	return trackedAt(dir, filepath.Join(dir, "tracked-repo-"+filepath.Base(v.dev)), false, v)
 }
 
 // busyWriter does about 20 MB/s of random writes in dir (200 KiB every 10 ms, fsync every
