@@ -18,6 +18,7 @@ import (
 	"github.com/stasis-project/stasis/chain"
 	"github.com/stasis-project/stasis/chain/fsimage"
 	"github.com/stasis-project/stasis/chain/fsimage/filesystems"
+	"github.com/stasis-project/stasis/chain/image"
 )
 
 // volumeFS is one filesystem inside a snapshot (the whole image or one partition),
@@ -229,7 +230,9 @@ func (n *fileNode) Read(ctx context.Context, f fs.FileHandle, dest []byte, off i
 	if err != nil && !errors.Is(err, io.EOF) {
 		return nil, n.m.errno("read", n.ino, err)
 	}
-	return fuse.ReadResultData(dest[:got]), 0
+	// A vector goes to /dev/fuse with one writev: go-fuse would try to splice plain
+	// data through a pipe too small for a 1 MiB read, and log each failure.
+	return fuse.ReadResultVector([][]byte{dest[:got]}), 0
 }
 
 func (n *fileNode) Readlink(ctx context.Context) ([]byte, syscall.Errno) {
@@ -297,7 +300,7 @@ func (n *fileNode) Listxattr(ctx context.Context, dest []byte) (uint32, syscall.
 type snapState struct {
 	v    *view
 	snap *chain.Snapshot
-	img  *image
+	img  *image.Reader
 
 	once  sync.Once
 	whole *volumeFS   // the image is one filesystem
@@ -309,14 +312,14 @@ type snapState struct {
 func (d *snapState) open() error {
 	d.once.Do(func() {
 		label := d.snap.Volume + "/" + d.snap.Name
-		parts, err := fsimage.Partitions(d.img, d.img.size)
+		parts, err := fsimage.Partitions(d.img, d.img.Size())
 		if err != nil {
 			d.err = err
 			d.v.opts.Log.Error("cannot read the partition table of a snapshot", "snapshot", label, "err", err)
 			return
 		}
 		if len(parts) == 0 {
-			d.whole = newVolumeFS(d.v, label, d.img, d.img.size)
+			d.whole = newVolumeFS(d.v, label, d.img, d.img.Size())
 			return
 		}
 		for _, p := range parts {

@@ -33,6 +33,7 @@ import (
 	lru "github.com/hashicorp/golang-lru/v2"
 
 	"github.com/stasis-project/stasis/chain"
+	"github.com/stasis-project/stasis/chain/image"
 )
 
 // Options configure a mount.
@@ -56,7 +57,7 @@ type view struct {
 	repo *chain.Reader
 	opts Options
 
-	cache   *chunkCache
+	cache   *image.Cache
 	loaders chan struct{}                  // background chunk loads in flight, for all files
 	states  *lru.Cache[string, *snapState] // by snapshot ID
 
@@ -72,7 +73,7 @@ func (v *view) state(s *chain.Snapshot) *snapState {
 	if st, ok := v.states.Get(s.ID); ok {
 		return st
 	}
-	st := &snapState{v: v, snap: s, img: &image{sr: v.repo.SnapshotReader(s), cache: v.cache, size: s.SizeBytes, loaders: v.loaders}}
+	st := &snapState{v: v, snap: s, img: image.NewReader(v.repo.SnapshotReader(s), v.cache, v.loaders)}
 	v.states.Add(s.ID, st)
 	return st
 }
@@ -261,7 +262,7 @@ type imageNode struct {
 	fs.Inode
 	v    *view
 	snap *chain.Snapshot
-	img  *image
+	img  *image.Reader
 }
 
 var (
@@ -307,7 +308,9 @@ func (n *imageNode) Read(ctx context.Context, f fs.FileHandle, dest []byte, off 
 		n.v.opts.Log.Error("read from snapshot failed", "volume", n.snap.Volume, "snapshot", n.snap.Name, "offset", off, "err", err)
 		return nil, syscall.EIO
 	}
-	return fuse.ReadResultData(dest[:got]), 0
+	// A vector goes to /dev/fuse with one writev: go-fuse would try to splice plain
+	// data through a pipe too small for a 1 MiB read, and log each failure.
+	return fuse.ReadResultVector([][]byte{dest[:got]}), 0
 }
 
 // Mounted is a served mount.
@@ -344,7 +347,7 @@ func Mount(repo *chain.Reader, repoDir, dir string, opts Options) (*Mounted, err
 		}
 	}
 	states, _ := lru.New[string, *snapState](32)
-	v := &view{repo: repo, opts: opts, cache: newChunkCache(cacheBytes), states: states, loaders: make(chan struct{}, 2*runtime.GOMAXPROCS(0))}
+	v := &view{repo: repo, opts: opts, cache: image.NewCache(cacheBytes), states: states, loaders: make(chan struct{}, 2*runtime.GOMAXPROCS(0))}
 	entry, attr := listTTL, listTTL
 	mo := fuse.MountOptions{
 		FsName: "stasis", Name: "stasis",

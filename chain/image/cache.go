@@ -1,4 +1,4 @@
-package fusemount
+package image
 
 import (
 	"context"
@@ -11,12 +11,13 @@ import (
 	"github.com/stasis-project/stasis/chain"
 )
 
-// chunkCache keeps decompressed chunks by content ID, bounded by bytes and shared by every
-// open file of a mount (and every snapshot: identical chunks are one entry). Concurrent
+// Cache keeps decompressed chunks by content ID, bounded by bytes and shared by every
+// reader of a process (and every snapshot: identical chunks are one entry, so the
+// metadata two snapshots share is decompressed and checked once). Concurrent
 // misses on one chunk load it once. Buffers of evicted chunks are reused once no reader
 // is copying from them: fresh memory costs the kernel a page fault per 4 KiB, which was a
 // large part of a sequential read's CPU.
-type chunkCache struct {
+type Cache struct {
 	mu      sync.Mutex
 	lru     *lru.Cache[chain.ID, *chunk]
 	loading map[chain.ID]*chunkLoad
@@ -27,7 +28,7 @@ type chunkCache struct {
 }
 
 // chunk is a cached chunk. refs counts readers copying from data; an evicted chunk's buffer
-// is recycled when the last of them releases it. Both are guarded by chunkCache.mu.
+// is recycled when the last of them releases it. Both are guarded by Cache.mu.
 type chunk struct {
 	data    []byte
 	refs    int
@@ -42,8 +43,8 @@ type chunkLoad struct {
 
 const maxFreeBuffers = 64
 
-func newChunkCache(budget int64) *chunkCache {
-	c := &chunkCache{budget: budget, loading: map[chain.ID]*chunkLoad{}}
+func NewCache(budget int64) *Cache {
+	c := &Cache{budget: budget, loading: map[chain.ID]*chunkLoad{}}
 	c.lru, _ = lru.NewWithEvict(1<<20, func(_ chain.ID, ch *chunk) {
 		// Called under c.mu, from Add and RemoveOldest.
 		c.bytes -= int64(len(ch.data))
@@ -56,7 +57,7 @@ func newChunkCache(budget int64) *chunkCache {
 }
 
 // recycle keeps an unreferenced chunk's buffer for a later load. Called under c.mu.
-func (c *chunkCache) recycle(ch *chunk) {
+func (c *Cache) recycle(ch *chunk) {
 	if ch.data != nil && len(c.free) < maxFreeBuffers {
 		c.free = append(c.free, ch.data[:0])
 	}
@@ -64,7 +65,7 @@ func (c *chunkCache) recycle(ch *chunk) {
 }
 
 // buffer returns a recycled buffer of at least n bytes, or nil.
-func (c *chunkCache) buffer(n int) []byte {
+func (c *Cache) buffer(n int) []byte {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for i := len(c.free) - 1; i >= 0; i-- {
@@ -80,7 +81,7 @@ func (c *chunkCache) buffer(n int) []byte {
 
 // get returns chunk i of sr (with content id), loading it on a miss. The caller reads
 // ch.data and MUST call release(ch) exactly once when done with it.
-func (c *chunkCache) get(ctx context.Context, sr *chain.SnapshotReader, i int64, id chain.ID) (*chunk, error) {
+func (c *Cache) get(ctx context.Context, sr *chain.SnapshotReader, i int64, id chain.ID) (*chunk, error) {
 	c.mu.Lock()
 	if ch, ok := c.lru.Get(id); ok {
 		ch.refs++
@@ -124,7 +125,7 @@ func (c *chunkCache) get(ctx context.Context, sr *chain.SnapshotReader, i int64,
 }
 
 // release ends a reader's use of ch.
-func (c *chunkCache) release(ch *chunk) {
+func (c *Cache) release(ch *chunk) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	ch.refs--
@@ -134,7 +135,7 @@ func (c *chunkCache) release(ch *chunk) {
 }
 
 // contains reports whether chunk id is cached, without touching its recency.
-func (c *chunkCache) contains(id chain.ID) bool {
+func (c *Cache) contains(id chain.ID) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.lru.Contains(id)
@@ -144,24 +145,44 @@ func (c *chunkCache) contains(id chain.ID) bool {
 // with the reads the kernel sends: disk reads overlap decompression.
 const prefetchChunks = 32
 
-// image reads a snapshot's volume image through the cache. It implements io.ReaderAt
+// Reader reads a snapshot's volume image through a Cache. It implements io.ReaderAt
 // (the filesystem readers' view of a device) and is safe for concurrent use.
-type image struct {
+type Reader struct {
 	sr    *chain.SnapshotReader
-	cache *chunkCache
+	cache *Cache
 	size  int64
 	// loaders bounds background chunk loads for the whole mount.
-	loaders chan struct{}
+	loaders   chan struct{}
+	readahead bool
 	// next is where the last read ended: a read starting there is sequential.
 	next  atomic.Int64
 	mu    sync.Mutex
 	ahead int64 // the first chunk not yet scheduled for prefetch
 }
 
+// NewReader reads sr through cache. loaders bounds background chunk loads (sequential
+// read-ahead and Prefetch), shared by all the readers of a process; nil disables them.
+func NewReader(sr *chain.SnapshotReader, cache *Cache, loaders chan struct{}) *Reader {
+	return &Reader{sr: sr, cache: cache, size: sr.Snapshot().SizeBytes, loaders: loaders, readahead: loaders != nil}
+}
+
+// WithoutReadahead turns off sequential read-ahead, for readers that know what they will
+// read next and say so with Prefetch.
+func (im *Reader) WithoutReadahead() *Reader {
+	im.readahead = false
+	return im
+}
+
+// Size is the volume's size in bytes.
+func (im *Reader) Size() int64 { return im.size }
+
+// Snapshot is the snapshot being read.
+func (im *Reader) Snapshot() *chain.SnapshotReader { return im.sr }
+
 // prefetch schedules loads of the chunks after chunk last, as far as prefetchChunks
 // ahead, skipping those cached or already scheduled. When every loader is busy it stops
 // and the next sequential read continues: prefetching never queues behind real reads.
-func (im *image) prefetch(last int64) {
+func (im *Reader) prefetch(last int64) {
 	cs := int64(im.sr.Snapshot().ChunkSize)
 	end := min(last+1+prefetchChunks, (im.size+cs-1)/cs)
 	im.mu.Lock()
@@ -173,27 +194,44 @@ func (im *image) prefetch(last int64) {
 			im.ahead = i
 			return
 		}
-		go func(i int64) {
-			defer func() { <-im.loaders }()
-			ctx := context.Background()
-			id, err := im.sr.ChunkID(ctx, i)
-			if err != nil || id.IsZero() || im.cache.contains(id) {
-				return
-			}
-			if ch, err := im.cache.get(ctx, im.sr, i, id); err == nil { // errors surface when the data is really read
-				im.cache.release(ch)
-			}
-		}(i)
+		go im.load(i)
 	}
 	im.ahead = max(im.ahead, end)
 }
 
-func (im *image) ReadAt(p []byte, off int64) (int, error) {
+// load loads chunk i into the cache and frees the loader slot its caller took.
+func (im *Reader) load(i int64) {
+	defer func() { <-im.loaders }()
+	ctx := context.Background()
+	id, err := im.sr.ChunkID(ctx, i)
+	if err != nil || id.IsZero() || im.cache.contains(id) {
+		return
+	}
+	if ch, err := im.cache.get(ctx, im.sr, i, id); err == nil { // errors surface when the data is really read
+		im.cache.release(ch)
+	}
+}
+
+// Prefetch starts loading the chunks under [off, off+n) in the background. It waits for a
+// free loader before each, so a caller that prefetches a window ahead of its reads keeps
+// every loader busy and the cache no fuller than the window.
+func (im *Reader) Prefetch(off, n int64) {
+	if im.loaders == nil || n <= 0 || off < 0 || off >= im.size {
+		return
+	}
+	cs := int64(im.sr.Snapshot().ChunkSize)
+	for i := off / cs; i <= (min(off+n, im.size)-1)/cs; i++ {
+		im.loaders <- struct{}{}
+		go im.load(i)
+	}
+}
+
+func (im *Reader) ReadAt(p []byte, off int64) (int, error) {
 	if off < 0 || off >= im.size {
 		return 0, io.EOF
 	}
 	cs := int64(im.sr.Snapshot().ChunkSize)
-	if im.loaders != nil && len(p) >= 16<<10 && im.next.Swap(off+int64(len(p))) == off {
+	if im.readahead && len(p) >= 16<<10 && im.next.Swap(off+int64(len(p))) == off {
 		im.prefetch((off + int64(len(p)) - 1) / cs)
 	}
 	// io.ReaderAt has no context; reads are bounded chunk loads.
@@ -201,7 +239,7 @@ func (im *image) ReadAt(p []byte, off int64) (int, error) {
 }
 
 // fromCache is the chain.ChunkSource of the shared cache.
-func (im *image) fromCache(ctx context.Context, i int64, id chain.ID) ([]byte, func(), error) {
+func (im *Reader) fromCache(ctx context.Context, i int64, id chain.ID) ([]byte, func(), error) {
 	ch, err := im.cache.get(ctx, im.sr, i, id)
 	if err != nil {
 		return nil, nil, err

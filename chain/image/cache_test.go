@@ -1,4 +1,4 @@
-package fusemount
+package image
 
 import (
 	"bytes"
@@ -54,8 +54,8 @@ func TestImageReadsExactUnderConcurrency(t *testing.T) {
 		data[i] = "abcdefgh\n"[i%9]
 	}
 	sr := snapshotOf(t, data, chunk)
-	cache := newChunkCache(10 * chunk)
-	im := &image{sr: sr, cache: cache, size: int64(len(data)), loaders: make(chan struct{}, 4)}
+	cache := NewCache(10 * chunk)
+	im := &Reader{sr: sr, cache: cache, size: int64(len(data)), loaders: make(chan struct{}, 4)}
 	var wg sync.WaitGroup
 	for g := 0; g < 8; g++ {
 		wg.Add(1)
