@@ -50,6 +50,28 @@ type Inode interface {
 	Xattrs() ([]Xattr, error)
 }
 
+// ErrNotMapped means a file's data is not in blocks of the image (ext4 inline data, XFS
+// local format): it lives in the inode and can only be read.
+var ErrNotMapped = errors.New("file data is stored in its inode")
+
+// Mapper is implemented by the inodes of both readers: where a regular file's bytes live
+// in the image, so holes can stay holes and two snapshots' files can be compared by the
+// chunks under their extents.
+type Mapper interface {
+	// Map returns where byte off of the file lives: the image's byte offset, or -1 for a
+	// hole or unwritten range (which reads as zeros), and how many bytes from there the
+	// answer holds (at least 1; a hole may run past the end of the file). It returns
+	// ErrNotMapped for a file whose data is in its inode.
+	Map(off int64) (phys, n int64, err error)
+}
+
+// Replayer is implemented by filesystems that may show an image with its journal replayed
+// in memory. When Replayed is true, some metadata and data read at an offset come from a
+// copy elsewhere in the image, so contents cannot be compared by position alone.
+type Replayer interface {
+	Replayed() bool
+}
+
 // Attr is what stat(2) shows.
 type Attr struct {
 	Ino                 uint64

@@ -62,18 +62,34 @@ chunk fails the export and leaves nothing behind.`,
 
 func newRestoreCmd(g *globals) *cobra.Command {
 	var to string
+	var overwrite bool
 	cmd := &cobra.Command{
-		Use:               "restore SNAPSHOT --to PATH",
+		Use:               "restore SNAPSHOT[:PATH] --to TARGET",
 		ValidArgsFunction: g.completeSnapshotFirst,
-		Short:             "Roll a device or file back to a snapshot, writing only chunks that differ",
-		Long: `Make PATH (a block device or a file) hold the volume as it was in SNAPSHOT. PATH's
-current content is compared chunk by chunk and only chunks that differ are written. A
-device must not be mounted or in use, and must be at least as large as the volume. A
-PATH that does not exist is created as with export.`,
-		Args: cobra.ExactArgs(1),
+		Short:             "Roll a device back to a snapshot, or restore files and directories from one",
+		Long: `restore SNAPSHOT --to DEVICE makes DEVICE (a block device or a file) hold the volume as
+it was in SNAPSHOT. Its current content is compared chunk by chunk and only chunks that
+differ are written. A device must not be mounted or in use, and must be at least as large
+as the volume. A target that does not exist is created as with export.
+
+restore SNAPSHOT:PATH --to DIR recreates the file or tree PATH inside the directory DIR
+(PATH's last component is created there; the root restores its contents into DIR), with
+owners (as root), modes, nanosecond times, xattrs, ACLs, symbolic and hard links, holes,
+device nodes and FIFOs. Nothing in DIR is followed. New paths appear only once complete.
+An existing path is refused unless --overwrite, which replaces files in place (never a
+directory with a file). Restoring a database directory from an app-consistent snapshot
+prints the binlog position it was taken at.`,
+		Example: "  stasis restore data/daily-2026-12-01 --to /dev/vdb\n  stasis restore data/daily-2026-12-01:/var/lib/mysql --to /srv/restore",
+		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if to == "" {
-				return fmt.Errorf("--to is required: the device or file to restore onto")
+				return fmt.Errorf("--to is required: the device or file to restore onto, or the directory to restore files into")
+			}
+			if _, _, ok := splitFileRef(args[0]); ok {
+				return g.restoreFiles(cmd, args[0], to, overwrite)
+			}
+			if overwrite {
+				return fmt.Errorf("--overwrite is for restoring files (SNAPSHOT:PATH); a volume restore always overwrites its target")
 			}
 			start := time.Now()
 			r, s, err := g.findSnapshot(cmd, args[0])
@@ -94,6 +110,7 @@ PATH that does not exist is created as with export.`,
 					s.Volume, s.Name, to, st.ChunksWritten, st.Chunks, humanize.IBytes(uint64(st.BytesWritten)), time.Since(start).Round(time.Millisecond)))
 		},
 	}
-	cmd.Flags().StringVar(&to, "to", "", "device or file to restore onto")
+	cmd.Flags().StringVar(&to, "to", "", "device or file to restore onto; with SNAPSHOT:PATH, the directory to restore into")
+	cmd.Flags().BoolVar(&overwrite, "overwrite", false, "with SNAPSHOT:PATH: replace existing files")
 	return cmd
 }

@@ -71,6 +71,7 @@ The repository is -r DIR, else $STASIS_REPO, else ` + DefaultRepo + `.
 		newVerifyCmd(g), newStatsCmd(g), newExportCmd(g), newRestoreCmd(g),
 		newThawCmd(), newFreezeGuardCmd(), newAgentCmd(g), newStatusCmd(g), newPruneCmd(g), newConfigCmd(g),
 		newMountCmd(g), newUmountCmd(), newDoctorCmd(g), newRepairCmd(g), newKeyCmd(g), newCopyCmd(g), newVersionCmd(g), newManCmd(), newProtectCmd(g, true), newProtectCmd(g, false),
+		newLsCmd(g), newCatCmd(g), newDiffCmd(g), newHistoryCmd(g), newFindCmd(g),
 	)
 	return root
 }

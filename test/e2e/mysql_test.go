@@ -169,14 +169,26 @@ func (w *workload) count() int {
 // checkRestored starts a second server on a copy of the snapshot's datadir (with the same
 // binary log basename, as InnoDB recovery needs) and checks every table and invariant, and
 // that the binary log ends exactly at the recorded position.
-func checkRestored(t *testing.T, v *dbVolume, name string, app map[string]any) {
+//
+// The datadir comes either from the exported volume mounted by the kernel, or (viaFiles)
+// from `stasis restore db/NAME:/mysql --to DIR`, which must also print the coordinates.
+func checkRestored(t *testing.T, v *dbVolume, name string, app map[string]any, viaFiles bool) {
 	t.Helper()
-	img := filepath.Join(t.TempDir(), "db.img")
-	testenv.MustStasis(t, "export", "-r", v.repo, "db/"+name, img)
-	view := testenv.Mount(t, img, "-o", "ro,loop,noload")
 	copyDir := filepath.Join(t.TempDir(), "datadir")
-	testenv.Run(t, "cp", "-a", filepath.Join(view, "mysql"), copyDir)
-	testenv.Run(t, "umount", view)
+	if viaFiles {
+		into := filepath.Dir(copyDir)
+		out := testenv.MustStasis(t, "restore", "-r", v.repo, "db/"+name+":/mysql", "--to", into)
+		if want := fmt.Sprintf("binlog position %v:%v", app["binlog_file"], app["binlog_position"]); !strings.Contains(out, want) {
+			t.Fatalf("restore of the datadir did not print %q:\n%s", want, out)
+		}
+		copyDir = filepath.Join(into, "mysql")
+	} else {
+		img := filepath.Join(t.TempDir(), "db.img")
+		testenv.MustStasis(t, "export", "-r", v.repo, "db/"+name, img)
+		view := testenv.Mount(t, img, "-o", "ro,loop,noload")
+		testenv.Run(t, "cp", "-a", filepath.Join(view, "mysql"), copyDir)
+		testenv.Run(t, "umount", view)
+	}
 	checkDatabase(t, name, copyDir, filepath.Join(copyDir, "mysql-bin"), app)
 }
 
@@ -251,13 +263,13 @@ func TestMariaDBConsistentSnapshots(t *testing.T) {
 	if w.commits.Load() < 100 {
 		t.Fatalf("the workload committed only %d transactions", w.commits.Load())
 	}
-	for _, s := range listJSON(t, "-r", v.repo) {
+	for i, s := range listJSON(t, "-r", v.repo) {
 		app, _ := s["app"].(map[string]any)
 		if app["database"] != "MariaDB" || app["lock_mode"] != "backup-stage" || app["gtid"] == nil {
 			t.Fatalf("recorded app info: %v", app)
 		}
 		t.Logf("%s: lock wait %.1f ms, hold %.1f ms, binlog %v:%v, gtid %v", s["name"], app["lock_wait_ms"], app["lock_hold_ms"], app["binlog_file"], app["binlog_position"], app["gtid"])
-		checkRestored(t, v, s["name"].(string), app)
+		checkRestored(t, v, s["name"].(string), app, i > 0)
 	}
 }
 

@@ -364,19 +364,27 @@ func PopulateWithKernel(t testing.TB, img, src string) {
 
 	acl := filepath.Join(mnt, "with-acl")
 	must(os.WriteFile(acl, []byte("acl\n"), 0o640))
-	// system.posix_acl_access: version 2; user::rw- user:1234:r-- group::r-- mask::r-- other::---
-	le := binary.LittleEndian
-	v := le.AppendUint32(nil, 2)
-	for _, e := range [][3]uint32{{0x01, 6, 0xFFFFFFFF}, {0x02, 4, 1234}, {0x04, 4, 0xFFFFFFFF}, {0x10, 4, 0xFFFFFFFF}, {0x20, 0, 0xFFFFFFFF}} {
-		v = le.AppendUint16(le.AppendUint16(v, uint16(e[0])), uint16(e[1]))
-		v = le.AppendUint32(v, e[2])
-	}
-	must(unix.Setxattr(acl, "system.posix_acl_access", v, 0))
+	SetACL(t, acl, 1234, 4)
 
 	if _, err := os.Stat(filepath.Join(mnt, "big.bin")); err == nil {
 		Run(t, "cp", "--reflink=auto", filepath.Join(mnt, "big.bin"), filepath.Join(mnt, "big-copy.bin"))
 	}
 	Run(t, "umount", mnt)
+}
+
+// SetACL gives path the access ACL user::rw- user:UID:PERM group::r-- mask::PERM other::---
+// (PERM in rwx bits, 4 = r--), written as the kernel's system.posix_acl_access xattr.
+func SetACL(t testing.TB, path string, uid uint32, perm uint16) {
+	t.Helper()
+	le := binary.LittleEndian
+	v := le.AppendUint32(nil, 2)
+	for _, e := range [][3]uint32{{0x01, 6, 0xFFFFFFFF}, {0x02, uint32(perm), uid}, {0x04, 4, 0xFFFFFFFF}, {0x10, uint32(perm | 4), 0xFFFFFFFF}, {0x20, 0, 0xFFFFFFFF}} {
+		v = le.AppendUint16(le.AppendUint16(v, uint16(e[0])), uint16(e[1]))
+		v = le.AppendUint32(v, e[2])
+	}
+	if err := unix.Setxattr(path, "system.posix_acl_access", v, 0); err != nil {
+		t.Fatalf("set an ACL on %s: %v", path, err)
+	}
 }
 
 // GarbageImage creates a file of size pseudo-random bytes: a filesystem made on it has

@@ -746,3 +746,23 @@ func aclToXattr(b []byte) ([]byte, error) {
 	}
 	return out, nil
 }
+
+// Map implements fsimage.Mapper.
+func (n *inode) Map(off int64) (int64, int64, error) {
+	if n.typ() != fsimage.S_IFREG {
+		return 0, 0, fmt.Errorf("inode %d is not a regular file", n.ino)
+	}
+	if n.flags&flagInlineData != 0 {
+		return 0, 0, fsimage.ErrNotMapped
+	}
+	if off < 0 {
+		return 0, 0, fmt.Errorf("negative offset")
+	}
+	return n.mapOffset(off)
+}
+
+// Replayed implements fsimage.Replayer: the journal needed recovery and was replayed.
+func (f *FS) Replayed() bool {
+	_, ok := f.dev.(*replayed)
+	return ok
+}

@@ -190,6 +190,15 @@ func Exercise(fsys fsimage.FS) {
 					n.ReadAt(buf, off)
 				}
 			}
+			if m, ok := n.(fsimage.Mapper); ok { // the extent walk of diff and restore
+				for off, steps := int64(0), 0; off < int64(a.Size) && steps < 64; steps++ {
+					_, l, err := m.Map(off)
+					if err != nil || l <= 0 {
+						break
+					}
+					off += l
+				}
+			}
 		case fsimage.S_IFLNK:
 			n.Readlink()
 		case fsimage.S_IFDIR:

@@ -789,3 +789,21 @@ func publicAttr(flags byte, name string, v []byte) (string, []byte, error) {
 	}
 	return "user." + name, v, nil
 }
+
+// Map implements fsimage.Mapper.
+func (n *inode) Map(off int64) (int64, int64, error) {
+	if n.typ() != fsimage.S_IFREG {
+		return 0, 0, fmt.Errorf("inode %d is not a regular file", n.ino)
+	}
+	if n.raw[5] == fmtLocal {
+		return 0, 0, fsimage.ErrNotMapped
+	}
+	exts, err := n.dataExtents()
+	if err != nil {
+		return 0, 0, err
+	}
+	if off < 0 {
+		return 0, 0, fmt.Errorf("negative offset")
+	}
+	return n.mapper(exts)(off)
+}

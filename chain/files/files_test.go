@@ -1,0 +1,113 @@
+package files
+
+import (
+	"context"
+	"errors"
+	"testing"
+
+	"github.com/stasis-project/stasis/chain"
+	"github.com/stasis-project/stasis/chain/fsimage"
+)
+
+// fakeFS is a directory graph, as a hostile image could describe one.
+type fakeFS map[uint64][]fsimage.DirEntry
+
+func (f fakeFS) Type() string { return "fake" }
+func (f fakeFS) Root() uint64 { return 1 }
+func (f fakeFS) Open(ino uint64) (fsimage.Inode, error) {
+	if _, ok := f[ino]; !ok {
+		return fakeFile(ino), nil
+	}
+	return fakeDir{f, ino}, nil
+}
+
+type fakeDir struct {
+	fs  fakeFS
+	ino uint64
+}
+
+func (d fakeDir) Attr() fsimage.Attr                { return fsimage.Attr{Ino: d.ino, Mode: fsimage.S_IFDIR | 0o755} }
+func (d fakeDir) ReadAt([]byte, int64) (int, error) { return 0, errors.New("a directory") }
+func (d fakeDir) ReadDir() ([]fsimage.DirEntry, error) {
+	return append([]fsimage.DirEntry(nil), d.fs[d.ino]...), nil
+}
+func (d fakeDir) Readlink() (string, error)        { return "", errors.New("a directory") }
+func (d fakeDir) Xattrs() ([]fsimage.Xattr, error) { return nil, nil }
+
+type fakeFile uint64
+
+func (f fakeFile) Attr() fsimage.Attr {
+	return fsimage.Attr{Ino: uint64(f), Mode: fsimage.S_IFREG | 0o644}
+}
+func (f fakeFile) ReadAt([]byte, int64) (int, error)    { return 0, nil }
+func (f fakeFile) ReadDir() ([]fsimage.DirEntry, error) { return nil, errors.New("a file") }
+func (f fakeFile) Readlink() (string, error)            { return "", errors.New("a file") }
+func (f fakeFile) Xattrs() ([]fsimage.Xattr, error)     { return nil, nil }
+
+func fakeRoot(t *testing.T, fsys fakeFS) *Entry {
+	t.Helper()
+	f := &Filesystem{vol: &Volume{snap: &chain.Snapshot{Volume: "v", Name: "s"}}}
+	f.once.Do(func() { f.fs = fsys })
+	root, err := f.Root()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return root
+}
+
+// TestHostileDirectoryGraphs: a directory that contains its ancestor, and names that would
+// leave the restore target, end a walk with a corruption error instead of looping or
+// escaping.
+func TestHostileDirectoryGraphs(t *testing.T) {
+	for name, fsys := range map[string]fakeFS{
+		"cycle":    {1: {{Name: "a", Ino: 2}}, 2: {{Name: "b", Ino: 3}}, 3: {{Name: "up", Ino: 2}}},
+		"self":     {1: {{Name: "me", Ino: 1}}},
+		"dotdot":   {1: {{Name: "..", Ino: 5}}},
+		"slash":    {1: {{Name: "a/../../etc", Ino: 5}}},
+		"emptyish": {1: {{Name: "", Ino: 5}}},
+	} {
+		t.Run(name, func(t *testing.T) {
+			visited := 0
+			err := Walk(context.Background(), fakeRoot(t, fsys), func(*Entry) error { visited++; return nil })
+			if !errors.Is(err, fsimage.ErrCorrupt) {
+				t.Fatalf("walk ended with %v after %d entries, want a corruption error", err, visited)
+			}
+		})
+	}
+	// A directory reachable by two names (no cycle) is walked twice, and that is fine.
+	shared := fakeFS{1: {{Name: "a", Ino: 2}, {Name: "b", Ino: 2}}, 2: {{Name: "f", Ino: 9}}}
+	var paths []string
+	if err := Walk(context.Background(), fakeRoot(t, shared), func(e *Entry) error { paths = append(paths, e.Path); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if len(paths) != 5 {
+		t.Fatalf("walked %v", paths)
+	}
+}
+
+func TestCleanAndMatch(t *testing.T) {
+	for in, want := range map[string]string{"": "", "/": "", "/etc//x/": "etc/x", "./a/./b": "a/b"} {
+		if got, err := Clean(in); err != nil || got != want {
+			t.Errorf("Clean(%q) = %q, %v; want %q", in, got, err, want)
+		}
+	}
+	if _, err := Clean("/etc/../root"); err == nil {
+		t.Error(`Clean accepted ".."`)
+	}
+	for _, c := range []struct {
+		pattern, path string
+		want          bool
+	}{
+		{"*.conf", "etc/nginx/nginx.conf", true},
+		{"*.conf", "etc/nginx", false},
+		{"/etc/*.conf", "etc/a.conf", true},
+		{"/etc/*.conf", "etc/sub/a.conf", false},
+		{"etc/*/a.conf", "etc/sub/a.conf", true},
+		{"*", "", false}, // the root has no name
+		{"[", "x", false},
+	} {
+		if got := Match(c.pattern, c.path); got != c.want {
+			t.Errorf("Match(%q, %q) = %v", c.pattern, c.path, got)
+		}
+	}
+}
