@@ -35,6 +35,8 @@ var (
 	layouts     = flag.Bool("layouts", true, "measure zram (bio-based) tracking and a two-volume group's freeze window")
 	encBench    = flag.Bool("encryption", true, "compare an encrypted repository with an unencrypted one")
 	s3BenchF    = flag.Bool("s3", true, "measure snapshots, copy, export and the view against S3 (versitygw)")
+	filesBenchF = flag.Bool("files", true, "measure diff and file restore against diff -rq and cp -a through the view, and restic")
+	onlyFiles   = flag.Bool("only-files", false, "measure only the file tools (fills a volume and takes its two snapshots first)")
 )
 
 func main() {
@@ -79,6 +81,16 @@ func main() {
 	v := newVolume(dir, *volSize)
 	defer v.close()
 	v.fill()
+	if *onlyFiles {
+		repo := filepath.Join(dir, "stasis-repo")
+		run(*stasis, "init", "-r", repo)
+		snapshot(repo, v.dev, "full")
+		v.change(20 << 20)
+		snapshot(repo, v.dev, "after-20MiB")
+		filesBench(dir, v, repo, add)
+		printRows()
+		return
+	}
 
 	// Disk throughput here varies from run to run: alternate dd and stasis three times and
 	// compare medians.
@@ -133,6 +145,10 @@ func main() {
 		bt := timeIt(func() { run("borg", "create", "-C", "lz4", "--read-special", borgRepo+"::inc", v.dev) })
 		borgInc = bt
 		add("borg after 20 MiB changed", bt, fmt.Sprintf("stasis is %.1f× faster", ratio(bt, t)))
+	}
+
+	if *filesBenchF {
+		filesBench(dir, v, repo, add)
 	}
 
 	tt, tout := trackedIncremental(dir, v)

@@ -51,27 +51,8 @@ func mountBench(dir string, add func(string, time.Duration, string)) {
 	// Cold: page cache dropped, and a fresh mount process (empty chunk cache, nothing parsed).
 	var peakRSS string // VmHWM of the last mount process
 	serve := func() func() {
-		cmd := exec.Command(*stasis, "mount", "-r", repo, fuseDir)
-		if err := cmd.Start(); err != nil {
-			fatal(err.Error())
-		}
-		for i := 0; i < 200; i++ {
-			if _, err := os.Stat(filepath.Join(fuseDir, "vol")); err == nil {
-				break
-			}
-			time.Sleep(50 * time.Millisecond)
-		}
-		return func() {
-			if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", cmd.Process.Pid)); err == nil {
-				for _, l := range strings.Split(string(b), "\n") {
-					if strings.HasPrefix(l, "VmHWM:") {
-						peakRSS = strings.TrimSpace(strings.TrimPrefix(l, "VmHWM:"))
-					}
-				}
-			}
-			exec.Command("fusermount3", "-u", fuseDir).Run()
-			cmd.Wait()
-		}
+		stop := serveView(repo, fuseDir, "vol")
+		return func() { peakRSS = stop() }
 	}
 	dropCaches := func() { os.WriteFile("/proc/sys/vm/drop_caches", []byte("3"), 0) }
 	readAll := func(p string) { run("dd", "if="+p, "of=/dev/null", "bs=1M") }
@@ -153,4 +134,32 @@ func mountBench(dir string, add func(string, time.Duration, string)) {
 	}
 	rt := time.Since(start) / 2000
 	add("one FUSE round trip (getxattr of an absent attribute), mean of 2,000", rt, fmt.Sprintf("%v; ls -l makes 2 per file", rt))
+}
+
+// serveView runs `stasis mount` of repo on fuseDir until want appears in it, and returns
+// what stops it, which reports the mount's peak RSS.
+func serveView(repo, fuseDir, want string) (stop func() (peakRSS string)) {
+	os.MkdirAll(fuseDir, 0o755)
+	cmd := exec.Command(*stasis, "mount", "-r", repo, fuseDir)
+	if err := cmd.Start(); err != nil {
+		fatal(err.Error())
+	}
+	for i := 0; i < 200; i++ {
+		if _, err := os.Stat(filepath.Join(fuseDir, want)); err == nil {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return func() (peak string) {
+		if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", cmd.Process.Pid)); err == nil {
+			for _, l := range strings.Split(string(b), "\n") {
+				if strings.HasPrefix(l, "VmHWM:") {
+					peak = strings.TrimSpace(strings.TrimPrefix(l, "VmHWM:"))
+				}
+			}
+		}
+		exec.Command("fusermount3", "-u", fuseDir).Run()
+		cmd.Wait()
+		return peak
+	}
 }
