@@ -41,12 +41,44 @@ type ControlResponse struct {
 	Note      string            `json:"note,omitempty"`
 	Error     string            `json:"error,omitempty"`
 	Status    []VolumeStatus    `json:"status,omitempty"`
-	Replica   *ReplicaStatus    `json:"replica,omitempty"`
+	Replicas  []*ReplicaStatus  `json:"replicas,omitempty"`
 	Snapshot  *SnapshotReport   `json:"snapshot,omitempty"`
 	Group     []*SnapshotReport `json:"group,omitempty"` // every member, for a group snapshot
 	Decisions []PruneDecision   `json:"decisions,omitempty"`
 	Snapshots []*chain.Snapshot `json:"snapshots,omitempty"`
-	Final     bool              `json:"final"`
+	// Progress, on a line before the final one, says how far a snapshot is.
+	Progress *ProgressNote `json:"progress,omitempty"`
+	Final    bool          `json:"final"`
+}
+
+// ProgressNote is a running snapshot's progress: bytes handed to the repository, and the
+// bytes it reads in all (0 while unknown, as for a tracked incremental).
+type ProgressNote struct {
+	Done  int64 `json:"done"`
+	Total int64 `json:"total"`
+}
+
+// progressLines sends a snapshot's progress to the client, at most a few lines a second.
+// Its methods are called from the capture's goroutines at once.
+type progressLines struct {
+	mu          sync.Mutex
+	send        func(ControlResponse)
+	done, total int64
+	last        time.Time
+}
+
+func (p *progressLines) add(n int64)      { p.update(n, 0) }
+func (p *progressLines) addTotal(n int64) { p.update(0, n) }
+
+func (p *progressLines) update(done, total int64) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.done += done
+	p.total += total
+	if now := time.Now(); total > 0 || now.Sub(p.last) >= 250*time.Millisecond {
+		p.last = now
+		p.send(ControlResponse{Progress: &ProgressNote{Done: p.done, Total: p.total}})
+	}
 }
 
 // SnapshotReport is a snapshot's outcome as the socket carries it.
@@ -203,8 +235,8 @@ func (s *Service) handle(conn net.Conn, idle *idleConns) {
 	switch req.Op {
 	case "status":
 		resp.Status = s.Status()
-		if s.replica != nil {
-			resp.Replica = s.replica.snapshot()
+		for _, p := range s.replicas {
+			resp.Replicas = append(resp.Replicas, p.snapshot())
 		}
 	case "snapshot":
 		if uid, ok := peerUID(conn); !ok || uid != 0 {
@@ -215,7 +247,15 @@ func (s *Service) handle(conn net.Conn, idle *idleConns) {
 			}
 			defer s.unprivileged.Add(-1)
 		}
-		outs, err := s.Snapshot(req.Volume, Request{Name: req.Name, Tags: req.Tags, Note: req.Note, Force: req.Force}, func(note string) { enc.Encode(ControlResponse{Note: note}) })
+		var encMu sync.Mutex // notes and progress come from several goroutines
+		send := func(r ControlResponse) {
+			encMu.Lock()
+			defer encMu.Unlock()
+			enc.Encode(r)
+		}
+		prog := &progressLines{send: send}
+		outs, err := s.Snapshot(req.Volume, Request{Name: req.Name, Tags: req.Tags, Note: req.Note, Force: req.Force, Progress: prog.add, AddTotal: prog.addTotal},
+			func(note string) { send(ControlResponse{Note: note}) })
 		if err != nil {
 			resp.Error = err.Error()
 		} else {
@@ -250,6 +290,11 @@ var ErrNoAgent = errors.New("no agent is running")
 
 // Call sends a request to a running agent; notes go to note as they arrive.
 func Call(path string, req ControlRequest, note func(string)) (*ControlResponse, error) {
+	return CallWithProgress(path, req, note, nil)
+}
+
+// CallWithProgress is Call, with a snapshot's progress going to progress as it arrives.
+func CallWithProgress(path string, req ControlRequest, note func(string), progress func(done, total int64)) (*ControlResponse, error) {
 	conn, err := net.DialTimeout("unix", path, time.Second)
 	if err != nil {
 		return nil, fmt.Errorf("%w (%v)", ErrNoAgent, err)
@@ -265,7 +310,12 @@ func Call(path string, req ControlRequest, note func(string)) (*ControlResponse,
 			return nil, fmt.Errorf("agent closed the connection: %w", err)
 		}
 		if !resp.Final {
-			if note != nil {
+			switch {
+			case resp.Progress != nil:
+				if progress != nil {
+					progress(resp.Progress.Done, resp.Progress.Total)
+				}
+			case note != nil:
 				note(resp.Note)
 			}
 			continue

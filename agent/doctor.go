@@ -113,7 +113,7 @@ func Doctor(ctx context.Context, cfg *config.Config, env DoctorEnv) []Finding {
 	for _, state := range otherFreezers() {
 		add("freeze", "", SevWarning, "another stasis process froze filesystems and is still running: "+state, "wait for it, or run stasis thaw --all if it hangs")
 	}
-	for _, sec := range []struct{ key, path string }{{"password_file", cfg.PasswordFile}, {"replicate.password_file", replicatePasswordFile(cfg)}} {
+	for _, sec := range secretFiles(cfg) {
 		if sec.path == "" {
 			continue
 		}
@@ -139,11 +139,18 @@ func Doctor(ctx context.Context, cfg *config.Config, env DoctorEnv) []Finding {
 	return fs
 }
 
-func replicatePasswordFile(cfg *config.Config) string {
-	if cfg.Replicate == nil {
-		return ""
+// secretFiles lists the configured passphrase files: the repository's and each replica's.
+func secretFiles(cfg *config.Config) []struct{ key, path string } {
+	out := []struct{ key, path string }{{"password_file", cfg.PasswordFile}}
+	if cfg.Replicate != nil {
+		out = append(out, struct{ key, path string }{"replicate.password_file", cfg.Replicate.PasswordFile})
 	}
-	return cfg.Replicate.PasswordFile
+	for _, v := range cfg.Volumes {
+		if v.Replicate != nil {
+			out = append(out, struct{ key, path string }{"volume " + v.Name + " replicate.password_file", v.Replicate.PasswordFile})
+		}
+	}
+	return out
 }
 
 func doctorRepository(cfg *config.Config, r *chain.Reader, openErr error, snaps []*chain.Snapshot) []Finding {
@@ -170,6 +177,10 @@ func doctorRepository(cfg *config.Config, r *chain.Reader, openErr error, snaps 
 		what = "encrypted"
 	}
 	add(SevOK, fmt.Sprintf("%s opens (%s, %d snapshots of this host)", r.Location(), what, len(snaps)), "")
+	for _, o := range orphanedChains(cfg, snaps) {
+		add(SevWarning, fmt.Sprintf("volume %s is no longer configured but has %s: retention no longer prunes them", o.volume, plural(o.auto, "automatic snapshot")),
+			fmt.Sprintf("stasis prune --volume %s --keep-last N (or stasis delete them), or configure it again", o.volume))
+	}
 	if config.IsRemote(cfg.Repository) {
 		return fs
 	}
@@ -188,6 +199,43 @@ func doctorRepository(cfg *config.Config, r *chain.Reader, openErr error, snaps 
 		}
 	}
 	return fs
+}
+
+type orphan struct {
+	volume string
+	auto   int
+}
+
+// orphanedChains lists this host's volumes with automatic snapshots that no volume or
+// group of the configuration names any more.
+func orphanedChains(cfg *config.Config, snaps []*chain.Snapshot) []orphan {
+	known := map[string]bool{}
+	for _, v := range cfg.Volumes {
+		known[v.Name] = true
+	}
+	counts := map[string]int{}
+	var order []string
+	for _, s := range snaps {
+		if known[s.Volume] || s.Kind != chain.KindAuto {
+			continue
+		}
+		if counts[s.Volume] == 0 {
+			order = append(order, s.Volume)
+		}
+		counts[s.Volume]++
+	}
+	out := make([]orphan, len(order))
+	for i, v := range order {
+		out[i] = orphan{v, counts[v]}
+	}
+	return out
+}
+
+func plural(n int, what string) string {
+	if n == 1 {
+		return "1 " + what
+	}
+	return fmt.Sprintf("%d %ss", n, what)
 }
 
 // expectedGrowth estimates what the next snapshots add: the largest recent addition, per

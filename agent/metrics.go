@@ -23,10 +23,11 @@ type metrics struct {
 	lastSuccess *prometheus.GaugeVec
 	packBytes   prometheus.Gauge
 
-	replicaLag         prometheus.Gauge
-	replicaLastSuccess prometheus.Gauge
-	replicaBytes       prometheus.Counter
-	replicaFailures    prometheus.Counter
+	// Replication, by replica repository.
+	replicaLag         *prometheus.GaugeVec
+	replicaLastSuccess *prometheus.GaugeVec
+	replicaBytes       *prometheus.CounterVec
+	replicaFailures    *prometheus.CounterVec
 }
 
 func newMetrics() *metrics {
@@ -49,14 +50,15 @@ func newMetrics() *metrics {
 		packBytes: prometheus.NewGauge(prometheus.GaugeOpts{Name: "stasis_repository_pack_bytes",
 			Help: "Bytes in the repository's pack files."}),
 	}
-	m.replicaLag = prometheus.NewGauge(prometheus.GaugeOpts{Name: "stasis_replica_lag_snapshots",
-		Help: "This host's snapshots the replica does not have yet."})
-	m.replicaLastSuccess = prometheus.NewGauge(prometheus.GaugeOpts{Name: "stasis_replica_last_success_timestamp_seconds",
-		Help: "Unix time of the last replication pass that copied everything."})
-	m.replicaBytes = prometheus.NewCounter(prometheus.CounterOpts{Name: "stasis_replica_bytes_stored_total",
-		Help: "Bytes replication added to the replica."})
-	m.replicaFailures = prometheus.NewCounter(prometheus.CounterOpts{Name: "stasis_replica_failures_total",
-		Help: "Replication passes that failed (each is retried with a backoff)."})
+	replica := []string{"replica"}
+	m.replicaLag = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "stasis_replica_lag_snapshots",
+		Help: "This host's snapshots the replica does not have yet."}, replica)
+	m.replicaLastSuccess = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "stasis_replica_last_success_timestamp_seconds",
+		Help: "Unix time of the last replication pass that copied everything."}, replica)
+	m.replicaBytes = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "stasis_replica_bytes_stored_total",
+		Help: "Bytes replication added to the replica."}, replica)
+	m.replicaFailures = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "stasis_replica_failures_total",
+		Help: "Replication passes that failed (each is retried with a backoff)."}, replica)
 	m.reg.MustRegister(m.snapshots, m.duration, m.freeze, m.freezeHist, m.stored, m.read, m.lastSuccess, m.packBytes,
 		m.replicaLag, m.replicaLastSuccess, m.replicaBytes, m.replicaFailures)
 	return m

@@ -31,22 +31,60 @@ type ReplicaStatus struct {
 // passwordFile is its passphrase's file ("" for an unencrypted one).
 type Opener func(ctx context.Context, location, passwordFile string) (*chain.Repository, error)
 
-// replicator copies this host's snapshots to the replica after each snapshot, in the
-// background, and applies the replica's own retention. A failed pass is retried at the
-// next kick, with a backoff; the lag says how far behind the replica is.
+// replicator copies this host's snapshots of the volumes it serves to one replica
+// repository after each snapshot, in the background, and applies the replica's own
+// retention. A failed pass is retried at the next kick, with a backoff; the lag says how
+// far behind the replica is. The agent runs one per replica repository: the top-level
+// replicate serves every volume without a replicate of its own.
 type replicator struct {
-	s    *Service
-	open Opener
-	kick chan struct{}
+	s                      *Service
+	open                   Opener
+	kick                   chan struct{}
+	location, passwordFile string
 
 	mu      sync.Mutex
-	cfg     config.Replicate
 	replica *chain.Repository
 	status  ReplicaStatus
 }
 
-func newReplicator(s *Service, cfg config.Replicate, open Opener) *replicator {
-	return &replicator{s: s, open: open, cfg: cfg, kick: make(chan struct{}, 1), status: ReplicaStatus{Repository: cfg.Repository}}
+func newReplicator(s *Service, r *config.Replicate, open Opener) *replicator {
+	p := &replicator{s: s, open: open, location: r.Repository, passwordFile: r.PasswordFile, kick: make(chan struct{}, 1),
+		status: ReplicaStatus{Repository: r.Repository}}
+	s.metrics.replicaLag.WithLabelValues(p.location) // every series exists from the start
+	s.metrics.replicaLastSuccess.WithLabelValues(p.location)
+	s.metrics.replicaBytes.WithLabelValues(p.location)
+	s.metrics.replicaFailures.WithLabelValues(p.location)
+	return p
+}
+
+// newReplicators makes one replicator per replica repository of the configuration.
+func newReplicators(s *Service, cfg *config.Config, open Opener) []*replicator {
+	var out []*replicator
+	seen := map[string]bool{}
+	for _, r := range cfg.Replicas() {
+		if !seen[r.Repository] {
+			seen[r.Repository] = true
+			out = append(out, newReplicator(s, r, open))
+		}
+	}
+	return out
+}
+
+// retention is the retention this replica applies to a volume's snapshots; ok is false
+// for a volume it does not serve (the configuration sends it elsewhere, or nowhere).
+func (p *replicator) retention(volume string) (r config.Retention, ok bool) {
+	p.s.mu.Lock()
+	rep := p.s.cfg.ReplicaOf(volume)
+	p.s.mu.Unlock()
+	if rep == nil || rep.Repository != p.location {
+		return config.Retention{}, false
+	}
+	return rep.Retention, true
+}
+
+func (p *replicator) serves(volume string) bool {
+	_, ok := p.retention(volume)
+	return ok
 }
 
 // wake asks for a pass soon; it never blocks.
@@ -80,8 +118,8 @@ func (p *replicator) run(ctx context.Context) {
 			if ctx.Err() != nil {
 				return
 			}
-			p.s.log.Error("replication failed; retrying", "replica", p.cfg.Repository, "in", backoff, "err", err)
-			p.s.metrics.replicaFailures.Inc()
+			p.s.log.Error("replication failed; retrying", "replica", p.location, "in", backoff, "err", err)
+			p.s.metrics.replicaFailures.WithLabelValues(p.location).Inc()
 			p.mu.Lock()
 			p.status.LastError, p.status.LastErrorAt = err.Error(), stampTime(time.Now())
 			p.mu.Unlock()
@@ -106,7 +144,7 @@ func (p *replicator) pass(ctx context.Context) error {
 		p.mu.Unlock()
 	}()
 	if replica == nil {
-		r, err := p.open(ctx, p.cfg.Repository, p.cfg.PasswordFile)
+		r, err := p.open(ctx, p.location, p.passwordFile)
 		if err != nil {
 			return fmt.Errorf("open the replica: %w", err)
 		}
@@ -129,7 +167,7 @@ func (p *replicator) pass(ctx context.Context) error {
 			return err
 		}
 		if st.BytesStored > before {
-			p.s.metrics.replicaBytes.Add(float64(st.BytesStored - before))
+			p.s.metrics.replicaBytes.WithLabelValues(p.location).Add(float64(st.BytesStored - before))
 			p.s.log.Info("replicated", "volume", snap.Volume, "snapshot", snap.Name, "replica", replica.Location(), "stored_bytes", st.BytesStored-before)
 		}
 	}
@@ -140,19 +178,25 @@ func (p *replicator) pass(ctx context.Context) error {
 	p.status.CopiedBytes += st.BytesStored
 	p.status.LastSuccess, p.status.LastError, p.status.LastErrorAt = stampTime(time.Now()), "", ""
 	p.mu.Unlock()
-	p.s.metrics.replicaLastSuccess.SetToCurrentTime()
+	p.s.metrics.replicaLastSuccess.WithLabelValues(p.location).SetToCurrentTime()
 	p.updateLag(ctx, replica)
 	return nil
 }
 
 // pending returns this host's snapshots the replica should receive, oldest first: per
-// volume, those newer than the replica's newest copy (all of them for a volume the replica
-// does not have yet). Older ones missing from the replica were deleted there by its own
-// retention, and stay deleted.
+// volume it serves, those newer than the replica's newest copy (all of them for a volume
+// the replica does not have yet). Older ones missing from the replica were deleted there
+// by its own retention, and stay deleted.
 func (p *replicator) pending(ctx context.Context, replica *chain.Repository) ([]*chain.Snapshot, error) {
-	own, _, err := p.s.ownSnapshots(ctx)
+	all, _, err := p.s.ownSnapshots(ctx)
 	if err != nil {
 		return nil, err
+	}
+	var own []*chain.Snapshot
+	for _, s := range all {
+		if p.serves(s.Volume) {
+			own = append(own, s)
+		}
 	}
 	theirs, _, err := replica.Snapshots(ctx)
 	if err != nil {
@@ -174,7 +218,7 @@ func (p *replicator) pending(ctx context.Context, replica *chain.Repository) ([]
 	p.mu.Lock()
 	p.status.Lag, p.status.Snapshots = len(todo), len(theirs)
 	p.mu.Unlock()
-	p.s.metrics.replicaLag.Set(float64(len(todo)))
+	p.s.metrics.replicaLag.WithLabelValues(p.location).Set(float64(len(todo)))
 	return todo, nil
 }
 
@@ -185,9 +229,10 @@ func (p *replicator) updateLag(ctx context.Context, replica *chain.Repository) {
 	}
 }
 
-// retain applies replicate.retention to this host's chains in the replica: each volume's
-// automatic snapshots, group members included (they share names and times, so a group's
-// members are kept or deleted together). Another host's snapshots are never touched.
+// retain applies each served volume's replica retention to this host's chains in the
+// replica: its automatic snapshots, group members included (they share names and times,
+// so a group's members are kept or deleted together). Another host's snapshots, and
+// volumes this replica does not serve, are never touched.
 // If another process holds the replica's deletion lock, retention waits for the next pass.
 func (p *replicator) retain(ctx context.Context, replica *chain.Repository) error {
 	holder := fmt.Sprintf("pid %d (stasis agent: replica retention) on %s since %s", os.Getpid(), replica.Host(), stampTime(time.Now()))
@@ -204,7 +249,18 @@ func (p *replicator) retain(ctx context.Context, replica *chain.Repository) erro
 	if err != nil {
 		return err
 	}
-	_, victims := PlanReplica(chain.OfHost(snaps, replica.Host()), p.cfg.Retention, time.Now())
+	byVolume := map[string][]*chain.Snapshot{}
+	for _, sn := range chain.OfHost(snaps, replica.Host()) {
+		byVolume[sn.Volume] = append(byVolume[sn.Volume], sn)
+	}
+	var victims []*chain.Snapshot
+	now := time.Now()
+	for volume, list := range byVolume {
+		if r, ok := p.retention(volume); ok {
+			_, v := PlanReplica(list, r, now)
+			victims = append(victims, v...)
+		}
+	}
 	if len(victims) == 0 {
 		return nil
 	}

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"runtime/debug"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -46,15 +47,16 @@ type Service struct {
 	running sync.WaitGroup
 	// unprivileged counts snapshots requested on the socket by users other than root.
 	unprivileged atomic.Int32
-	replica      *replicator // nil without replicate:
-	retainMu     sync.Mutex  // the agent's own retention runs take turns
+	replicas     []*replicator // one per replica repository
+	retainMu     sync.Mutex    // the agent's own retention runs take turns
 }
 
 // serviceVolume is one configured volume and its runtime state.
 type serviceVolume struct {
 	spec   config.Volume
 	vol    *Volume
-	busy   sync.Mutex // one snapshot per volume at a time
+	busy   sync.Mutex  // one snapshot per volume at a time
+	manual atomic.Bool // the snapshot holding busy is a manual one
 	status VolumeStatus
 	smu    sync.Mutex
 }
@@ -122,8 +124,10 @@ type VolumeStatus struct {
 	LastFailedAt time.Time `json:"-"`
 	LastFreezeMS float64   `json:"last_freeze_ms"`
 	NextRun      time.Time `json:"-"`
-	Tracking     string    `json:"tracking"`
-	Snapshots    int       `json:"snapshots"`
+	// RetryAt is when a failed or skipped scheduled snapshot is tried again.
+	RetryAt   time.Time `json:"-"`
+	Tracking  string    `json:"tracking"`
+	Snapshots int       `json:"snapshots"`
 	// AddedBytes is what the volume's snapshots still in the repository added when they were
 	// taken (stats has the exact stored and exclusive bytes, at the cost of a tree walk).
 	AddedBytes int64 `json:"added_bytes"`
@@ -138,11 +142,12 @@ func (v VolumeStatus) MarshalJSON() ([]byte, error) {
 		LastAt       string `json:"last_at,omitempty"`
 		LastFailedAt string `json:"last_failed_at,omitempty"`
 		NextRun      string `json:"next_run,omitempty"`
+		RetryAt      string `json:"retry_at,omitempty"`
 	}{plain: plain(v)}
 	for _, t := range []struct {
 		dst *string
 		t   time.Time
-	}{{&out.LastAt, v.LastAt}, {&out.LastFailedAt, v.LastFailedAt}, {&out.NextRun, v.NextRun}} {
+	}{{&out.LastAt, v.LastAt}, {&out.LastFailedAt, v.LastFailedAt}, {&out.NextRun, v.NextRun}, {&out.RetryAt, v.RetryAt}} {
 		if !t.t.IsZero() {
 			*t.dst = stampTime(t.t)
 		}
@@ -158,6 +163,7 @@ func (v *VolumeStatus) UnmarshalJSON(b []byte) error {
 		LastAt       string `json:"last_at"`
 		LastFailedAt string `json:"last_failed_at"`
 		NextRun      string `json:"next_run"`
+		RetryAt      string `json:"retry_at"`
 	}
 	if err := json.Unmarshal(b, &in); err != nil {
 		return err
@@ -166,7 +172,7 @@ func (v *VolumeStatus) UnmarshalJSON(b []byte) error {
 	for _, t := range []struct {
 		dst *time.Time
 		s   string
-	}{{&v.LastAt, in.LastAt}, {&v.LastFailedAt, in.LastFailedAt}, {&v.NextRun, in.NextRun}} {
+	}{{&v.LastAt, in.LastAt}, {&v.LastFailedAt, in.LastFailedAt}, {&v.NextRun, in.NextRun}, {&v.RetryAt, in.RetryAt}} {
 		if t.s != "" {
 			*t.dst, _ = time.Parse(time.RFC3339Nano, t.s)
 		}
@@ -191,9 +197,7 @@ func NewService(ctx context.Context, cfg *config.Config, load func() (*config.Co
 	}
 	s := &Service{log: opts.Log, opts: opts, repo: r, load: load, cfg: cfg, vols: map[string]*serviceVolume{}, state: st,
 		started: time.Now(), ctx: ctx, metrics: newMetrics()}
-	if cfg.Replicate != nil {
-		s.replica = newReplicator(s, *cfg.Replicate, open)
-	}
+	s.replicas = newReplicators(s, cfg, open)
 	return s, nil
 }
 
@@ -203,13 +207,13 @@ func NewService(ctx context.Context, cfg *config.Config, load func() (*config.Co
 func (s *Service) Run(ctx context.Context, reload <-chan struct{}) error {
 	s.ctx = ctx
 	s.apply(s.cfg)
-	if s.replica != nil {
+	for _, p := range s.replicas {
 		s.running.Add(1)
 		go func() {
 			defer s.running.Done()
-			s.replica.run(ctx)
+			p.run(ctx)
 		}()
-		s.replica.wake() // catch up with what an earlier run left
+		p.wake() // catch up with what an earlier run left
 	}
 	daemon.SdNotify(false, daemon.SdNotifyReady)
 	s.notifyStatus()
@@ -245,8 +249,8 @@ func (s *Service) Run(ctx context.Context, reload <-chan struct{}) error {
 				continue
 			}
 			s.log.Info("configuration reloaded", "volumes", len(cfg.Volumes))
-			if !reflect.DeepEqual(cfg.Replicate, s.cfg.Replicate) || cfg.Repository != s.cfg.Repository {
-				s.log.Warn("repository and replicate settings change at the next restart of the agent")
+			if !slices.Equal(replicaLocations(cfg), replicaLocations(s.cfg)) || cfg.Repository != s.cfg.Repository {
+				s.log.Warn("the repository and the replicas' repositories change at the next restart of the agent (replica retention changes now)")
 			}
 			s.apply(cfg)
 			s.notifyStatus()
@@ -319,6 +323,16 @@ func sameSpec(a, b config.Volume) bool {
 	return reflect.DeepEqual(SpecFromConfig(a), SpecFromConfig(b))
 }
 
+// replicaLocations lists where a configuration replicates, one entry per replica
+// and password file.
+func replicaLocations(cfg *config.Config) []string {
+	var out []string
+	for _, r := range cfg.Replicas() {
+		out = append(out, r.Repository+" "+r.PasswordFile)
+	}
+	return out
+}
+
 // SpecFromConfig turns a configured volume into what a Volume needs.
 func SpecFromConfig(v config.Volume) VolumeSpec {
 	return VolumeSpec{Name: v.Name, Source: v.Source, MaxFreeze: time.Duration(v.MaxFreeze), NoFreeze: v.NoFreeze,
@@ -344,18 +358,116 @@ func appSpec(m *config.MySQL, h *config.Hooks, maxFreeze time.Duration) *AppSpec
 	return app
 }
 
-// scheduled runs from cron: a schedule firing during a running snapshot of the volume (or
-// of any member of the group) is skipped.
-func (s *Service) scheduled(j *job) {
+// scheduled runs from cron: a schedule firing during a running scheduled snapshot of the
+// volume (or of any member of the group) is skipped; one that finds a manual snapshot
+// running, or fails, is retried (see retry).
+func (s *Service) scheduled(j *job) { s.attempt(j, 1) }
+
+// attempt is try n of a scheduled snapshot.
+func (s *Service) attempt(j *job, n int) {
 	if !j.tryLock() {
-		s.log.Warn("schedule fired while a snapshot of this volume is running: skipped", "volume", j.name)
+		if j.manualRunning() {
+			s.retry(j, n, "a manual snapshot of it was running")
+			return
+		}
+		s.log.Warn("schedule fired while a scheduled snapshot of this volume is running: skipped", "volume", j.name)
 		return
 	}
 	s.running.Add(1)
 	defer s.running.Done()
-	defer j.unlock()
+	s.clearRetry(j)
 	s.state.setLastRun(j.name, time.Now())
-	s.snapshot(j, Request{Kind: chain.KindAuto})
+	_, err := s.snapshot(j, Request{Kind: chain.KindAuto})
+	j.unlock()
+	if err != nil && s.ctx.Err() == nil {
+		s.retry(j, n, err.Error())
+	}
+}
+
+// maxRetryDelay caps the doubling retry delay.
+const maxRetryDelay = 30 * time.Minute
+
+// retry schedules try n+1 of a scheduled snapshot after the configured delay, doubled at
+// each try, unless the tries are used up, the agent stops, the configuration changed, or
+// the next scheduled run comes first.
+func (s *Service) retry(j *job, n int, why string) {
+	s.mu.Lock()
+	attempts, delay := *s.cfg.RetryAttempts, time.Duration(s.cfg.RetryDelay)
+	s.mu.Unlock()
+	if n > attempts {
+		if attempts > 0 {
+			s.log.Warn("scheduled snapshot not retried again: waiting for the next scheduled run", "volume", j.name, "tries", n, "reason", why)
+		}
+		return
+	}
+	d := min(delay<<(n-1), maxRetryDelay)
+	at := time.Now().Add(d)
+	if next := s.nextRun(j); !next.IsZero() && !next.After(at) {
+		s.log.Info("scheduled snapshot not retried: the next scheduled run comes first", "volume", j.name, "next_run", next, "reason", why)
+		return
+	}
+	s.log.Warn("retrying the scheduled snapshot", "volume", j.name, "in", d.String(), "retry", n, "of", attempts, "reason", why)
+	j.smu.Lock()
+	j.status.RetryAt = at
+	j.smu.Unlock()
+	s.notifyStatus()
+	time.AfterFunc(d, func() {
+		if s.ctx.Err() != nil || !s.current(j) {
+			return
+		}
+		s.attempt(j, n+1)
+	})
+}
+
+func (s *Service) clearRetry(j *job) {
+	j.smu.Lock()
+	j.status.RetryAt = time.Time{}
+	j.smu.Unlock()
+}
+
+// current reports whether j's volumes (or group) are still the configured ones: a reload
+// replaces them, and a retry of the old configuration's job must not run.
+func (s *Service) current(j *job) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if j.group != nil {
+		return s.groups[j.name] == j.group
+	}
+	return s.vols[j.name] == j.vols[0]
+}
+
+// nextRun is when the job's schedules fire next (zero if they never do).
+func (s *Service) nextRun(j *job) time.Time {
+	s.mu.Lock()
+	c := s.cron
+	scheds := j.schedules()
+	s.mu.Unlock()
+	var next time.Time
+	for _, e := range c.Entries() {
+		for _, sched := range scheds {
+			if e.Schedule == sched && (next.IsZero() || e.Next.Before(next)) {
+				next = e.Next
+			}
+		}
+	}
+	return next
+}
+
+func (j *job) schedules() []cron.Schedule {
+	if j.group != nil {
+		return j.group.spec.Parsed
+	}
+	return j.vols[0].spec.Parsed
+}
+
+// manualRunning reports whether a manual snapshot holds one of the job's volumes.
+func (j *job) manualRunning() bool {
+	for _, v := range j.vols {
+		if v.manual.Load() {
+			return true
+		}
+	}
+	return false
 }
 
 // catchUp takes one snapshot for each volume or group whose schedule should have fired
@@ -414,9 +526,17 @@ func (s *Service) Snapshot(name string, req Request, said func(string)) ([]*Outc
 		}
 		j.lock()
 	}
+	for _, v := range j.vols {
+		v.manual.Store(true)
+	}
 	s.running.Add(1)
 	defer s.running.Done()
 	defer j.unlock()
+	defer func() {
+		for _, v := range j.vols {
+			v.manual.Store(false)
+		}
+	}()
 	req.Kind = chain.KindManual
 	return s.snapshot(j, req)
 }
@@ -485,8 +605,13 @@ func (s *Service) snapshot(j *job, req Request) (outs []*Outcome, err error) {
 	j.smu.Unlock()
 	s.state.setResult(j.name, "ok", "")
 	s.retainAfter(ctx, j)
-	if s.replica != nil {
-		s.replica.wake()
+	for _, p := range s.replicas {
+		for _, v := range j.vols {
+			if p.serves(v.spec.Name) {
+				p.wake()
+				break
+			}
+		}
 	}
 	s.metrics.packBytes.Set(float64(s.repo.PackBytes()))
 	return outs, nil

@@ -11,7 +11,7 @@ import (
 // as written (the CLI reads the agent's status).
 func TestVolumeStatusJSON(t *testing.T) {
 	at := time.Date(2026, 12, 2, 7, 0, 0, 123456789, time.UTC)
-	for _, v := range []VolumeStatus{{Volume: "a"}, {Volume: "b", LastAt: at, NextRun: at.Add(time.Hour), Members: []string{"x"}}} {
+	for _, v := range []VolumeStatus{{Volume: "a"}, {Volume: "b", LastAt: at, NextRun: at.Add(time.Hour), RetryAt: at.Add(time.Minute), Members: []string{"x"}}} {
 		b, err := json.Marshal(v)
 		if err != nil {
 			t.Fatal(err)
@@ -26,7 +26,8 @@ func TestVolumeStatusJSON(t *testing.T) {
 		if err := json.Unmarshal(b, &back); err != nil {
 			t.Fatal(err)
 		}
-		if back.Volume != v.Volume || !back.LastAt.Equal(v.LastAt.Truncate(time.Millisecond)) || !back.NextRun.Equal(v.NextRun.Truncate(time.Millisecond)) {
+		if back.Volume != v.Volume || !back.LastAt.Equal(v.LastAt.Truncate(time.Millisecond)) || !back.NextRun.Equal(v.NextRun.Truncate(time.Millisecond)) ||
+			!back.RetryAt.Equal(v.RetryAt.Truncate(time.Millisecond)) {
 			t.Fatalf("round trip: %+v, want %+v", back, v)
 		}
 	}

@@ -92,6 +92,10 @@ type Request struct {
 	Force bool
 	// Progress, if set, is told how many bytes were handed to the repository.
 	Progress func(n int64)
+	// AddTotal, if set, is told (per volume) how many bytes a snapshot that reads its
+	// volume's allocated data will read, before it starts: progress then has a total and an
+	// ETA. A tracked incremental, which reads only what changed, says nothing.
+	AddTotal func(n int64)
 }
 
 // Outcome is a committed snapshot and how it was captured.
@@ -400,6 +404,13 @@ func (v *Volume) prepare(ctx context.Context, r *chain.Repository, req Request, 
 	var cw capture.Writer = p.w
 	if req.Progress != nil {
 		cw = progressWriter{p.w, req.Progress}
+	}
+	if req.AddTotal != nil && !tracked {
+		var n int64
+		for _, r := range full {
+			n += (r.End - r.Start) * int64(p.w.ChunkSize())
+		}
+		req.AddTotal(min(n, src.Size))
 	}
 	p.member = &capture.Member{Name: v.spec.Name, Source: src, Writer: cw, Full: full, FullScan: !tracked, Allocated: allocated}
 	if freeze {

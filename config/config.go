@@ -58,7 +58,12 @@ type Config struct {
 	Groups       []Group   `yaml:"groups"`
 	GCAfterPrune *bool     `yaml:"gc_after_prune"`
 	CatchUp      *bool     `yaml:"catch_up"`
-	lines        map[string]int
+	// RetryDelay is the wait before retrying a scheduled snapshot that failed or was
+	// skipped for a manual one, doubled at each attempt (up to 30 minutes);
+	// RetryAttempts bounds the retries (0: none).
+	RetryDelay    Duration `yaml:"retry_delay"`
+	RetryAttempts *int     `yaml:"retry_attempts"`
+	lines         map[string]int
 }
 
 // S3 is how to reach S3-compatible object storage.
@@ -90,6 +95,9 @@ type Volume struct {
 	Retention Retention `yaml:"retention"`
 	MySQL     *MySQL    `yaml:"mysql"`
 	Hooks     *Hooks    `yaml:"hooks"`
+	// Replicate sends this volume's snapshots to its own replica (instead of the top-level
+	// one), with its own retention there.
+	Replicate *Replicate `yaml:"replicate"`
 
 	// Parsed schedules, in the order given.
 	Parsed []cron.Schedule `yaml:"-"`
@@ -107,6 +115,9 @@ type Group struct {
 	Retention Retention `yaml:"retention"`
 	MySQL     *MySQL    `yaml:"mysql"`
 	Hooks     *Hooks    `yaml:"hooks"`
+	// Replicate sends this volume's snapshots to its own replica (instead of the top-level
+	// one), with its own retention there.
+	Replicate *Replicate `yaml:"replicate"`
 
 	// Parsed schedules, in the order given.
 	Parsed []cron.Schedule `yaml:"-"`
@@ -177,6 +188,9 @@ type Duration time.Duration
 // UnmarshalYAML parses a Go duration string. A bad one is reported as a type error, so
 // decoding goes on and every other problem in the file is reported in the same run.
 func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
+	if n.Kind != yaml.ScalarNode {
+		return &yaml.TypeError{Errors: []string{fmt.Sprintf("line %d: cannot unmarshal !!%s into duration", n.Line, map[yaml.Kind]string{yaml.MappingNode: "map", yaml.SequenceNode: "seq"}[n.Kind])}}
+	}
 	var s string
 	if err := n.Decode(&s); err != nil {
 		return err
@@ -240,11 +254,13 @@ func Parse(path string, data []byte, probe Prober) (*Config, error) {
 	c := &Config{Path: path, lines: map[string]int{}}
 	var root yaml.Node
 	if err := yaml.Unmarshal(data, &root); err != nil {
-		return nil, Errors{yamlError(path, err)}
+		return nil, Errors{yamlError(path, err, nil)}
 	}
 	if root.Kind == 0 || len(root.Content) == 0 {
 		return nil, Errors{{File: path, Msg: "the file is empty: it needs at least a volumes list (see docs/CONFIG.md)"}}
 	}
+	values := map[string]int{} // where each key's value starts, for type errors
+	indexLines(root.Content[0], "", c.lines, values)
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	dec.KnownFields(true)
 	if err := dec.Decode(c); err != nil && !errors.Is(err, io.EOF) {
@@ -252,13 +268,12 @@ func Parse(path string, data []byte, probe Prober) (*Config, error) {
 		if errors.As(err, &te) {
 			var es Errors
 			for _, m := range te.Errors {
-				es = append(es, yamlError(path, errors.New(m)))
+				es = append(es, yamlError(path, errors.New(m), values))
 			}
 			return nil, es
 		}
-		return nil, Errors{yamlError(path, err)}
+		return nil, Errors{yamlError(path, err, values)}
 	}
-	indexLines(root.Content[0], "", c.lines)
 	es := c.validate(probe)
 	if len(es) > 0 {
 		return nil, es
@@ -267,8 +282,8 @@ func Parse(path string, data []byte, probe Prober) (*Config, error) {
 }
 
 // yamlError turns "yaml: line 3: field foo not found in type config.Volume" into a
-// message with the line and a fix.
-func yamlError(path string, err error) *Error {
+// message with the line and a fix; keys names the key at each line, for type errors.
+func yamlError(path string, err error, keys map[string]int) *Error {
 	msg := err.Error()
 	line := 0
 	if m := lineRE.FindStringSubmatch(msg); m != nil {
@@ -279,32 +294,141 @@ func yamlError(path string, err error) *Error {
 	case strings.Contains(msg, "not found in type"):
 		field := strings.TrimPrefix(strings.SplitN(msg, " not found", 2)[0], "field ")
 		msg = fmt.Sprintf("unknown key %q: check its spelling and indentation (docs/CONFIG.md lists every key)", field)
-	case strings.Contains(msg, "cannot unmarshal"):
-		msg = "wrong type: " + msg
+	case unmarshalRE.MatchString(msg):
+		m := unmarshalRE.FindStringSubmatch(msg)
+		msg = fmt.Sprintf("wrong type: expected %s, found %s", goTypeWords(m[3]), yamlWords(m[1], m[2]))
+		if k := keyAt(keys, line, m[1] == "map" || m[1] == "seq"); k != "" {
+			msg = k + ": " + msg
+		}
 	}
 	return &Error{File: path, Line: line, Msg: msg}
 }
 
-// indexLines records the line of every key, as "volumes[0].schedules[1]".
-func indexLines(n *yaml.Node, prefix string, out map[string]int) {
+// unmarshalRE matches the YAML library's type errors: "cannot unmarshal !!str `abc` into int".
+var unmarshalRE = regexp.MustCompile("cannot unmarshal !!(\\w+)(?: `(.*)`)? into (\\S+)")
+
+// keyAt names the key whose value starts at line: the outermost when the wrong value is a
+// mapping or list (its first entry starts there too), else the innermost.
+func keyAt(values map[string]int, line int, collection bool) string {
+	best := ""
+	for k, l := range values {
+		if l != line {
+			continue
+		}
+		if best == "" || (collection && len(k) < len(best)) || (!collection && len(k) > len(best)) {
+			best = k
+		}
+	}
+	return best
+}
+
+// goTypeWords says in a user's words what a Go type takes in YAML.
+func goTypeWords(t string) string {
+	t = strings.TrimPrefix(t, "*")
+	switch {
+	case strings.HasPrefix(t, "[]"):
+		return "a list (one \"- item\" per line, or [a, b])"
+	case strings.HasPrefix(t, "map["), strings.HasPrefix(t, "config."):
+		return "a mapping (indented \"key: value\" lines)"
+	case t == "string":
+		return "a text value"
+	case t == "duration":
+		return "a duration like 5s, 500ms or 1m30s"
+	case t == "bool":
+		return "true or false"
+	case strings.HasPrefix(t, "int"), strings.HasPrefix(t, "uint"):
+		return "a whole number"
+	case strings.HasPrefix(t, "float"):
+		return "a number"
+	}
+	return t
+}
+
+// yamlWords describes a YAML value by its tag.
+func yamlWords(tag, value string) string {
+	switch tag {
+	case "map":
+		return "a mapping"
+	case "seq":
+		return "a list"
+	case "str":
+		return fmt.Sprintf("the text %q", value)
+	case "int", "float":
+		return "the number " + value
+	case "bool":
+		return value
+	case "null":
+		return "nothing"
+	}
+	return "a " + tag
+}
+
+// indexLines records the line of every key, as "volumes[0].schedules[1]", in keys, and the
+// line where its value starts in values.
+func indexLines(n *yaml.Node, prefix string, keys, values map[string]int) {
 	switch n.Kind {
 	case yaml.MappingNode:
 		for i := 0; i+1 < len(n.Content); i += 2 {
-			k := n.Content[i].Value
-			p := k
+			p := n.Content[i].Value
 			if prefix != "" {
-				p = prefix + "." + k
+				p = prefix + "." + p
 			}
-			out[p] = n.Content[i].Line
-			indexLines(n.Content[i+1], p, out)
+			keys[p], values[p] = n.Content[i].Line, n.Content[i+1].Line
+			indexLines(n.Content[i+1], p, keys, values)
 		}
 	case yaml.SequenceNode:
 		for i, c := range n.Content {
 			p := fmt.Sprintf("%s[%d]", prefix, i)
-			out[p] = c.Line
-			indexLines(c, p, out)
+			keys[p], values[p] = c.Line, c.Line
+			indexLines(c, p, keys, values)
 		}
 	}
+}
+
+// checkReplicate checks a replica: the top-level one, or a volume's own.
+func (c *Config) checkReplicate(es *Errors, key string, r *Replicate) {
+	if r.Repository == "" {
+		c.errf(es, key, "repository is missing: give the second repository's location")
+	} else {
+		c.checkLocation(es, key+".repository", r.Repository)
+		if r.Repository == c.Repository {
+			c.errf(es, key+".repository", "is the repository itself: replicate to another one")
+		}
+	}
+	if r.PasswordFile != "" && !filepath.IsAbs(r.PasswordFile) {
+		c.errf(es, key+".password_file", "%q is not an absolute path", r.PasswordFile)
+	}
+	c.checkRetention(es, key+".retention", &r.Retention, nil)
+	// One replica repository is opened once, with one passphrase.
+	for _, other := range c.Replicas() {
+		if other.Repository == r.Repository && other.PasswordFile != r.PasswordFile && other != r {
+			c.errf(es, key+".password_file", "%s is also a replica with password_file %q: give every replica of one repository the same passphrase file", r.Repository, other.PasswordFile)
+			return
+		}
+	}
+}
+
+// Replicas lists every configured replica: the top-level one first, then the volumes' own.
+func (c *Config) Replicas() []*Replicate {
+	var out []*Replicate
+	if c.Replicate != nil {
+		out = append(out, c.Replicate)
+	}
+	for i := range c.Volumes {
+		if r := c.Volumes[i].Replicate; r != nil {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+// ReplicaOf is where a volume's snapshots are replicated: its own replicate, else the
+// top-level one (also for a volume no longer configured), else nil.
+func (c *Config) ReplicaOf(volume string) *Replicate {
+	if v := c.VolumeByName(volume); v != nil && v.Replicate != nil {
+		return v.Replicate
+	}
+	return c.Replicate
 }
 
 func (c *Config) errf(es *Errors, key, format string, args ...any) {
@@ -336,19 +460,8 @@ func (c *Config) validate(probe Prober) Errors {
 		c.errf(&es, "password_file", "%q is not an absolute path", c.PasswordFile)
 	}
 	c.checkRetention(&es, "retention", &c.Retention, nil)
-	if r := c.Replicate; r != nil {
-		if r.Repository == "" {
-			c.errf(&es, "replicate", "repository is missing: give the second repository's location")
-		} else {
-			c.checkLocation(&es, "replicate.repository", r.Repository)
-			if r.Repository == c.Repository {
-				c.errf(&es, "replicate.repository", "is the repository itself: replicate to another one")
-			}
-		}
-		if r.PasswordFile != "" && !filepath.IsAbs(r.PasswordFile) {
-			c.errf(&es, "replicate.password_file", "%q is not an absolute path", r.PasswordFile)
-		}
-		c.checkRetention(&es, "replicate.retention", &r.Retention, nil)
+	if c.Replicate != nil {
+		c.checkReplicate(&es, "replicate", c.Replicate)
 	}
 	if n := c.Notify; n != nil {
 		if u, err := url.Parse(n.URL); err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
@@ -418,6 +531,17 @@ func (c *Config) validate(probe Prober) Errors {
 		t := true
 		c.CatchUp = &t
 	}
+	if c.RetryDelay == 0 {
+		c.RetryDelay = Duration(time.Minute)
+	} else if c.RetryDelay < Duration(time.Second) || c.RetryDelay > Duration(24*time.Hour) {
+		c.errf(&es, "retry_delay", "%s is out of range: use 1s to 24h", time.Duration(c.RetryDelay))
+	}
+	if c.RetryAttempts == nil {
+		n := 3
+		c.RetryAttempts = &n
+	} else if *c.RetryAttempts < 0 || *c.RetryAttempts > 100 {
+		c.errf(&es, "retry_attempts", "%d is out of range: use 0 (no retries) to 100", *c.RetryAttempts)
+	}
 	// No volumes is valid (a fresh install): the agent runs and snapshots nothing.
 	names := map[string]string{}   // volume and group names share one namespace
 	devices := map[string]string{} // device → volume using it
@@ -461,6 +585,9 @@ func (c *Config) validate(probe Prober) Errors {
 		c.checkMySQL(&es, key+".mysql", v.MySQL, probe)
 		c.checkHooks(&es, key+".hooks", v.Hooks, probe)
 		c.checkRetention(&es, key+".retention", &v.Retention, &c.Retention)
+		if v.Replicate != nil {
+			c.checkReplicate(&es, key+".replicate", v.Replicate)
+		}
 	}
 	for i := range c.Groups {
 		g := &c.Groups[i]

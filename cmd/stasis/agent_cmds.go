@@ -242,7 +242,11 @@ func newStatusCmd(g *globals) *cobra.Command {
 				return err
 			}
 			if g.asJSON {
-				return printJSON(cmd, statusJSON{Volumes: resp.Status, Replica: resp.Replica})
+				replicas := resp.Replicas
+				if replicas == nil {
+					replicas = []*agent.ReplicaStatus{}
+				}
+				return printJSON(cmd, statusJSON{Volumes: resp.Status, Replicas: replicas})
 			}
 			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 0, 2, ' ', 0)
 			fmt.Fprintln(tw, "VOLUME\tLAST SNAPSHOT\tRESULT\tFREEZE\tNEXT RUN\tSNAPSHOTS\tTRACKING")
@@ -255,6 +259,9 @@ func newStatusCmd(g *globals) *cobra.Command {
 				if !s.NextRun.IsZero() {
 					next = humanize.Time(s.NextRun)
 				}
+				if !s.RetryAt.IsZero() && (s.NextRun.IsZero() || s.RetryAt.Before(s.NextRun)) {
+					next = "retry " + humanize.Time(s.RetryAt)
+				}
 				fmt.Fprintf(tw, "%s\t%s\t%s\t%.1f ms\t%s\t%d\t%s\n", s.Volume, s.LastSnapshot, trim(result, 40), s.LastFreezeMS, next, s.Snapshots, s.Tracking)
 			}
 			tw.Flush()
@@ -263,7 +270,7 @@ func newStatusCmd(g *globals) *cobra.Command {
 					fmt.Fprintf(cmd.OutOrStdout(), "\n%s: last failure: %s\n", s.Volume, s.LastFailure)
 				}
 			}
-			if rp := resp.Replica; rp != nil {
+			for _, rp := range resp.Replicas {
 				state := "up to date"
 				if rp.Lag > 0 {
 					state = plural(rp.Lag, "snapshot") + " behind"
@@ -273,7 +280,7 @@ func newStatusCmd(g *globals) *cobra.Command {
 				}
 				fmt.Fprintf(cmd.OutOrStdout(), "\nreplica %s: %s; %s there; last complete pass %s\n", rp.Repository, state, plural(rp.Snapshots, "snapshot"), orNever(rp.LastSuccess))
 				if rp.LastError != "" {
-					fmt.Fprintf(cmd.OutOrStdout(), "replica: last failure at %s: %s\n", rp.LastErrorAt, rp.LastError)
+					fmt.Fprintf(cmd.OutOrStdout(), "replica %s: last failure at %s: %s\n", rp.Repository, rp.LastErrorAt, rp.LastError)
 				}
 			}
 			return nil
@@ -285,7 +292,8 @@ func newStatusCmd(g *globals) *cobra.Command {
 // statusJSON is what `status --json` prints.
 type statusJSON struct {
 	Volumes []agent.VolumeStatus `json:"volumes"`
-	Replica *agent.ReplicaStatus `json:"replica,omitempty"`
+	// Replicas: one per replica repository (the top-level replicate's first).
+	Replicas []*agent.ReplicaStatus `json:"replicas"`
 }
 
 func orNever(s string) string {

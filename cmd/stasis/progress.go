@@ -46,6 +46,27 @@ func (p *progress) add(n int64) {
 	p.show(false)
 }
 
+// addTotal adds to the total (a group's members each say theirs).
+func (p *progress) addTotal(n int64) {
+	if p == nil || p.w == nil {
+		return
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.total += n
+}
+
+// both sets what is done and the total, as the agent reports them.
+func (p *progress) both(n, total int64) {
+	if p == nil || p.w == nil {
+		return
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.n, p.total = n, total
+	p.show(false)
+}
+
 func (p *progress) set(n int64) {
 	if p == nil || p.w == nil {
 		return
@@ -67,6 +88,9 @@ func (p *progress) show(final bool) {
 	eta := "?"
 	if rate > 0 && p.total > p.n {
 		eta = time.Duration(float64(p.total-p.n) / rate * float64(time.Second)).Round(time.Second).String()
+	}
+	if p.total > 0 && p.n > p.total { // later rounds re-read what changed meanwhile
+		p.total = p.n
 	}
 	if p.total <= 0 { // size unknown up front: bytes and rate only
 		fmt.Fprintf(p.w, "\r\033[K%s: %s  %s/s", p.label, humanize.IBytes(uint64(p.n)), humanize.IBytes(uint64(rate)))

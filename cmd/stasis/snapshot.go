@@ -99,8 +99,10 @@ func runConfiguredSnapshot(cmd *cobra.Command, g *globals, name string, f snapsh
 	if v == nil && grp == nil {
 		return fmt.Errorf("no volume or group %q in %s", name, cfg.Path)
 	}
-	resp, err := agent.Call(cfg.Socket, agent.ControlRequest{Op: "snapshot", Volume: name, Name: f.name, Tags: f.tags, Note: f.note, Force: f.force},
-		func(note string) { fmt.Fprintln(cmd.ErrOrStderr(), note) })
+	prog := newProgress(cmd.ErrOrStderr(), "snapshot of "+name, 0)
+	resp, err := agent.CallWithProgress(cfg.Socket, agent.ControlRequest{Op: "snapshot", Volume: name, Name: f.name, Tags: f.tags, Note: f.note, Force: f.force},
+		func(note string) { prog.done(); fmt.Fprintln(cmd.ErrOrStderr(), note) }, prog.both)
+	prog.done()
 	if err == nil {
 		reports := resp.Group
 		if len(reports) == 0 {
@@ -170,7 +172,7 @@ func runGroupSnapshot(cmd *cobra.Command, g *globals, cfg *config.Config, grp *c
 	}
 	defer r.Close()
 	prog := newProgress(cmd.ErrOrStderr(), "reading group "+grp.Name, 0)
-	outs, err := agent.SnapshotGroup(ctx, r, spec, vols, f.request(prog.add))
+	outs, err := agent.SnapshotGroup(ctx, r, spec, vols, f.request(prog))
 	prog.done()
 	if f.done != nil {
 		f.done(outs, err)
@@ -197,8 +199,8 @@ func (g *globals) volumeOptions() (agent.Options, error) {
 }
 
 // request is what the flags ask of a manual snapshot.
-func (f snapshotFlags) request(progress func(int64)) agent.Request {
-	return agent.Request{Name: f.name, Kind: chain.KindManual, Tags: f.tags, Note: f.note, Force: f.force, Progress: progress}
+func (f snapshotFlags) request(prog *progress) agent.Request {
+	return agent.Request{Name: f.name, Kind: chain.KindManual, Tags: f.tags, Note: f.note, Force: f.force, Progress: prog.add, AddTotal: prog.addTotal}
 }
 
 func runSnapshot(cmd *cobra.Command, g *globals, f snapshotFlags) error {
@@ -233,7 +235,7 @@ func runSnapshot(cmd *cobra.Command, g *globals, f snapshotFlags) error {
 	}
 	defer r.Close()
 	prog := newProgress(cmd.ErrOrStderr(), "reading "+f.source, 0)
-	out, err := vol.Snapshot(ctx, r, f.request(prog.add))
+	out, err := vol.Snapshot(ctx, r, f.request(prog))
 	prog.done()
 	if f.done != nil {
 		f.done([]*agent.Outcome{out}, err)

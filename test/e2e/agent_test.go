@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"math/rand"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -274,7 +275,7 @@ func TestAgentKilledMidSnapshot(t *testing.T) {
 	testenv.MustStasis(t, "verify", "-r", e.repo, "--read-data")
 }
 
-// TestConfigCheck: the CLI reports a bad configuration with its line.
+// TestConfigCheck: the CLI reports a bad configuration with its line and key path.
 func TestConfigCheck(t *testing.T) {
 	dir := t.TempDir()
 	bad := filepath.Join(dir, "bad.yaml")
@@ -282,6 +283,22 @@ func TestConfigCheck(t *testing.T) {
 	r := testenv.Stasis(t, "config", "check", bad)
 	if r.Code == 0 || !strings.Contains(r.Stderr, bad+":3: volumes[0].source") || !strings.Contains(r.Stderr, bad+":4: volumes[0].schedules[1]") {
 		t.Fatalf("config check: exit %d\n%s", r.Code, r.Stderr)
+	}
+	// Type errors name the key and say what it takes, every one in one run.
+	types := filepath.Join(dir, "types.yaml")
+	os.WriteFile(types, []byte("volumes:\n  - name: a\n    source: /dev/vdb\n    max_freeze: [5s]\n    retention: {keep_daily: lots}\ngroups:\n  name: g\n"), 0o600)
+	r = testenv.Stasis(t, "config", "check", types)
+	for _, want := range []string{
+		types + ":4: volumes[0].max_freeze: wrong type: expected a duration like 5s, 500ms or 1m30s, found a list",
+		types + `:5: volumes[0].retention.keep_daily: wrong type: expected a whole number, found the text "lots"`,
+		types + ":7: groups: wrong type: expected a list",
+	} {
+		if r.Code != 1 || !strings.Contains(r.Stderr, want) {
+			t.Fatalf("config check of type errors: exit %d, no %q in\n%s", r.Code, want, r.Stderr)
+		}
+	}
+	if strings.Contains(r.Stderr, "config.") || strings.Contains(r.Stderr, "!!") {
+		t.Fatalf("config check shows Go or YAML internals:\n%s", r.Stderr)
 	}
 	good := filepath.Join(dir, "good.yaml")
 	os.WriteFile(good, []byte("volumes:\n  - name: a\n    source: "+bad+"\n"), 0o600)
@@ -367,5 +384,153 @@ func TestAfterHooksAndNotify(t *testing.T) {
 	defer mu.Unlock()
 	if len(posts) != 2 || posts[0]["result"] != "ok" || posts[1]["result"] != "failed" || posts[0]["volume"] != "data" {
 		t.Fatalf("webhook posts: %v", posts)
+	}
+}
+
+// TestAgentRetriesScheduledSnapshots: a scheduled snapshot that fires while a manual one
+// runs, and then fails (a pre hook fails once), is retried after retry_delay (doubling)
+// instead of waiting for the next slot, and `stasis status` shows the pending retry.
+func TestAgentRetriesScheduledSnapshots(t *testing.T) {
+	dir := t.TempDir()
+	dev, _ := testenv.LoopDevice(t, 64<<20)
+	testenv.Mkfs(t, "ext4", dev)
+	mnt := testenv.Mount(t, dev)
+	hook := filepath.Join(dir, "pre.sh")
+	slow, failOnce := filepath.Join(dir, "slow"), filepath.Join(dir, "fail-once")
+	os.WriteFile(hook, []byte(fmt.Sprintf("#!/bin/sh\nif [ -e %[1]s ]; then rm %[1]s; sleep 5; exit 0; fi\nif [ -e %[2]s ]; then rm %[2]s; echo deliberate failure >&2; exit 1; fi\n", slow, failOnce)), 0o755)
+	start := time.Now()
+	a := startAgent(t, fmt.Sprintf("retry_delay: 1s\nretry_attempts: 3\nvolumes:\n  - name: data\n    source: %s\n    schedules: [\"@every 10s\"]\n    hooks: {pre: [%s]}\n", mnt, hook))
+	time.Sleep(time.Until(start.Add(6 * time.Second)))
+	os.WriteFile(slow, nil, 0o600)
+	os.WriteFile(failOnce, nil, 0o600)
+	manual := exec.Command(testenv.Binary(t), "--config", a.cfg, "snapshot", "data", "--name", "manual")
+	if err := manual.Start(); err != nil {
+		t.Fatal(err)
+	}
+	sawRetry := false
+	var auto []map[string]any
+	for deadline := start.Add(19 * time.Second); time.Now().Before(deadline) && len(auto) == 0; time.Sleep(200 * time.Millisecond) {
+		if out := testenv.Stasis(t, "--config", a.cfg, "status").Stdout; strings.Contains(out, "retry ") {
+			sawRetry = true
+		}
+		auto = nil
+		for _, s := range listJSON(t, "-r", a.repo) {
+			if s["kind"] == "auto" {
+				auto = append(auto, s)
+			}
+		}
+	}
+	if err := manual.Wait(); err != nil {
+		t.Fatalf("the manual snapshot failed: %v\n%s", err, a.log.String())
+	}
+	log := a.log.String()
+	if len(auto) != 1 {
+		t.Fatalf("%d automatic snapshots before the next slot, want 1 (the retry's)\n%s", len(auto), log)
+	}
+	for _, want := range []string{"a manual snapshot of it was running", "deliberate failure", "retrying the scheduled snapshot"} {
+		if !strings.Contains(log, want) {
+			t.Fatalf("the agent did not log %q:\n%s", want, log)
+		}
+	}
+	if !sawRetry {
+		t.Fatalf("stasis status never showed the pending retry\n%s", log)
+	}
+}
+
+// onTerminal runs the binary under script(1), so that stderr is a terminal, and returns
+// everything it printed there.
+func onTerminal(t *testing.T, args ...string) string {
+	t.Helper()
+	testenv.RequireTool(t, "script")
+	quoted := []string{testenv.Binary(t)}
+	for _, a := range args {
+		quoted = append(quoted, "'"+strings.ReplaceAll(a, "'", `'\''`)+"'")
+	}
+	out, err := exec.Command("script", "-qfec", strings.Join(quoted, " "), "/dev/null").CombinedOutput()
+	if err != nil {
+		t.Fatalf("%v: %v\n%s", args, err, out)
+	}
+	return string(out)
+}
+
+// TestSnapshotProgress: on a terminal, a snapshot shows its progress with the total it
+// reads and an ETA, taken directly and through the agent; off a terminal, nothing.
+func TestSnapshotProgress(t *testing.T) {
+	dir := t.TempDir()
+	img := filepath.Join(dir, "data.img")
+	f, _ := os.Create(img)
+	testenv.FillMixed(t, rand.New(rand.NewSource(3)), f, 96<<20)
+	f.Close()
+	repo := filepath.Join(dir, "repo")
+	testenv.MustStasis(t, "init", "-r", repo)
+	if out := onTerminal(t, "snapshot", "-r", repo, "--source", img, "--volume", "direct"); !strings.Contains(out, "/ 96 MiB") || !strings.Contains(out, "ETA") {
+		t.Fatalf("no progress with a total and an ETA on a terminal:\n%q", out)
+	}
+	if r := testenv.Stasis(t, "snapshot", "-r", repo, "--source", img, "--volume", "piped"); r.Code != 0 || strings.Contains(r.Stderr, "ETA") {
+		t.Fatalf("progress off a terminal (exit %d): %q", r.Code, r.Stderr)
+	}
+	a := startAgent(t, fmt.Sprintf("volumes:\n  - name: data\n    source: %s\n    schedules: []\n", img))
+	if out := onTerminal(t, "--config", a.cfg, "snapshot", "data"); !strings.Contains(out, "snapshot of data:") || !strings.Contains(out, "/ 96 MiB") || !strings.Contains(out, "ETA") {
+		t.Fatalf("no progress from the agent on a terminal:\n%q\n%s", out, a.log.String())
+	}
+}
+
+// TestAgentReplicatesPerVolume: a volume with its own replicate goes to its own replica
+// with its own retention; the others go to the top-level replica; status shows both.
+func TestAgentReplicatesPerVolume(t *testing.T) {
+	dir := t.TempDir()
+	var srcs []string
+	for i := 0; i < 2; i++ {
+		src := filepath.Join(dir, fmt.Sprintf("disk%d.img", i))
+		os.WriteFile(src, []byte(strings.Repeat(fmt.Sprintf("volume %d ", i), 50000)), 0o644)
+		srcs = append(srcs, src)
+	}
+	shared, own := filepath.Join(dir, "shared-replica"), filepath.Join(dir, "own-replica")
+	keep := func(n int) string {
+		return fmt.Sprintf("{keep_auto: %d, keep_days: 30, keep_daily: 0, keep_weekly: 0, keep_monthly: 0}", n)
+	}
+	a := startAgent(t, fmt.Sprintf(`replicate: {repository: %s, retention: %s}
+volumes:
+  - name: plain
+    source: %s
+    schedules: ["@every 1s"]
+    retention: %s
+  - name: special
+    source: %s
+    schedules: ["@every 1s"]
+    retention: %s
+    replicate: {repository: %s, retention: %s}
+`, shared, keep(3), srcs[0], keep(10), srcs[1], keep(10), own, keep(1)))
+	volumesIn := func(repo string) map[string]int {
+		out := map[string]int{}
+		r := testenv.Stasis(t, "list", "-r", repo, "--json")
+		var snaps []map[string]any
+		if r.Code == 0 && json.Unmarshal([]byte(r.Stdout), &snaps) == nil {
+			for _, s := range snaps {
+				out[s["volume"].(string)]++
+			}
+		}
+		return out
+	}
+	var inShared, inOwn map[string]int
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(300 * time.Millisecond) {
+		inShared, inOwn = volumesIn(shared), volumesIn(own)
+		// Enough snapshots for both retentions to have worked.
+		if inShared["plain"] == 3 && inOwn["special"] == 1 && len(listJSON(t, "-r", a.repo, "--volume", "special")) >= 3 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("replicas never settled: shared %v, own %v\n%s", inShared, inOwn, a.log.String())
+		}
+	}
+	if inShared["special"] != 0 || inOwn["plain"] != 0 {
+		t.Fatalf("a volume went to the other's replica: shared %v, own %v", inShared, inOwn)
+	}
+	var st struct {
+		Replicas []struct{ Repository string } `json:"replicas"`
+	}
+	json.Unmarshal([]byte(testenv.MustStasis(t, "--config", a.cfg, "status", "--json")), &st)
+	if len(st.Replicas) != 2 || st.Replicas[0].Repository != shared || st.Replicas[1].Repository != own {
+		t.Fatalf("status shows replicas %+v", st.Replicas)
 	}
 }

@@ -224,4 +224,16 @@ func TestDoctorQuotaAndDatabase(t *testing.T) {
 	os.WriteFile(v.dsnFile, []byte("weak:bad@unix("+v.srv.Socket+")/"), 0o600)
 	fs, _ = doctor(t, v.cfg)
 	expectFinding(t, fs, "mysql", "error", "access denied")
+
+	// Renamed in the configuration, the volume's automatic snapshots are an orphaned chain
+	// nothing prunes: doctor says so, and how to prune it.
+	b, _ = os.ReadFile(v.cfg)
+	os.WriteFile(v.cfg, []byte(strings.Replace(string(b), "- name: db\n", "- name: db2\n", 1)), 0o600)
+	fs, _ = doctor(t, v.cfg)
+	expectFinding(t, fs, "repository", "warning", "volume db is no longer configured but has")
+	for _, f := range fs {
+		if strings.Contains(f.Message, "no longer configured") && !strings.Contains(f.Fix, "stasis prune --volume db") {
+			t.Errorf("orphaned chain finding without the prune command: %+v", f)
+		}
+	}
 }

@@ -455,21 +455,24 @@ volumes:
     schedules: ["@every 2s"]
     retention: {keep_auto: 5, keep_days: 30, keep_daily: 0, keep_weekly: 0, keep_monthly: 0}
 `, metrics, creds, replica, pw, src), "STASIS_TEST_KDF_TARGET=1ms")
+	type replicaStatus struct {
+		Lag         int    `json:"lag"`
+		Snapshots   int    `json:"snapshots"`
+		LastSuccess string `json:"last_success"`
+		LastError   string `json:"last_error"`
+		CopiedBytes int64  `json:"copied_bytes"`
+	}
 	type status struct {
-		Replica *struct {
-			Lag         int    `json:"lag"`
-			Snapshots   int    `json:"snapshots"`
-			LastSuccess string `json:"last_success"`
-			LastError   string `json:"last_error"`
-			CopiedBytes int64  `json:"copied_bytes"`
-		} `json:"replica"`
+		Replica  *replicaStatus
+		Replicas []*replicaStatus `json:"replicas"`
 	}
 	read := func() status {
 		var st status
 		r := testenv.Stasis(t, "--config", a.cfg, "status", "--json")
-		if r.Code != 0 || json.Unmarshal([]byte(r.Stdout), &st) != nil || st.Replica == nil {
+		if r.Code != 0 || json.Unmarshal([]byte(r.Stdout), &st) != nil || len(st.Replicas) != 1 {
 			t.Fatalf("status: exit %d\n%s%s", r.Code, r.Stdout, r.Stderr)
 		}
+		st.Replica = st.Replicas[0]
 		return st
 	}
 	// With faults, snapshots go on and replication makes progress.
@@ -501,7 +504,7 @@ volumes:
 	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
 	for _, series := range []string{"stasis_replica_lag_snapshots", "stasis_replica_last_success_timestamp_seconds", "stasis_replica_bytes_stored_total"} {
-		if !strings.Contains(string(body), series+" ") {
+		if !strings.Contains(string(body), series+"{replica=") {
 			t.Fatalf("metrics lack %s", series)
 		}
 	}
