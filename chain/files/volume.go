@@ -146,6 +146,15 @@ func (v *Volume) Caveats() []string {
 	return out
 }
 
+// RootOf returns the root directory of a filesystem the caller opened, named label in
+// errors: its files without a snapshot behind them (no chunk IDs to compare by, so Compare
+// reads). The fuzz target reads hostile images this way.
+func RootOf(fsys fsimage.FS, label string) (*Entry, error) {
+	f := &Filesystem{vol: &Volume{snap: &chain.Snapshot{Volume: label}}}
+	f.once.Do(func() { f.fs = fsys })
+	return f.Root()
+}
+
 // Root returns the filesystem's root directory.
 func (f *Filesystem) Root() (*Entry, error) {
 	fsys, err := f.FS()
