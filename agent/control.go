@@ -288,6 +288,12 @@ func (s *Service) handle(conn net.Conn, idle *idleConns) {
 // ErrNoAgent means nothing answers on the control socket: the CLI then works directly.
 var ErrNoAgent = errors.New("no agent is running")
 
+// Running reports whether an agent answers on the control socket at path.
+func Running(path string) bool {
+	_, err := Call(path, ControlRequest{Op: "status"}, nil)
+	return !errors.Is(err, ErrNoAgent)
+}
+
 // Call sends a request to a running agent; notes go to note as they arrive.
 func Call(path string, req ControlRequest, note func(string)) (*ControlResponse, error) {
 	return CallWithProgress(path, req, note, nil)

@@ -336,7 +336,7 @@ func replicaLocations(cfg *config.Config) []string {
 // SpecFromConfig turns a configured volume into what a Volume needs.
 func SpecFromConfig(v config.Volume) VolumeSpec {
 	return VolumeSpec{Name: v.Name, Source: v.Source, MaxFreeze: time.Duration(v.MaxFreeze), NoFreeze: v.NoFreeze,
-		ChunkSize: v.ChunkSize, App: appSpec(v.MySQL, v.Hooks, time.Duration(v.MaxFreeze))}
+		ChunkSize: v.ChunkSize, App: appSpec(v.MySQL, v.Hooks, time.Duration(v.MaxFreeze)), MaxReadRate: v.MaxReadRateBytes}
 }
 
 // appSpec turns configured database and hooks into quiescing, or nil for none.

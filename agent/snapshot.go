@@ -37,6 +37,8 @@ type VolumeSpec struct {
 	NoFreeze  bool
 	ChunkSize int // for the volume's first snapshot; 0 for the default
 	App       *AppSpec
+	// MaxReadRate paces reads before the freeze, bytes per second (0: no limit).
+	MaxReadRate int64
 }
 
 // GroupSpec is a consistency group: volumes snapshotted at one instant, with the group's
@@ -413,6 +415,9 @@ func (v *Volume) prepare(ctx context.Context, r *chain.Repository, req Request, 
 		req.AddTotal(min(n, src.Size))
 	}
 	p.member = &capture.Member{Name: v.spec.Name, Source: src, Writer: cw, Full: full, FullScan: !tracked, Allocated: allocated}
+	if v.spec.MaxReadRate > 0 {
+		p.member.ReadLimit = capture.NewReadLimit(v.spec.MaxReadRate)
+	}
 	if freeze {
 		p.member.Sync = capture.SyncMounts(mounts)
 		if v.tracker == nil {

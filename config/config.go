@@ -17,6 +17,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/dustin/go-humanize"
 	"github.com/robfig/cron/v3"
 	"gopkg.in/yaml.v3"
 )
@@ -86,15 +87,19 @@ type Replicate struct {
 
 // Volume is one volume to snapshot.
 type Volume struct {
-	Name      string    `yaml:"name"`
-	Source    string    `yaml:"source"`
-	Schedules []string  `yaml:"schedules"`
-	MaxFreeze Duration  `yaml:"max_freeze"`
-	NoFreeze  bool      `yaml:"no_freeze"`
-	ChunkSize int       `yaml:"chunk_size"`
-	Retention Retention `yaml:"retention"`
-	MySQL     *MySQL    `yaml:"mysql"`
-	Hooks     *Hooks    `yaml:"hooks"`
+	Name      string   `yaml:"name"`
+	Source    string   `yaml:"source"`
+	Schedules []string `yaml:"schedules"`
+	MaxFreeze Duration `yaml:"max_freeze"`
+	NoFreeze  bool     `yaml:"no_freeze"`
+	ChunkSize int      `yaml:"chunk_size"`
+	// MaxReadRate paces the reads of a snapshot's rounds before the freeze ("200MiB/s");
+	// MaxReadRateBytes is it in bytes per second (0: no limit).
+	MaxReadRate      string    `yaml:"max_read_rate"`
+	MaxReadRateBytes int64     `yaml:"-"`
+	Retention        Retention `yaml:"retention"`
+	MySQL            *MySQL    `yaml:"mysql"`
+	Hooks            *Hooks    `yaml:"hooks"`
 	// Replicate sends this volume's snapshots to its own replica (instead of the top-level
 	// one), with its own retention there.
 	Replicate *Replicate `yaml:"replicate"`
@@ -582,6 +587,14 @@ func (c *Config) validate(probe Prober) Errors {
 		if cs := v.ChunkSize; cs != 0 && (cs < 4096 || cs > 4<<20 || cs&(cs-1) != 0) {
 			c.errf(&es, key+".chunk_size", "%d is not a power of two from 4096 to 4194304", cs)
 		}
+		if v.MaxReadRate != "" {
+			n, err := ParseRate(v.MaxReadRate)
+			if err != nil {
+				c.errf(&es, key+".max_read_rate", "%v", err)
+			}
+			v.MaxReadRateBytes = n
+		}
+
 		c.checkMySQL(&es, key+".mysql", v.MySQL, probe)
 		c.checkHooks(&es, key+".hooks", v.Hooks, probe)
 		c.checkRetention(&es, key+".retention", &v.Retention, &c.Retention)
@@ -855,4 +868,17 @@ func ScheduleZone(spec string) string {
 		}
 	}
 	return ""
+}
+
+// ParseRate reads a read rate like "200MiB/s" or "50MB/s" (at least 64 KiB/s).
+func ParseRate(s string) (int64, error) {
+	amount, ok := strings.CutSuffix(strings.TrimSpace(s), "/s")
+	if !ok {
+		return 0, fmt.Errorf("%q: write a rate like 200MiB/s", s)
+	}
+	n, err := humanize.ParseBytes(amount)
+	if err != nil || n < 64<<10 || n > 1<<40 {
+		return 0, fmt.Errorf("%q: write a rate from 64KiB/s to 1TiB/s, like 200MiB/s", s)
+	}
+	return int64(n), nil
 }

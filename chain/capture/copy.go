@@ -9,6 +9,7 @@ import (
 
 	"golang.org/x/sync/errgroup"
 	"golang.org/x/sys/unix"
+	"golang.org/x/time/rate"
 )
 
 // ChunkWriter receives chunks. chain.SnapshotWriter implements it.
@@ -54,9 +55,16 @@ func Chunks(ranges []Range, chunkSize int, size int64) []ChunkRun {
 // ChunkRun is a run of chunk indexes [Start, End).
 type ChunkRun struct{ Start, End int64 }
 
+// NewReadLimit paces reads to bytesPerSecond on average (a read of up to readSize goes at
+// once; the next waits for its share).
+func NewReadLimit(bytesPerSecond int64) Limiter {
+	return rate.NewLimiter(rate.Limit(bytesPerSecond), readSize)
+}
+
 // Copy reads the given chunk runs (sorted, as Chunks returns them) from src and Puts every
-// chunk. Reads are sequential and large; hashing and compressing run on every core.
-func Copy(ctx context.Context, src *Source, w ChunkWriter, runs []ChunkRun) (Stats, error) {
+// chunk. Reads are sequential and large; hashing and compressing run on every core. limit,
+// if not nil, paces the reads.
+func Copy(ctx context.Context, src *Source, w ChunkWriter, runs []ChunkRun, limit Limiter) (Stats, error) {
 	cs := int64(w.ChunkSize())
 	perRead := max(1, readSize/cs)
 	workers := 2 * runtime.GOMAXPROCS(0)
@@ -107,6 +115,12 @@ func Copy(ctx context.Context, src *Source, w ChunkWriter, runs []ChunkRun) (Sta
 				}
 				off := first * cs
 				length := min(n*cs, src.Size-off)
+				if limit != nil {
+					if err := limit.WaitN(gctx, int(length)); err != nil {
+						pool <- buf
+						return err
+					}
+				}
 				// O_DIRECT needs an aligned length; the device size is a multiple of the
 				// sector size, so reading whole chunks stays inside it except at the end.
 				got, err := src.f.ReadAt(buf[:alignUp(length, 4096)], off)

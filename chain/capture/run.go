@@ -66,6 +66,15 @@ type Member struct {
 	// reads exactly what they list. A tracked incremental without gaps needs no check:
 	// every write since the previous freeze, when the maps were exact, is in the dirty sets.
 	Allocated func() ([]ChunkRun, error)
+	// ReadLimit, if set, paces every read of the rounds before the freeze (max_read_rate),
+	// so a snapshot leaves the disk to the applications. The final round, under the freeze,
+	// never waits for it: it reads at full speed.
+	ReadLimit Limiter
+}
+
+// Limiter paces reads: WaitN blocks until n more bytes may be read (rate.Limiter).
+type Limiter interface {
+	WaitN(ctx context.Context, n int) error
 }
 
 // Options describe one capture.
@@ -245,7 +254,7 @@ func (m *member) read(ctx context.Context, runs []ChunkRun, expect bool) error {
 		w = fingerprintingWriter{m.Writer, m.fp}
 	}
 	start := time.Now()
-	st, err := Copy(ctx, m.Source, w, runs)
+	st, err := Copy(ctx, m.Source, w, runs, m.ReadLimit)
 	m.res.BytesRead += st.BytesRead
 	m.res.Rounds++
 	if err != nil {

@@ -341,3 +341,63 @@ func TestRetryKeepsTakenChunks(t *testing.T) {
 	}
 	fx.commitAndCompare(t, atFreeze)
 }
+
+// recordingLimit records whether each wait happened inside the freeze window.
+type recordingLimit struct {
+	frozen        *bool
+	calls, inside int
+	bytes         int64
+}
+
+func (l *recordingLimit) WaitN(_ context.Context, n int) error {
+	l.calls++
+	l.bytes += int64(n)
+	if *l.frozen {
+		l.inside++
+	}
+	return nil
+}
+
+// TestReadLimitNeverInsideTheFreeze: max_read_rate paces round 0 and the pre-copy rounds,
+// which read with the filesystems live, and never the final round under the freeze.
+func TestReadLimitNeverInsideTheFreeze(t *testing.T) {
+	fx := setup(t)
+	tr := &fakeTracker{takes: []take{{dirty: []uint{3, 9}}, {dirty: []uint{3}}, {dirty: []uint{5, 6}}}}
+	frozen := false
+	limit := &recordingLimit{frozen: &frozen}
+	m := fx.member(tr, true)
+	m.ReadLimit = limit
+	res, err := capture.Run(context.Background(), capture.Options{Members: []*capture.Member{m},
+		Freeze: func() (func() (time.Duration, error), error) {
+			frozen = true
+			return func() (time.Duration, error) { frozen = false; return time.Millisecond, nil }, nil
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !res[0].Frozen || res[0].FinalChunks == 0 {
+		t.Fatalf("the final round read nothing under a freeze: %+v", res[0])
+	}
+	if limit.calls == 0 || limit.bytes < 4<<20 {
+		t.Fatalf("the limit paced %d reads of %d bytes: round 0 read the whole 4 MiB unpaced", limit.calls, limit.bytes)
+	}
+	if limit.inside != 0 {
+		t.Fatalf("%d reads waited for the limit inside the freeze window", limit.inside)
+	}
+}
+
+// TestReadLimitPaces: a real limit slows a read to its rate.
+func TestReadLimitPaces(t *testing.T) {
+	fx := setup(t)
+	// 4 MiB at 2 MiB/s: the first read of up to 4 MiB goes at once, so read twice.
+	limit := capture.NewReadLimit(2 << 20)
+	start := time.Now()
+	for i := 0; i < 2; i++ {
+		if _, err := capture.Copy(context.Background(), fx.src, fx.w, []capture.ChunkRun{{Start: 0, End: 64}}, limit); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if d := time.Since(start); d < 1500*time.Millisecond || d > 10*time.Second {
+		t.Fatalf("8 MiB at 2 MiB/s with a 4 MiB burst took %v, want about 2 s", d)
+	}
+}

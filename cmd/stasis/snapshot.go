@@ -35,6 +35,8 @@ type snapshotFlags struct {
 	noFreeze  bool
 	chunkSize int
 	maxFreeze time.Duration
+	maxRate   string // --max-read-rate
+	rate      int64  // its bytes per second
 }
 
 func newSnapshotCmd(g *globals) *cobra.Command {
@@ -66,6 +68,13 @@ settings; when the agent runs, it takes the snapshot (waiting for a running one)
   stasis snapshot --source /var/lib/mysql --volume db --json`,
 		Args: cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if f.maxRate != "" {
+				n, err := config.ParseRate(f.maxRate)
+				if err != nil {
+					return fmt.Errorf("--max-read-rate %w", err)
+				}
+				f.rate = n
+			}
 			if len(args) == 1 {
 				return runConfiguredSnapshot(cmd, g, args[0], f)
 			}
@@ -82,6 +91,7 @@ settings; when the agent runs, it takes the snapshot (waiting for a running one)
 	fl.BoolVar(&f.noFreeze, "no-freeze", false, "do not freeze filesystems (crash-consistent snapshot)")
 	fl.DurationVar(&f.maxFreeze, "max-freeze", 5*time.Second, "longest time filesystems may stay frozen")
 	fl.IntVar(&f.chunkSize, "chunk-size", 0, "chunk size in bytes for a new volume (default 65536); fixed afterwards")
+	fl.StringVar(&f.maxRate, "max-read-rate", "", "pace reads before the freeze, like 200MiB/s (the frozen final round is never paced)")
 	return cmd
 }
 
@@ -100,6 +110,9 @@ func runConfiguredSnapshot(cmd *cobra.Command, g *globals, name string, f snapsh
 		return fmt.Errorf("no volume or group %q in %s", name, cfg.Path)
 	}
 	prog := newProgress(cmd.ErrOrStderr(), "snapshot of "+name, 0)
+	if f.maxRate != "" && agent.Running(cfg.Socket) {
+		return fmt.Errorf("the agent takes this snapshot, with max_read_rate from %s: drop --max-read-rate, or set max_read_rate there", cfg.Path)
+	}
 	resp, err := agent.CallWithProgress(cfg.Socket, agent.ControlRequest{Op: "snapshot", Volume: name, Name: f.name, Tags: f.tags, Note: f.note, Force: f.force},
 		func(note string) { prog.done(); fmt.Fprintln(cmd.ErrOrStderr(), note) }, prog.both)
 	prog.done()
@@ -138,6 +151,9 @@ func runConfiguredSnapshot(cmd *cobra.Command, g *globals, name string, f snapsh
 	}
 	f.noFreeze = f.noFreeze || v.NoFreeze
 	f.chunkSize = v.ChunkSize
+	if f.maxRate == "" {
+		f.rate = v.MaxReadRateBytes
+	}
 	f.app = agent.SpecFromConfig(*v).App
 	f.done = func(outs []*agent.Outcome, err error) {
 		agent.AfterSnapshot(cmd.Context(), v.Hooks, cfg.Notify, agent.NewResult(r.Host(), name, chain.KindManual, outs, err), g.logger())
@@ -158,7 +174,11 @@ func runGroupSnapshot(cmd *cobra.Command, g *globals, cfg *config.Config, grp *c
 		if _, err := capture.Resolve(vc.Source); err != nil {
 			return fmt.Errorf("volume %s: %w", name, err)
 		}
-		vol := agent.NewVolume(agent.SpecFromConfig(*vc), opts)
+		spec := agent.SpecFromConfig(*vc)
+		if f.maxRate != "" {
+			spec.MaxReadRate = f.rate
+		}
+		vol := agent.NewVolume(spec, opts)
 		defer vol.Close()
 		vols = append(vols, vol)
 	}
@@ -227,7 +247,7 @@ func runSnapshot(cmd *cobra.Command, g *globals, f snapshotFlags) error {
 		return err
 	}
 	vol := agent.NewVolume(agent.VolumeSpec{Name: f.volume, Source: f.source, MaxFreeze: f.maxFreeze,
-		NoFreeze: f.noFreeze, ChunkSize: f.chunkSize, App: f.app}, opts)
+		NoFreeze: f.noFreeze, ChunkSize: f.chunkSize, App: f.app, MaxReadRate: f.rate}, opts)
 	defer vol.Close()
 	r, err := g.openRepo(ctx) // snapshots take no lock (see chain/leases.go)
 	if err != nil {

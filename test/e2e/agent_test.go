@@ -453,16 +453,23 @@ func onTerminal(t *testing.T, args ...string) string {
 	return string(out)
 }
 
+// mixedImageAndRepo makes an image file of size bytes of mixed data and an empty
+// repository, in a new directory.
+func mixedImageAndRepo(t *testing.T, size int64) (dir, img, repo string) {
+	dir = t.TempDir()
+	img = filepath.Join(dir, "data.img")
+	f, _ := os.Create(img)
+	testenv.FillMixed(t, rand.New(rand.NewSource(size)), f, size)
+	f.Close()
+	repo = filepath.Join(dir, "repo")
+	testenv.MustStasis(t, "init", "-r", repo)
+	return dir, img, repo
+}
+
 // TestSnapshotProgress: on a terminal, a snapshot shows its progress with the total it
 // reads and an ETA, taken directly and through the agent; off a terminal, nothing.
 func TestSnapshotProgress(t *testing.T) {
-	dir := t.TempDir()
-	img := filepath.Join(dir, "data.img")
-	f, _ := os.Create(img)
-	testenv.FillMixed(t, rand.New(rand.NewSource(3)), f, 96<<20)
-	f.Close()
-	repo := filepath.Join(dir, "repo")
-	testenv.MustStasis(t, "init", "-r", repo)
+	_, img, repo := mixedImageAndRepo(t, 96<<20)
 	if out := onTerminal(t, "snapshot", "-r", repo, "--source", img, "--volume", "direct"); !strings.Contains(out, "/ 96 MiB") || !strings.Contains(out, "ETA") {
 		t.Fatalf("no progress with a total and an ETA on a terminal:\n%q", out)
 	}
@@ -532,5 +539,31 @@ volumes:
 	json.Unmarshal([]byte(testenv.MustStasis(t, "--config", a.cfg, "status", "--json")), &st)
 	if len(st.Replicas) != 2 || st.Replicas[0].Repository != shared || st.Replicas[1].Repository != own {
 		t.Fatalf("status shows replicas %+v", st.Replicas)
+	}
+}
+
+// TestMaxReadRate: --max-read-rate (and max_read_rate) paces a snapshot's reads; a bad
+// rate is refused with the form to use.
+func TestMaxReadRate(t *testing.T) {
+	dir, img, repo := mixedImageAndRepo(t, 24<<20)
+	start := time.Now()
+	testenv.MustStasis(t, "snapshot", "-q", "-r", repo, "--source", img, "--volume", "fast")
+	fast := time.Since(start)
+	start = time.Now()
+	testenv.MustStasis(t, "snapshot", "-q", "-r", repo, "--source", img, "--volume", "paced", "--max-read-rate", "8MiB/s")
+	paced := time.Since(start)
+	// 24 MiB at 8 MiB/s, the first 4 MiB at once: 2.5 s at least.
+	if paced < 2500*time.Millisecond || paced < fast+time.Second {
+		t.Fatalf("a snapshot paced to 8 MiB/s took %v (unpaced %v)", paced, fast)
+	}
+	r := testenv.Stasis(t, "snapshot", "-r", repo, "--source", img, "--volume", "x", "--max-read-rate", "fast")
+	if r.Code != 1 || !strings.Contains(r.Stderr, "like 200MiB/s") {
+		t.Fatalf("a bad rate: exit %d, %s", r.Code, r.Stderr)
+	}
+	cfg := filepath.Join(dir, "bad.yaml")
+	os.WriteFile(cfg, []byte("volumes:\n  - name: a\n    source: "+img+"\n    max_read_rate: 10\n"), 0o600)
+	r = testenv.Stasis(t, "config", "check", cfg)
+	if r.Code != 1 || !strings.Contains(r.Stderr, cfg+":4: volumes[0].max_read_rate") {
+		t.Fatalf("config check of a bad max_read_rate: exit %d, %s", r.Code, r.Stderr)
 	}
 }
