@@ -37,6 +37,8 @@ var (
 	s3BenchF    = flag.Bool("s3", true, "measure snapshots, copy, export and the view against S3 (versitygw)")
 	filesBenchF = flag.Bool("files", true, "measure diff and file restore against diff -rq and cp -a through the view, and restic")
 	onlyFiles   = flag.Bool("only-files", false, "measure only the file tools (fills a volume and takes its two snapshots first)")
+	readRate    = flag.Bool("read-rate", true, "measure a foreground writer's latency during a full snapshot, with and without --max-read-rate")
+	onlyRate    = flag.Bool("only-read-rate", false, "measure only that")
 )
 
 func main() {
@@ -81,6 +83,11 @@ func main() {
 	v := newVolume(dir, *volSize)
 	defer v.close()
 	v.fill()
+	if *onlyRate {
+		readRateBench(dir, v, add)
+		printRows()
+		return
+	}
 	if *onlyFiles {
 		repo := filepath.Join(dir, "stasis-repo")
 		run(*stasis, "init", "-r", repo)
@@ -149,6 +156,9 @@ func main() {
 
 	if *filesBenchF {
 		filesBench(dir, v, repo, add)
+	}
+	if *readRate {
+		readRateBench(dir, v, add)
 	}
 
 	tt, tout := trackedIncremental(dir, v)
