@@ -499,6 +499,7 @@ func Millis(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 // freezer freezes the targets under a guard, holding log output while they are frozen.
 func (v *Volume) freezer(targets []fsfreeze.Target, maxFreeze time.Duration) capture.Freezer {
 	return func() (func() (time.Duration, error), error) {
+		unboost := boostPriority() // the frozen window runs at normal priority (priority.go)
 		if v.opts.Hold != nil {
 			v.opts.Hold.Hold()
 		}
@@ -507,10 +508,12 @@ func (v *Volume) freezer(targets []fsfreeze.Target, maxFreeze time.Duration) cap
 			if v.opts.Hold != nil {
 				v.opts.Hold.Release()
 			}
+			unboost()
 			return nil, err
 		}
 		return func() (time.Duration, error) {
 			d, err := fz.Thaw()
+			unboost()
 			if v.opts.Hold != nil {
 				v.opts.Hold.Release()
 			}

@@ -394,3 +394,33 @@ func TestThawedInsideTheWindow(t *testing.T) {
 		t.Fatalf("every window broken: exit %d, %s", r.Code, r.Stderr)
 	}
 }
+
+// TestFrozenWindowAtNormalPriority: run with lowered CPU and I/O priority (as the unit
+// runs the agent: Nice=, IOSchedulingClass=), stasis raises every thread to normal
+// priority for the frozen window.
+func TestFrozenWindowAtNormalPriority(t *testing.T) {
+	testenv.RequireTool(t, "ionice")
+	dev, _ := testenv.LoopDevice(t, 64<<20)
+	testenv.Mkfs(t, "ext4", dev)
+	mnt := testenv.Mount(t, dev)
+	os.WriteFile(filepath.Join(mnt, "f"), []byte("data"), 0o644)
+	repo := filepath.Join(t.TempDir(), "repo")
+	testenv.MustStasis(t, "init", "-r", repo)
+	out := filepath.Join(t.TempDir(), "priorities")
+	hook := `for t in /proc/$PPID/task/*; do echo "${t##*/} nice=$(cut -d' ' -f19 $t/stat) io=$(ionice -p ${t##*/})"; done > ` + out
+	cmd := exec.Command("nice", "-n", "10", "ionice", "-c", "3", testenv.Binary(t), "snapshot", "-r", repo, "--source", mnt, "--volume", "v", "--json")
+	cmd.Env = append(os.Environ(), "STASIS_TEST_FREEZE_HOOK="+hook)
+	b, err := cmd.CombinedOutput()
+	if err != nil || !strings.Contains(string(b), `"consistency": "fs-frozen"`) {
+		t.Fatalf("snapshot: %v\n%s", err, b)
+	}
+	lines, _ := os.ReadFile(out)
+	if len(strings.TrimSpace(string(lines))) == 0 {
+		t.Fatal("the freeze hook recorded no thread")
+	}
+	for _, l := range strings.Split(strings.TrimSpace(string(lines)), "\n") {
+		if !strings.Contains(l, "nice=0 ") || strings.Contains(l, "idle") {
+			t.Fatalf("a thread ran the frozen window at lowered priority: %s\nall:\n%s", l, lines)
+		}
+	}
+}
