@@ -36,19 +36,17 @@ type Service struct {
 	load    func() (*config.Config, error)
 	started time.Time
 
-	mu      sync.Mutex
-	cfg     *config.Config
-	vols    map[string]*serviceVolume
-	groups  map[string]*serviceGroup
-	cron    *cron.Cron
-	state   *stateFile
-	metrics *metrics
-	ctx     context.Context
-	running sync.WaitGroup
-	// unprivileged counts snapshots requested on the socket by users other than root.
-	unprivileged atomic.Int32
-	replicas     []*replicator // one per replica repository
-	retainMu     sync.Mutex    // the agent's own retention runs take turns
+	mu       sync.Mutex
+	cfg      *config.Config
+	vols     map[string]*serviceVolume
+	groups   map[string]*serviceGroup
+	cron     *cron.Cron
+	state    *stateFile
+	metrics  *metrics
+	ctx      context.Context
+	running  sync.WaitGroup
+	replicas []*replicator // one per replica repository
+	retainMu sync.Mutex    // the agent's own retention runs take turns
 }
 
 // serviceVolume is one configured volume and its runtime state.
@@ -955,6 +953,21 @@ func policy(r config.Retention) retention.Policy {
 // Status reports every volume, with its snapshot count read from the repository.
 func (s *Service) Status() []VolumeStatus { return s.status(true) }
 
+// Replicas reports each replica repository's state.
+func (s *Service) Replicas() []*ReplicaStatus {
+	var out []*ReplicaStatus
+	for _, p := range s.replicas {
+		out = append(out, p.snapshot())
+	}
+	return out
+}
+
+// List lists the repository's snapshots, every host's.
+func (s *Service) List() ([]*chain.Snapshot, error) {
+	snaps, _, err := s.repo.Snapshots(s.ctx)
+	return snaps, err
+}
+
 // status reports every volume and group; without counts it does no I/O, for the periodic
 // STATUS=.
 func (s *Service) status(counts bool) []VolumeStatus {
@@ -1124,3 +1137,23 @@ func (st *stateFile) save() {
 
 // Repository is the repository the service writes, for the FUSE view.
 func (s *Service) Repository() *chain.Repository { return s.repo }
+
+// LastFailure reads the agent's state file in stateDir: the last snapshot of volume, if it
+// failed, is the error it failed with ("" otherwise).
+func LastFailure(stateDir, volume string) string {
+	b, err := os.ReadFile(filepath.Join(stateDir, "state.json"))
+	if err != nil {
+		return ""
+	}
+	var st struct {
+		Volumes map[string]volumeState `json:"volumes"`
+	}
+	if json.Unmarshal(b, &st) != nil {
+		return ""
+	}
+	s := st.Volumes[volume]
+	if s.LastResult == "failed" {
+		return s.LastFailure
+	}
+	return ""
+}

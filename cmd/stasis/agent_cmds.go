@@ -20,6 +20,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/stasis-project/stasis/agent"
+	"github.com/stasis-project/stasis/agent/control"
 	"github.com/stasis-project/stasis/agent/mysql"
 	"github.com/stasis-project/stasis/chain"
 	"github.com/stasis-project/stasis/chain/capture"
@@ -191,7 +192,7 @@ finishes or aborts the running snapshot (never leaving anything frozen) and exit
 				}()
 			}
 			errc := make(chan error, 2)
-			go func() { errc <- svc.ServeControl(ctx, cfg.Socket, cfg.SocketGroup) }()
+			go func() { errc <- control.Serve(ctx, cfg.Socket, cfg.SocketGroup, svc, log) }()
 			if cfg.MetricsListen != "" {
 				go func() {
 					if err := svc.ServeMetrics(ctx, cfg.MetricsListen); err != nil {
@@ -234,9 +235,9 @@ func newStatusCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			resp, err := agent.Call(cfg.Socket, agent.ControlRequest{Op: "status"}, nil)
+			resp, err := control.Call(cfg.Socket, control.Request{Op: "status"}, nil)
 			if err != nil {
-				if errors.Is(err, agent.ErrNoAgent) {
+				if errors.Is(err, control.ErrNoAgent) {
 					return fmt.Errorf("the agent is not running (no answer on %s): start it with `systemctl start stasis`", cfg.Socket)
 				}
 				return err
@@ -366,11 +367,11 @@ nothing. gc follows (gc_after_prune).`,
 					return fmt.Errorf("no volume or group %q in %s (a chain no longer configured: prune --volume %s --keep-last N)", volume, cfg.Path, volume)
 				}
 			}
-			resp, err := agent.Call(cfg.Socket, agent.ControlRequest{Op: "prune", Volume: volume, DryRun: dryRun}, nil)
+			resp, err := control.Call(cfg.Socket, control.Request{Op: "prune", Volume: volume, DryRun: dryRun}, nil)
 			switch {
 			case err == nil:
 				decisions = resp.Decisions
-			case errors.Is(err, agent.ErrNoAgent):
+			case errors.Is(err, control.ErrNoAgent):
 				decisions, err = pruneDirect(cmd.Context(), g, cfg, volume, dryRun)
 				if err != nil {
 					return err

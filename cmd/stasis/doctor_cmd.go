@@ -7,7 +7,7 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/stasis-project/stasis/agent"
+	"github.com/stasis-project/stasis/agent/doctor"
 	"github.com/stasis-project/stasis/chain"
 	"github.com/stasis-project/stasis/config"
 )
@@ -34,7 +34,7 @@ Exit status: 0 all well, 1 warnings, 2 errors.`,
 			if err != nil {
 				return exitError{exitFailure, err}
 			}
-			env := agent.DefaultDoctorEnv()
+			env := doctor.DefaultDoctorEnv()
 			env.OpenRepo = func(ctx context.Context) (*chain.Reader, error) {
 				r, err := g.accessFor(cfg).openReader(ctx, cfg.Repository)
 				if isMissing(err) {
@@ -42,13 +42,13 @@ Exit status: 0 all well, 1 warnings, 2 errors.`,
 				}
 				return r, err
 			}
-			findings := agent.Doctor(cmd.Context(), cfg, env)
+			findings := doctor.Doctor(cmd.Context(), cfg, env)
 			worst := 0
 			for _, f := range findings {
 				switch f.Severity {
-				case agent.SevWarning:
+				case doctor.SevWarning:
 					worst = max(worst, 1)
-				case agent.SevError:
+				case doctor.SevError:
 					worst = 2
 				}
 			}
@@ -63,7 +63,7 @@ Exit status: 0 all well, 1 warnings, 2 errors.`,
 						where = f.Volume + ": " + f.Check
 					}
 					fmt.Fprintf(cmd.OutOrStdout(), "%-7s %s: %s\n", f.Severity, where, f.Message)
-					if f.Fix != "" && f.Severity != agent.SevOK {
+					if f.Fix != "" && f.Severity != doctor.SevOK {
 						fmt.Fprintf(cmd.OutOrStdout(), "        fix: %s\n", f.Fix)
 					}
 				}

@@ -13,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/stasis-project/stasis/agent"
+	"github.com/stasis-project/stasis/agent/control"
 	"github.com/stasis-project/stasis/chain"
 	"github.com/stasis-project/stasis/chain/capture"
 	"github.com/stasis-project/stasis/config"
@@ -110,10 +111,10 @@ func runConfiguredSnapshot(cmd *cobra.Command, g *globals, name string, f snapsh
 		return fmt.Errorf("no volume or group %q in %s", name, cfg.Path)
 	}
 	prog := newProgress(cmd.ErrOrStderr(), "snapshot of "+name, 0)
-	if f.maxRate != "" && agent.Running(cfg.Socket) {
+	if f.maxRate != "" && control.Running(cfg.Socket) {
 		return fmt.Errorf("the agent takes this snapshot, with max_read_rate from %s: drop --max-read-rate, or set max_read_rate there", cfg.Path)
 	}
-	resp, err := agent.CallWithProgress(cfg.Socket, agent.ControlRequest{Op: "snapshot", Volume: name, Name: f.name, Tags: f.tags, Note: f.note, Force: f.force},
+	resp, err := control.CallWithProgress(cfg.Socket, control.Request{Op: "snapshot", Volume: name, Name: f.name, Tags: f.tags, Note: f.note, Force: f.force},
 		func(note string) { prog.done(); fmt.Fprintln(cmd.ErrOrStderr(), note) }, prog.both)
 	prog.done()
 	if err == nil {
@@ -129,7 +130,7 @@ func runConfiguredSnapshot(cmd *cobra.Command, g *globals, name string, f snapsh
 		}
 		return printSnapshots(cmd, g.asJSON, reports)
 	}
-	if !errors.Is(err, agent.ErrNoAgent) {
+	if !errors.Is(err, control.ErrNoAgent) {
 		return err
 	}
 	g.repo = cfg.Repository

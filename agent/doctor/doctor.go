@@ -1,9 +1,11 @@
-package agent
+// Package doctor is `stasis doctor`: it checks this machine, the configuration, the
+// repository and each volume for what would make snapshots fail or be less than they
+// claim, and says how to fix each problem.
+package doctor
 
 import (
 	"bufio"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -15,6 +17,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/stasis-project/stasis/agent"
+	"github.com/stasis-project/stasis/agent/control"
 	"github.com/stasis-project/stasis/agent/mysql"
 	"github.com/stasis-project/stasis/agent/trust"
 	"github.com/stasis-project/stasis/chain"
@@ -73,9 +77,9 @@ func Doctor(ctx context.Context, cfg *config.Config, env DoctorEnv) []Finding {
 	} else {
 		add("privileges", "", SevOK, "running as root", "")
 	}
-	if _, err := Call(cfg.Socket, ControlRequest{Op: "status"}, nil); err == nil {
+	if _, err := control.Call(cfg.Socket, control.Request{Op: "status"}, nil); err == nil {
 		add("agent", "", SevOK, "the agent answers on "+cfg.Socket, "")
-	} else if errors.Is(err, ErrNoAgent) {
+	} else if errors.Is(err, control.ErrNoAgent) {
 		add("agent", "", SevWarning, "the agent is not running (nothing answers on "+cfg.Socket+"): no scheduled snapshots are taken",
 			"systemctl enable --now stasis")
 	} else {
@@ -310,7 +314,7 @@ func doctorVolume(ctx context.Context, cfg *config.Config, v config.Volume, snap
 		add("retention", SevOK, fmt.Sprintf("%d automatic snapshots, at the quota of %d: each new one replaces the oldest", auto, q), "")
 	}
 	// Hooks run as root: only root may be able to change them.
-	spec := SpecFromConfig(v)
+	spec := agent.SpecFromConfig(v)
 	if spec.App != nil {
 		for _, h := range append(append([]string(nil), spec.App.PreHooks...), spec.App.PostHooks...) {
 			if err := trust.Check(h, false); err != nil {
@@ -348,7 +352,7 @@ func doctorVolume(ctx context.Context, cfg *config.Config, v config.Volume, snap
 	if !next.IsZero() {
 		add("schedule", SevOK, "next snapshot "+next.Local().Format(time.RFC3339), "")
 	}
-	if f := lastFailure(cfg.StateDir, v.Name); f != "" {
+	if f := agent.LastFailure(cfg.StateDir, v.Name); f != "" {
 		add("last-failure", SevWarning, "the last snapshot failed: "+f, "fix the cause, then stasis snapshot "+v.Name)
 	}
 	return fs
@@ -404,24 +408,6 @@ func filesystemFinding(m capture.Mount) Finding {
 		f.Severity, f.Message = SevOK, fmt.Sprintf("%s (%s) can be frozen", m.Point, m.FSType)
 	}
 	return f
-}
-
-func lastFailure(stateDir, volume string) string {
-	b, err := os.ReadFile(filepath.Join(stateDir, "state.json"))
-	if err != nil {
-		return ""
-	}
-	var st struct {
-		Volumes map[string]volumeState `json:"volumes"`
-	}
-	if json.Unmarshal(b, &st) != nil {
-		return ""
-	}
-	s := st.Volumes[volume]
-	if s.LastResult == "failed" {
-		return s.LastFailure
-	}
-	return ""
 }
 
 // otherFreezers lists freeze state files of live processes other than this one.

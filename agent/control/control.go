@@ -1,4 +1,6 @@
-package agent
+// Package control is the agent's control socket: the protocol the CLI speaks to a running
+// agent (stasis snapshot VOLUME, status, prune, list), its server and its client.
+package control
 
 import (
 	"bufio"
@@ -7,16 +9,19 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"os"
 	"os/user"
 	"path/filepath"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/stasis-project/stasis/agent"
 	"github.com/stasis-project/stasis/chain"
 )
 
@@ -24,8 +29,8 @@ import (
 // with zero or more {"note": ...} lines (for example "waiting for the running snapshot")
 // and one final Response line.
 
-// ControlRequest asks the agent to do something.
-type ControlRequest struct {
+// Request asks the agent to do something.
+type Request struct {
 	Op     string `json:"op"` // status | snapshot | prune | list
 	Volume string `json:"volume,omitempty"`
 	Name   string `json:"name,omitempty"`
@@ -36,16 +41,16 @@ type ControlRequest struct {
 	Force bool     `json:"force,omitempty"`
 }
 
-// ControlResponse is the final answer.
-type ControlResponse struct {
-	Note      string            `json:"note,omitempty"`
-	Error     string            `json:"error,omitempty"`
-	Status    []VolumeStatus    `json:"status,omitempty"`
-	Replicas  []*ReplicaStatus  `json:"replicas,omitempty"`
-	Snapshot  *SnapshotReport   `json:"snapshot,omitempty"`
-	Group     []*SnapshotReport `json:"group,omitempty"` // every member, for a group snapshot
-	Decisions []PruneDecision   `json:"decisions,omitempty"`
-	Snapshots []*chain.Snapshot `json:"snapshots,omitempty"`
+// Response is the final answer.
+type Response struct {
+	Note      string                  `json:"note,omitempty"`
+	Error     string                  `json:"error,omitempty"`
+	Status    []agent.VolumeStatus    `json:"status,omitempty"`
+	Replicas  []*agent.ReplicaStatus  `json:"replicas,omitempty"`
+	Snapshot  *agent.SnapshotReport   `json:"snapshot,omitempty"`
+	Group     []*agent.SnapshotReport `json:"group,omitempty"` // every member, for a group snapshot
+	Decisions []agent.PruneDecision   `json:"decisions,omitempty"`
+	Snapshots []*chain.Snapshot       `json:"snapshots,omitempty"`
 	// Progress, on a line before the final one, says how far a snapshot is.
 	Progress *ProgressNote `json:"progress,omitempty"`
 	Final    bool          `json:"final"`
@@ -62,7 +67,7 @@ type ProgressNote struct {
 // Its methods are called from the capture's goroutines at once.
 type progressLines struct {
 	mu          sync.Mutex
-	send        func(ControlResponse)
+	send        func(Response)
 	done, total int64
 	last        time.Time
 }
@@ -77,42 +82,30 @@ func (p *progressLines) update(done, total int64) {
 	p.total += total
 	if now := time.Now(); total > 0 || now.Sub(p.last) >= 250*time.Millisecond {
 		p.last = now
-		p.send(ControlResponse{Progress: &ProgressNote{Done: p.done, Total: p.total}})
+		p.send(Response{Progress: &ProgressNote{Done: p.done, Total: p.total}})
 	}
 }
 
-// SnapshotReport is a snapshot's outcome as the socket carries it.
-type SnapshotReport struct {
-	Snapshot *chain.Snapshot `json:"snapshot"`
-	ID       string          `json:"id"`
-	Figures
+// Handler is what the socket serves: the agent's Service.
+type Handler interface {
+	Status() []agent.VolumeStatus
+	Replicas() []*agent.ReplicaStatus
+	Snapshot(name string, req agent.Request, said func(string)) ([]*agent.Outcome, error)
+	Prune(name string, dryRun bool) ([]agent.PruneDecision, error)
+	List() ([]*chain.Snapshot, error)
 }
 
-// Figures say how a snapshot was captured, as `snapshot --json` prints them.
-type Figures struct {
-	Tracking      string   `json:"tracking"`
-	Rounds        int      `json:"rounds"`
-	FreezeMS      float64  `json:"freeze_ms"`
-	BytesRead     int64    `json:"bytes_read"`
-	BytesStored   int64    `json:"bytes_stored"`
-	MetadataBytes int64    `json:"metadata_bytes"`
-	ChunksStored  int64    `json:"chunks_stored"`
-	FinalChunks   int      `json:"final_chunks"`
-	DurationMS    int64    `json:"duration_ms"`
-	Warnings      []string `json:"warnings,omitempty"`
+// server serves one socket.
+type server struct {
+	h   Handler
+	log *slog.Logger
+	// unprivileged counts snapshots requested by users other than root.
+	unprivileged atomic.Int32
 }
 
-// Report summarises an Outcome.
-func Report(o *Outcome) *SnapshotReport {
-	return &SnapshotReport{Snapshot: o.Snapshot, ID: o.Snapshot.ID, Figures: Figures{Tracking: o.Capture.Tracking,
-		Rounds: o.Capture.Rounds, FreezeMS: Millis(o.Capture.Freeze), BytesRead: o.Capture.BytesRead,
-		BytesStored: o.Write.DataBytes + o.Write.TreeBytes, MetadataBytes: o.Write.MetadataBytes,
-		ChunksStored: o.Write.ChunksStored, FinalChunks: o.Capture.FinalChunks,
-		DurationMS: o.Duration.Milliseconds(), Warnings: o.Warnings}}
-}
-
-// ServeControl listens on path (root only, or group-readable for group) until ctx ends.
-func (s *Service) ServeControl(ctx context.Context, path, group string) error {
+// Serve listens on path (root only, or group-readable for group) until ctx ends.
+func Serve(ctx context.Context, path, group string, h Handler, log *slog.Logger) error {
+	s := &server{h: h, log: log}
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return err
 	}
@@ -218,26 +211,24 @@ const (
 	maxUnprivilegedSnapshots = 2
 )
 
-func (s *Service) handle(conn net.Conn, idle *idleConns) {
+func (s *server) handle(conn net.Conn, idle *idleConns) {
 	defer conn.Close()
 	enc := json.NewEncoder(conn)
-	var req ControlRequest
+	var req Request
 	conn.SetReadDeadline(time.Now().Add(requestTimeout))
 	dec := json.NewDecoder(bufio.NewReader(io.LimitReader(conn, maxRequest)))
 	err := dec.Decode(&req)
 	idle.done(conn)
 	if err != nil {
-		enc.Encode(ControlResponse{Error: "bad request: " + err.Error(), Final: true})
+		enc.Encode(Response{Error: "bad request: " + err.Error(), Final: true})
 		return
 	}
 	conn.SetReadDeadline(time.Time{})
-	resp := ControlResponse{Final: true}
+	resp := Response{Final: true}
 	switch req.Op {
 	case "status":
-		resp.Status = s.Status()
-		for _, p := range s.replicas {
-			resp.Replicas = append(resp.Replicas, p.snapshot())
-		}
+		resp.Status = s.h.Status()
+		resp.Replicas = s.h.Replicas()
 	case "snapshot":
 		if uid, ok := peerUID(conn); !ok || uid != 0 {
 			if s.unprivileged.Add(1) > maxUnprivilegedSnapshots {
@@ -248,19 +239,19 @@ func (s *Service) handle(conn net.Conn, idle *idleConns) {
 			defer s.unprivileged.Add(-1)
 		}
 		var encMu sync.Mutex // notes and progress come from several goroutines
-		send := func(r ControlResponse) {
+		send := func(r Response) {
 			encMu.Lock()
 			defer encMu.Unlock()
 			enc.Encode(r)
 		}
 		prog := &progressLines{send: send}
-		outs, err := s.Snapshot(req.Volume, Request{Name: req.Name, Tags: req.Tags, Note: req.Note, Force: req.Force, Progress: prog.add, AddTotal: prog.addTotal},
-			func(note string) { send(ControlResponse{Note: note}) })
+		outs, err := s.h.Snapshot(req.Volume, agent.Request{Name: req.Name, Tags: req.Tags, Note: req.Note, Force: req.Force, Progress: prog.add, AddTotal: prog.addTotal},
+			func(note string) { send(Response{Note: note}) })
 		if err != nil {
 			resp.Error = err.Error()
 		} else {
 			for _, o := range outs {
-				resp.Group = append(resp.Group, Report(o))
+				resp.Group = append(resp.Group, agent.Report(o))
 			}
 			resp.Snapshot = resp.Group[0]
 			if len(outs) == 1 {
@@ -268,13 +259,13 @@ func (s *Service) handle(conn net.Conn, idle *idleConns) {
 			}
 		}
 	case "prune":
-		d, err := s.Prune(req.Volume, req.DryRun)
+		d, err := s.h.Prune(req.Volume, req.DryRun)
 		resp.Decisions = d
 		if err != nil {
 			resp.Error = err.Error()
 		}
 	case "list":
-		snaps, _, err := s.repo.Snapshots(s.ctx)
+		snaps, err := s.h.List()
 		resp.Snapshots = snaps
 		if err != nil {
 			resp.Error = err.Error()
@@ -290,17 +281,17 @@ var ErrNoAgent = errors.New("no agent is running")
 
 // Running reports whether an agent answers on the control socket at path.
 func Running(path string) bool {
-	_, err := Call(path, ControlRequest{Op: "status"}, nil)
+	_, err := Call(path, Request{Op: "status"}, nil)
 	return !errors.Is(err, ErrNoAgent)
 }
 
 // Call sends a request to a running agent; notes go to note as they arrive.
-func Call(path string, req ControlRequest, note func(string)) (*ControlResponse, error) {
+func Call(path string, req Request, note func(string)) (*Response, error) {
 	return CallWithProgress(path, req, note, nil)
 }
 
 // CallWithProgress is Call, with a snapshot's progress going to progress as it arrives.
-func CallWithProgress(path string, req ControlRequest, note func(string), progress func(done, total int64)) (*ControlResponse, error) {
+func CallWithProgress(path string, req Request, note func(string), progress func(done, total int64)) (*Response, error) {
 	conn, err := net.DialTimeout("unix", path, time.Second)
 	if err != nil {
 		return nil, fmt.Errorf("%w (%v)", ErrNoAgent, err)
@@ -311,7 +302,7 @@ func CallWithProgress(path string, req ControlRequest, note func(string), progre
 	}
 	dec := json.NewDecoder(conn)
 	for {
-		var resp ControlResponse
+		var resp Response
 		if err := dec.Decode(&resp); err != nil {
 			return nil, fmt.Errorf("agent closed the connection: %w", err)
 		}
