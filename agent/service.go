@@ -661,12 +661,10 @@ func (s *Service) retainAfter(ctx context.Context, j *job) {
 		return
 	}
 	defer unlock()
-	if j.group != nil {
-		_, err = s.pruneGroup(ctx, j.group.spec, false)
-	} else {
-		_, err = s.prune(ctx, j.vols[0].spec, false)
-	}
-	if err != nil {
+	s.mu.Lock()
+	cfg := s.cfg
+	s.mu.Unlock()
+	if _, err = Retain(ctx, s.repo, cfg, j.name, false, s.log); err != nil {
 		s.log.Error("retention failed", "volume", j.name, "err", err)
 	}
 }
@@ -753,37 +751,18 @@ func (s *Service) Prune(name string, dryRun bool) ([]PruneDecision, error) {
 	s.mu.Lock()
 	cfg := s.cfg
 	s.mu.Unlock()
-	var out []PruneDecision
-	run := func(what string, f func() ([]PruneDecision, error)) error {
-		var unlock func()
-		if !dryRun {
-			var err error
-			if unlock, err = s.lock(s.ctx, s.holder("prune "+what)); err != nil {
-				return err
-			}
+	if !dryRun {
+		what := name
+		if what == "" {
+			what = "every volume"
 		}
-		d, err := f()
-		if unlock != nil {
-			unlock()
+		unlock, err := s.lock(s.ctx, s.holder("prune "+what))
+		if err != nil {
+			return nil, err
 		}
-		out = append(out, d...)
-		return err
+		defer unlock()
 	}
-	for _, v := range cfg.Volumes {
-		if name == "" || v.Name == name {
-			if err := run(v.Name, func() ([]PruneDecision, error) { return s.prune(s.ctx, v, dryRun) }); err != nil {
-				return out, err
-			}
-		}
-	}
-	for _, g := range cfg.Groups {
-		if name == "" || g.Name == name {
-			if err := run(g.Name, func() ([]PruneDecision, error) { return s.pruneGroup(s.ctx, g, dryRun) }); err != nil {
-				return out, err
-			}
-		}
-	}
-	return out, nil
+	return Retain(s.ctx, s.repo, cfg, name, dryRun, s.log)
 }
 
 // PruneDecision is one snapshot's fate under retention.
@@ -821,45 +800,34 @@ func (d *PruneDecision) UnmarshalJSON(b []byte) error {
 	return nil
 }
 
-// prune applies retention to one volume; the lock is held unless dryRun.
-func (s *Service) prune(ctx context.Context, v config.Volume, dryRun bool) ([]PruneDecision, error) {
-	snaps, _, err := s.ownSnapshots(ctx)
+// Retain applies the configuration's retention to this host's chains in r — every volume
+// and group, or only the one called name — deleting what the policies do not keep (unless
+// dryRun) and, with gc_after_prune, running gc once afterwards. The agent (after each
+// snapshot, and for stasis prune through its socket) and the CLI without an agent both
+// prune through it. The caller holds the deletion lock.
+func Retain(ctx context.Context, r *chain.Repository, cfg *config.Config, name string, dryRun bool, log *slog.Logger) ([]PruneDecision, error) {
+	snaps, _, err := r.Snapshots(ctx)
 	if err != nil {
 		return nil, err
 	}
-	decisions, victims := Plan(snaps, v, time.Now())
-	return decisions, s.deleteVictims(ctx, v.Name, victims, dryRun)
-}
-
-// pruneGroup applies a group's retention to its group snapshots: the members of one group
-// snapshot are kept or deleted together.
-func (s *Service) pruneGroup(ctx context.Context, g config.Group, dryRun bool) ([]PruneDecision, error) {
-	snaps, _, err := s.ownSnapshots(ctx)
-	if err != nil {
-		return nil, err
-	}
-	decisions, victims := PlanGroup(snaps, g, time.Now())
-	return decisions, s.deleteVictims(ctx, g.Name, victims, dryRun)
-}
-
-func (s *Service) deleteVictims(ctx context.Context, name string, victims []*chain.Snapshot, dryRun bool) error {
+	decisions, victims := PlanConfig(chain.OfHost(snaps, r.Host()), cfg, name, time.Now())
 	if dryRun || len(victims) == 0 {
-		return nil
+		return decisions, nil
 	}
-	if err := s.repo.Delete(ctx, victims...); err != nil {
-		return err
+	if err := r.Delete(ctx, victims...); err != nil {
+		return decisions, err
 	}
 	for _, d := range victims {
-		s.log.Info("retention deleted a snapshot", "volume", d.Volume, "snapshot", d.Name, "of", name)
+		log.Info("retention deleted a snapshot", "volume", d.Volume, "snapshot", d.Name)
 	}
-	if *s.cfg.GCAfterPrune {
-		st, err := s.repo.GC(ctx, chain.GCOptions{})
+	if *cfg.GCAfterPrune {
+		st, err := r.GC(ctx, chain.GCOptions{})
 		if err != nil {
-			return fmt.Errorf("gc after retention: %w", err)
+			return decisions, fmt.Errorf("gc after retention: %w", err)
 		}
-		s.log.Info("gc", "freed_bytes", st.BytesFreed, "packs_deleted", st.PacksDeleted)
+		log.Info("gc", "freed_bytes", st.BytesFreed, "packs_deleted", st.PacksDeleted)
 	}
-	return nil
+	return decisions, nil
 }
 
 // Plan applies a volume's retention policy to its own snapshots (a group's snapshots follow

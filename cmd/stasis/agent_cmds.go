@@ -497,22 +497,5 @@ func pruneDirect(ctx context.Context, g *globals, cfg *config.Config, volume str
 		return nil, err
 	}
 	defer unlock()
-	snaps, _, err := r.Snapshots(ctx)
-	if err != nil {
-		return nil, err
-	}
-	all, victims := agent.PlanConfig(chain.OfHost(snaps, r.Host()), cfg, volume, time.Now())
-	deleted := false
-	if !dryRun && len(victims) > 0 {
-		if err := r.Delete(ctx, victims...); err != nil {
-			return nil, err
-		}
-		deleted = true
-	}
-	if deleted && *cfg.GCAfterPrune {
-		if _, err := r.GC(ctx, chain.GCOptions{}); err != nil {
-			return all, err
-		}
-	}
-	return all, nil
+	return agent.Retain(ctx, r, cfg, volume, dryRun, g.logger()) // as the agent prunes
 }

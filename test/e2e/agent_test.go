@@ -217,6 +217,23 @@ func TestAgentSchedulesAndRetention(t *testing.T) {
 	if snaps := listJSON(t, "-r", e.repo, "--volume", "vol0"); snaps[0]["name"] != "keepme" && !strings.Contains(fmt.Sprint(snaps), "keepme") {
 		t.Fatal("the manual snapshot was pruned")
 	}
+	// Without the agent, prune takes the same path (agent.Retain): it agrees with what the
+	// agent's retention left, snapshot for snapshot.
+	var decisions []struct {
+		Volume, Name string
+		Keep         bool
+	}
+	if err := json.Unmarshal([]byte(testenv.MustStasis(t, "--config", e.cfg, "prune", "--dry-run", "--json")), &decisions); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(listJSON(t, "-r", e.repo)); len(decisions) != n {
+		t.Fatalf("prune without the agent decided about %d snapshots of %d", len(decisions), n)
+	}
+	for _, d := range decisions {
+		if !d.Keep {
+			t.Fatalf("prune without the agent would delete %s/%s, which the agent's retention kept", d.Volume, d.Name)
+		}
+	}
 	testenv.MustStasis(t, "verify", "-r", e.repo, "--read-data")
 }
 
