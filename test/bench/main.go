@@ -39,6 +39,7 @@ var (
 	onlyFiles   = flag.Bool("only-files", false, "measure only the file tools (fills a volume and takes its two snapshots first)")
 	readRate    = flag.Bool("read-rate", true, "measure a foreground writer's latency during a full snapshot, with and without --max-read-rate")
 	onlyRate    = flag.Bool("only-read-rate", false, "measure only that")
+	onlyS3Inc   = flag.Bool("only-s3-tracked", false, "measure only the tracked incremental into S3 (versitygw)")
 )
 
 func main() {
@@ -83,6 +84,15 @@ func main() {
 	v := newVolume(dir, *volSize)
 	defer v.close()
 	v.fill()
+	if *onlyS3Inc {
+		if srv := startS3(dir); srv != nil {
+			tt, out := trackedAt(dir, srv.location("tracked"), true, v)
+			add("S3 (encrypted): tracked incremental after 20 MiB changed", tt, fmt.Sprintf("read %s, freeze %.1f ms", mb(out.Capture.BytesRead), agent.Millis(out.Capture.Freeze)))
+			srv.stop()
+		}
+		printRows()
+		return
+	}
 	if *onlyRate {
 		readRateBench(dir, v, add)
 		printRows()
