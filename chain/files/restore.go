@@ -138,7 +138,8 @@ func Restore(ctx context.Context, e *Entry, to string, opts RestoreOptions) (*Re
 		}
 		return nil
 	}()
-	if werr := g.Wait(); err == nil {
+	// A writer's failure cancels the walk: report the failure, not the cancellation.
+	if werr := g.Wait(); werr != nil && (err == nil || errors.Is(err, context.Canceled)) {
 		err = werr
 	}
 	r.stats.Bytes = r.bytes.Load()
@@ -239,6 +240,10 @@ func (r *restorer) entry(base, dirfd int, name, rel string, e *Entry) error {
 		return nil
 	default: // devices, FIFOs, sockets
 		if err := unix.Mknodat(dirfd, name, typ|0o600, int(decodeDev(e.Attr.Rdev))); err != nil {
+			if errors.Is(err, unix.EPERM) && (typ == fsimage.S_IFCHR || typ == fsimage.S_IFBLK) {
+				r.problem(rel, "device node not created (only root can)", err) // the rest goes on
+				return nil
+			}
 			return fmt.Errorf("create %s %s: %w", e.Type(), r.where(rel), err)
 		}
 		r.count(&r.stats.Special)

@@ -563,3 +563,32 @@ func TestFileToolsPartitionedDisk(t *testing.T) {
 		t.Fatalf("restored part1/etc/hostname holds %q", b)
 	}
 }
+
+// TestRestoreFilesNoSpace: a file restore that runs out of space says so (not "context
+// canceled") and leaves nothing behind.
+func TestRestoreFilesNoSpace(t *testing.T) {
+	v := newFileToolsVolume(t, "ext4")
+	os.MkdirAll(filepath.Join(v.mnt, "tree"), 0o755)
+	big := make([]byte, 20<<20)
+	rand.New(rand.NewSource(4)).Read(big)
+	for i := 0; i < 3; i++ {
+		os.WriteFile(filepath.Join(v.mnt, "tree", fmt.Sprintf("big%d", i)), big, 0o644)
+	}
+	for i := 0; i < 300; i++ { // still being walked when a writer fails
+		os.WriteFile(filepath.Join(v.mnt, "tree", fmt.Sprintf("small%03d", i)), big[:5000], 0o644)
+	}
+	v.snapshot(t, "s")
+	dev, _ := testenv.LoopDevice(t, 24<<20)
+	testenv.Mkfs(t, "ext4", dev)
+	small := testenv.Mount(t, dev)
+	r := testenv.Stasis(t, "restore", "-r", v.repo, "v/s:/tree", "--to", small)
+	if r.Code != 1 || !strings.Contains(r.Stderr, "no space left on device") {
+		t.Fatalf("restore onto a full filesystem: exit %d, %s", r.Code, r.Stderr)
+	}
+	entries, _ := os.ReadDir(small)
+	for _, e := range entries {
+		if e.Name() != "lost+found" {
+			t.Fatalf("a failed restore left %s behind", e.Name())
+		}
+	}
+}
