@@ -350,10 +350,18 @@ func (r *restorer) fill(fd int, rel string, e *Entry) error {
 	if err := unix.Ftruncate(fd, size); err != nil {
 		return fmt.Errorf("set the size of %s: %w", r.where(rel), err)
 	}
-	// Start writing it back now, so the final flush has little left to wait for.
-	unix.SyncFileRange(fd, 0, 0, unix.SYNC_FILE_RANGE_WRITE)
+	// A large file is flushed by its writer, in parallel with the other writers' reads;
+	// small ones (and directories, renames) by the one syncfs at the end.
+	if size >= flushAlone {
+		if err := unix.Fdatasync(fd); err != nil {
+			return fmt.Errorf("flush %s: %w", r.where(rel), err)
+		}
+	}
 	return nil
 }
+
+// flushAlone is the size from which a restored file is flushed on its own.
+const flushAlone = 1 << 20
 
 // readWindow is how far ahead of its writes a file's chunks are loaded.
 const readWindow = 4 << 20
