@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"math/rand"
+	"sync"
 	"testing"
 	"time"
 
@@ -457,5 +458,64 @@ func TestProtect(t *testing.T) {
 	}
 	if !bytes.Equal(readAll(t, r.Reader, b), v.data) {
 		t.Fatal("b changed")
+	}
+}
+
+// failingPacks fails every pack save after the first ok ones.
+type failingPacks struct {
+	chain.Backend
+	mu sync.Mutex
+	ok int
+}
+
+func (f *failingPacks) Save(ctx context.Context, h chain.Handle, data []byte) error {
+	if h.Type == chain.PackFile {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		if f.ok == 0 {
+			return errors.New("no space left on device")
+		}
+		f.ok--
+	}
+	return f.Backend.Save(ctx, h, data)
+}
+
+// TestFailedCommitLeavesNoPacks: when the pack that fails is the one the commit closes
+// (its tree pages, after every Put succeeded), the packs saved before it are removed too:
+// the repository is as before, not left with garbage for gc.
+func TestFailedCommitLeavesNoPacks(t *testing.T) {
+	chain.SetPackTarget(t, 64<<10)
+	ctx := context.Background()
+	const chunk = 16 << 10
+	data := make([]byte, 64*chunk)
+	rand.New(rand.NewSource(2)).Read(data)
+	// take writes the snapshot through a backend that saves ok packs, then fails.
+	take := func(ok int) (saved int, commitErr error) {
+		_, be := newRepo(t)
+		fb := &failingPacks{Backend: be, ok: ok}
+		r := openRepo(t, fb, chain.Options{})
+		w, err := r.NewSnapshot(ctx, chain.SnapshotOptions{Volume: "v", Name: "s", Size: int64(len(data)), ChunkSize: chunk})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := 0; i < 64; i++ {
+			if err := w.Put(ctx, int64(i), data[i*chunk:(i+1)*chunk]); err != nil {
+				t.Fatalf("put %d: %v (only the commit's pack may fail)", i, err)
+			}
+		}
+		_, commitErr = w.Commit(ctx, nil, nil)
+		be.List(ctx, chain.PackFile, func(chain.FileInfo) error { saved++; return nil })
+		return saved, commitErr
+	}
+	all, err := take(1 << 30)
+	if err != nil || all < 2 {
+		t.Fatalf("a snapshot of %d packs: %v", all, err)
+	}
+	left, err := take(all - 1) // every pack but the commit's
+	if err == nil {
+		t.Fatal("the commit succeeded though its pack could not be saved")
+	}
+	if left != 0 {
+		t.Fatalf("%d packs of the failed snapshot left in the repository", left)
 	}
 }

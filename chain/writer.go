@@ -548,7 +548,8 @@ func (w *SnapshotWriter) Commit(ctx context.Context, capture, app map[string]any
 		err = w.heartbeat.fresh()
 	}
 	if err != nil {
-		return nil, err // its packs stay unindexed: gc reclaims them
+		w.removeSaved() // unindexed, and its own: the repository is left as it was
+		return nil, err
 	}
 	var index []indexedPack
 	for _, p := range w.packs {
@@ -597,15 +598,20 @@ func (w *SnapshotWriter) Abort() {
 	w.mu.Unlock()
 	close(w.saves)
 	w.saved.Wait()
-	// Its saved packs are its own (pack names are unique: see packBuilder) and unindexed:
-	// remove them now rather than leave them to gc.
+	w.removeSaved()
+	w.heartbeat.release()
+}
+
+// removeSaved removes the packs this writer saved, once the saver has stopped. They are
+// its own (pack names are unique: see packBuilder) and unindexed: a snapshot that is not
+// committed leaves the repository as it was, rather than garbage for gc.
+func (w *SnapshotWriter) removeSaved() {
 	ctx := context.Background()
 	for _, p := range w.packs {
 		if p.saved {
 			if err := w.r.be.Remove(ctx, Handle{Type: PackFile, Name: p.id.String()}); err != nil && !errors.Is(err, ErrNotExist) {
-				w.r.log.Warn("could not remove a pack of the aborted snapshot; gc removes it", "pack", p.id.Short(), "err", err)
+				w.r.log.Warn("could not remove a pack of the uncommitted snapshot; gc removes it", "pack", p.id.Short(), "err", err)
 			}
 		}
 	}
-	w.heartbeat.release()
 }

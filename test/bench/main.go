@@ -113,17 +113,19 @@ func main() {
 	// compare medians.
 	repo := filepath.Join(dir, "stasis-repo")
 	var full snapResult
-	var dds, fulls []time.Duration
+	var dds, fulls, fullCPU []time.Duration
 	for i := 0; i < 3; i++ {
 		dds = append(dds, timeIt(func() { run("dd", "if="+v.dev, "of=/dev/null", "bs=4M", "iflag=direct") }))
 		os.RemoveAll(repo)
 		run(*stasis, "init", "-r", repo)
 		fulls = append(fulls, timeIt(func() { full = snapshot(repo, v.dev, "full") }))
+		fullCPU = append(fullCPU, lastCPU)
 	}
 	dd, t := median(dds), median(fulls)
 	add("dd read of the device (bs=4M, O_DIRECT), median of 3", dd, fmt.Sprint(dds))
-	add("stasis full snapshot, median of 3", t, fmt.Sprintf("%.2f× dd; read %s, repository %s; runs %v", ratio(t, dd), mb(full.BytesRead), mb(du(repo)), fulls))
-	stasisFull := t
+	add("stasis full snapshot, median of 3", t, fmt.Sprintf("%.2f× dd; read %s, repository %s; runs %v; CPU %.2f s per GiB stored, %.2f s per GiB read",
+		ratio(t, dd), mb(full.BytesRead), mb(du(repo)), fulls, median(fullCPU).Seconds()/(float64(full.NewBytes)/(1<<30)), median(fullCPU).Seconds()/(float64(full.BytesRead)/(1<<30))))
+	stasisFull, stasisFullStored := t, full.NewBytes
 
 	resticRepo := filepath.Join(dir, "restic-repo")
 	haveRestic := has("restic")
@@ -199,7 +201,8 @@ func main() {
 	ddw := timeIt(func() { run("dd", "if="+v.dev, "of="+ddImg, "bs=4M", "iflag=direct", "conv=fsync") })
 	add("dd writing the image to a file (conv=fsync)", ddw, "")
 	t = timeIt(func() { run(*stasis, "export", "-r", repo, "vol/full", img) })
-	add("stasis export (sparse, fsynced)", t, fmt.Sprintf("%.0f%% of dd's throughput", 100*ratio(ddw, t)))
+	add("stasis export (sparse, fsynced)", t, fmt.Sprintf("%.0f%% of dd's throughput; CPU %.2f s per GiB read back from the repository", 100*ratio(ddw, t),
+		lastCPU.Seconds()/(float64(stasisFullStored)/(1<<30))))
 	base := baseline{dd: dd, full: stasisFull, resticFull: resticFull, tracked: tt, resticInc: resticInc, export: t, repo: repo}
 	var rs struct {
 		ChunksWritten int64 `json:"chunks_written"`
@@ -392,8 +395,15 @@ func timeIt(fn func()) time.Duration {
 	return time.Since(start)
 }
 
+// lastCPU is the CPU time (user + system) of the last command run.
+var lastCPU time.Duration
+
 func run(name string, args ...string) string {
-	out, err := exec.Command(name, args...).Output()
+	cmd := exec.Command(name, args...)
+	out, err := cmd.Output()
+	if cmd.ProcessState != nil {
+		lastCPU = cmd.ProcessState.UserTime() + cmd.ProcessState.SystemTime()
+	}
 	if err != nil {
 		msg := ""
 		if ee, ok := err.(*exec.ExitError); ok {

@@ -2,9 +2,9 @@ package e2e
 
 import (
 	"encoding/json"
+	"fmt"
 	"math/rand"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -133,18 +133,30 @@ func TestENOSPC(t *testing.T) {
 		f.Write(buf)
 	}
 	f.Close()
-	before := testenv.TreeDigest(t, repo)
+	before, listBefore := testenv.TreeDigest(t, repo), listTree(repo)
 	r := testenv.Stasis(t, "snapshot", "-r", repo, "--source", big, "--volume", "b")
 	if r.Code == 0 || !strings.Contains(r.Stderr, "no space left on device") || !strings.Contains(r.Stderr, "nothing was committed") {
 		t.Fatalf("snapshot onto a full filesystem: exit %d: %s", r.Code, r.Stderr)
 	}
 	if testenv.TreeDigest(t, repo) != before {
-		out, _ := exec.Command("find", repo).CombinedOutput()
-		t.Fatalf("the failed snapshot left files in the repository:\n%s", out)
+		t.Fatalf("the failed snapshot changed the repository:\nbefore:\n%s\nafter:\n%s\n%s", listBefore, listTree(repo), r.Stderr)
 	}
 	testenv.MustStasis(t, "verify", "-r", repo, "--read-data")
 	testenv.MustStasis(t, "export", "-r", repo, "s/ok", filepath.Join(dir, "ok.img"))
 	if testenv.HashFile(t, filepath.Join(dir, "ok.img"), 0) != testenv.HashFile(t, small, 0) {
 		t.Fatal("the committed snapshot no longer exports bit-exact")
 	}
+}
+
+// listTree lists a tree's paths with their modes and sizes, for messages.
+func listTree(dir string) string {
+	var b strings.Builder
+	filepath.Walk(dir, func(p string, info os.FileInfo, err error) error {
+		if err == nil {
+			rel, _ := filepath.Rel(dir, p)
+			fmt.Fprintf(&b, "%s %v %d\n", rel, info.Mode(), info.Size())
+		}
+		return nil
+	})
+	return b.String()
 }
