@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"sync"
 	"os"
 	"os/user"
 	"runtime"
@@ -41,6 +42,9 @@ type suite struct {
 	aead   cipher.AEAD
 	idKey  [32]byte
 	macKey [32]byte
+	// ids keeps keyed hashers for keyedID: setting one up costs more than the 32 bytes
+	// it hashes, once per chunk.
+	ids sync.Pool
 }
 
 func newSuite(master []byte) (*suite, error) {
@@ -90,10 +94,15 @@ func (s *suite) open(dst, sealed, aad []byte) ([]byte, error) {
 // step hashes 32 bytes).
 func (s *suite) keyedID(b []byte) ID {
 	sum := blake3.Sum256(b)
-	h, _ := blake3.NewKeyed(s.idKey[:])
+	h, _ := s.ids.Get().(*blake3.Hasher)
+	if h == nil {
+		h, _ = blake3.NewKeyed(s.idKey[:])
+	}
+	h.Reset() // keeps the key
 	h.Write(sum[:])
 	var id ID
 	h.Sum(id[:0])
+	s.ids.Put(h)
 	return id
 }
 
