@@ -7,10 +7,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"sync"
 	"os"
 	"os/user"
 	"runtime"
+	"sync"
 	"time"
 
 	"github.com/zeebo/blake3"
