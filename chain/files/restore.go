@@ -98,6 +98,7 @@ func Restore(ctx context.Context, e *Entry, to string, opts RestoreOptions) (*Re
 		tops = []*Entry{e}
 	}
 	var fresh []*Entry
+	isFresh := map[*Entry]bool{} // built in the temporary directory, then renamed into place
 	for _, t := range tops {
 		name := path.Base(t.Path)
 		if _, err := lstatAt(rootfd, name); err == nil {
@@ -106,6 +107,7 @@ func Restore(ctx context.Context, e *Entry, to string, opts RestoreOptions) (*Re
 			}
 		} else if errors.Is(err, unix.ENOENT) {
 			fresh = append(fresh, t)
+			isFresh[t] = true
 		} else {
 			return nil, fmt.Errorf("%s: %w", filepath.Join(to, name), err)
 		}
@@ -129,7 +131,7 @@ func Restore(ctx context.Context, e *Entry, to string, opts RestoreOptions) (*Re
 		for _, t := range tops {
 			name := path.Base(t.Path)
 			base := rootfd
-			if tmpfd >= 0 && containsEntry(fresh, t) {
+			if isFresh[t] {
 				base = tmpfd
 			}
 			if err := r.entry(base, base, name, name, t); err != nil {
@@ -159,15 +161,6 @@ func Restore(ctx context.Context, e *Entry, to string, opts RestoreOptions) (*Re
 		return &r.stats, fmt.Errorf("flush the restored files to %s: %w", to, err)
 	}
 	return &r.stats, nil
-}
-
-func containsEntry(es []*Entry, e *Entry) bool {
-	for _, x := range es {
-		if x == e {
-			return true
-		}
-	}
-	return false
 }
 
 func lstatAt(dirfd int, name string) (*unix.Stat_t, error) {

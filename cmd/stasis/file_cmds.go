@@ -548,18 +548,17 @@ func (g *globals) restoreFiles(cmd *cobra.Command, ref, to string, overwrite boo
 	if err != nil {
 		return err
 	}
-	var total int64
-	if e.IsDir() { // a walk of the metadata, cached for the restore itself
+	prog := newProgress(cmd.ErrOrStderr(), "restoring", 0)
+	if !e.IsDir() {
+		prog.addTotal(int64(e.Attr.Size))
+	} else if prog.active() { // the total costs a walk of the metadata: only for a terminal
 		files.Walk(ctx, e, func(x *files.Entry) error {
 			if x.Attr.Mode&fsimage.S_IFMT == fsimage.S_IFREG {
-				total += int64(x.Attr.Size)
+				prog.addTotal(int64(x.Attr.Size))
 			}
 			return nil
 		})
-	} else {
-		total = int64(e.Attr.Size)
 	}
-	prog := newProgress(cmd.ErrOrStderr(), "restoring", total)
 	st, err := files.Restore(ctx, e, to, files.RestoreOptions{Overwrite: overwrite, Progress: prog.set})
 	prog.done()
 	if err != nil {

@@ -46,6 +46,9 @@ func (p *progress) add(n int64) {
 	p.show(false)
 }
 
+// active reports whether progress is displayed at all (a terminal, no --quiet).
+func (p *progress) active() bool { return p != nil && p.w != nil }
+
 // addTotal adds to the total (a group's members each say theirs).
 func (p *progress) addTotal(n int64) {
 	if p == nil || p.w == nil {
