@@ -244,7 +244,9 @@ func SnapshotGroup(ctx context.Context, r *chain.Repository, g *GroupSpec, vols 
 	}
 	appState := &appState{}
 	if len(targets) > 0 {
-		opts.Freeze = lead.freezer(targets, maxFreeze)
+		var release func()
+		opts.Freeze, release = lead.freezer(targets, maxFreeze)
+		defer release()
 		if app != nil {
 			opts.Quiesce = lead.quiescer(app, groupOrVolume(g, lead), appState, ps[0].warn)
 		}
@@ -497,13 +499,48 @@ func captureInfo(res capture.Result, p *prepared, d time.Duration) map[string]an
 func Millis(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 
 // freezer freezes the targets under a guard, holding log output while they are frozen.
-func (v *Volume) freezer(targets []fsfreeze.Target, maxFreeze time.Duration) capture.Freezer {
+// freezer returns the capture's Freezer for targets, and what releases it (call it once
+// the capture is over). The first attempt's guard process starts at once, in the
+// background: its start-up (tens of milliseconds) overlaps the reading rounds instead of
+// leading the freeze and lengthening an application's lock. A retried attempt starts its
+// own.
+func (v *Volume) freezer(targets []fsfreeze.Target, maxFreeze time.Duration) (capture.Freezer, func()) {
+	opts := fsfreeze.Options{MaxFreeze: maxFreeze, GuardCommand: v.opts.GuardCommand}
+	type ready struct {
+		p   *fsfreeze.Prepared
+		err error
+	}
+	pending := make(chan ready, 1)
+	go func() {
+		p, err := fsfreeze.Prepare(targets, opts)
+		pending <- ready{p, err}
+	}()
+	prepared := func() (*fsfreeze.Prepared, error) {
+		if pending != nil {
+			r := <-pending
+			pending = nil
+			return r.p, r.err
+		}
+		return fsfreeze.Prepare(targets, opts)
+	}
+	release := func() {
+		if pending != nil {
+			if r := <-pending; r.p != nil {
+				r.p.Close()
+			}
+			pending = nil
+		}
+	}
 	return func() (func() (time.Duration, error), error) {
-		unboost := boostPriority() // the frozen window runs at normal priority (priority.go)
+		p, err := prepared()
+		if err != nil {
+			return nil, err
+		}
+		unboost := fsfreeze.BoostPriority() // the frozen window runs at normal priority
 		if v.opts.Hold != nil {
 			v.opts.Hold.Hold()
 		}
-		fz, err := fsfreeze.Freeze(targets, fsfreeze.Options{MaxFreeze: maxFreeze, GuardCommand: v.opts.GuardCommand})
+		fz, err := p.Freeze()
 		if err != nil {
 			if v.opts.Hold != nil {
 				v.opts.Hold.Release()
@@ -525,7 +562,7 @@ func (v *Volume) freezer(targets []fsfreeze.Target, maxFreeze time.Duration) cap
 			}
 			return d, err
 		}, nil
-	}
+	}, release
 }
 
 func devName(dev uint64) string {

@@ -2,6 +2,7 @@ package fsfreeze_test
 
 import (
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"os/exec"
@@ -282,4 +283,68 @@ func TestThawAll(t *testing.T) {
 	if files, _ := filepath.Glob(filepath.Join(state, "*")); len(files) != 0 {
 		t.Fatalf("state files left: %v", files)
 	}
+}
+
+// TestPreparedAhead: a freeze prepared long before it is used (the guard started while the
+// rounds read) behaves as one made at once: nothing is frozen and no state file exists
+// until Freeze, and the guard's deadline runs from the freeze, not from its start. A
+// prepared freeze closed unused leaves no guard process behind.
+func TestPreparedAhead(t *testing.T) {
+	mnt := mounted(t)
+	state := t.TempDir()
+	opts := fsfreeze.Options{MaxFreeze: 300 * time.Millisecond, StateDir: state, GuardCommand: guardCommand(t)}
+	p, err := fsfreeze.Prepare([]fsfreeze.Target{target(t, mnt)}, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(children(t)) != 1 {
+		t.Fatalf("guard processes after Prepare: %v", children(t))
+	}
+	time.Sleep(1500 * time.Millisecond) // past the guard's deadline (max-freeze + 1 s) had it started
+	if frozen, _ := fsfreeze.IsFrozen(mnt); frozen {
+		t.Fatal("frozen before Freeze")
+	}
+	if files, _ := filepath.Glob(filepath.Join(state, "frozen-*.json")); len(files) != 0 {
+		t.Fatalf("state files before Freeze: %v", files)
+	}
+	fz, err := p.Freeze()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if frozen, _ := fsfreeze.IsFrozen(mnt); !frozen {
+		t.Fatal("not frozen after Freeze")
+	}
+	if _, err := fz.Thaw(); err != nil {
+		t.Fatalf("Thaw: %v (the guard's deadline ran from its start?)", err)
+	}
+	p, err = fsfreeze.Prepare([]fsfreeze.Target{target(t, mnt)}, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.Close()
+	if c := children(t); len(c) != 0 {
+		t.Fatalf("processes left after Close: %v", c)
+	}
+	if !testenv.WritableWithin(mnt, time.Second) {
+		t.Fatal("not writable after Close")
+	}
+}
+
+// children lists this process's live child processes.
+func children(t *testing.T) []string {
+	stats, _ := filepath.Glob("/proc/[0-9]*/stat")
+	var out []string
+	for _, s := range stats {
+		b, err := os.ReadFile(s)
+		if err != nil {
+			continue
+		}
+		// pid (comm) state ppid ...
+		rest := string(b[strings.LastIndexByte(string(b), ')')+2:])
+		f := strings.Fields(rest)
+		if len(f) > 1 && f[1] == fmt.Sprint(os.Getpid()) && f[0] != "Z" {
+			out = append(out, s)
+		}
+	}
+	return out
 }

@@ -79,12 +79,27 @@ type state struct {
 var stateSeq atomic.Int64
 
 // Freeze freezes every target (one per superblock: callers dedupe bind mounts) under a
-// guard. The state file naming all of them is written before the first FIFREEZE and
-// removed only once every one is known thawed. If any freeze fails, or one FIFREEZE alone
-// outlasts MaxFreeze, the ones frozen are thawed and nothing more is frozen. Nothing here
-// writes to the filesystems being frozen: the state file goes to StateDir, which must be
-// on another filesystem.
+// guard: Prepare, then Freeze. See Prepared.Freeze.
 func Freeze(targets []Target, opts Options) (*Frozen, error) {
+	p, err := Prepare(targets, opts)
+	if err != nil {
+		return nil, err
+	}
+	return p.Freeze()
+}
+
+// Prepared is a freeze made ready: the targets opened and checked, the guard process
+// started and holding them open too. Starting a process costs tens of milliseconds; done
+// before the freeze (while the last rounds read, before an application's lock is taken),
+// it is not part of the freeze's lead-in. Freeze or Close must be called exactly once.
+type Prepared struct {
+	fz    *Frozen
+	opts  Options
+	paths []string
+}
+
+// Prepare opens every target and starts the guard, freezing nothing.
+func Prepare(targets []Target, opts Options) (*Prepared, error) {
 	if opts.MaxFreeze <= 0 {
 		return nil, fmt.Errorf("freeze: a positive time limit is required")
 	}
@@ -118,25 +133,40 @@ func Freeze(targets []Target, opts Options) (*Frozen, error) {
 			return nil, fmt.Errorf("freeze: state directory %s is on %s, which would be frozen; use a tmpfs such as /run", opts.StateDir, m)
 		}
 	}
-	now := time.Now()
 	paths := make([]string, len(targets))
 	for i, t := range targets {
 		paths[i] = t.Path
 	}
-	b, _ := json.Marshal(state{PID: os.Getpid(), Mounts: paths, Since: now.UTC(), ThawBefore: now.Add(opts.MaxFreeze + time.Second).UTC()})
 	fz.state = filepath.Join(opts.StateDir, fmt.Sprintf("frozen-%d-%d.json", os.Getpid(), stateSeq.Add(1)))
-	if err := writeSynced(fz.state, b); err != nil {
-		fz.closeFiles()
-		return nil, fmt.Errorf("freeze: write state file: %w", err)
-	}
 	if len(opts.GuardCommand) > 0 {
 		g, err := startGuard(opts, fz.state, targets)
 		if err != nil {
-			os.Remove(fz.state)
 			fz.closeFiles()
 			return nil, err
 		}
 		fz.guard = g
+	}
+	return &Prepared{fz: fz, opts: opts, paths: paths}, nil
+}
+
+// Close releases a prepared freeze that was not used: the guard exits, nothing was frozen.
+func (p *Prepared) Close() {
+	p.fz.guard.finish()
+	p.fz.closeFiles()
+}
+
+// Freeze freezes the prepared targets. The state file naming all of them is written before
+// the first FIFREEZE and removed only once every one is known thawed. If any freeze fails,
+// or one FIFREEZE alone outlasts MaxFreeze, the ones frozen are thawed and nothing more is
+// frozen. Nothing here writes to the filesystems being frozen: the state file goes to
+// StateDir, which must be on another filesystem.
+func (p *Prepared) Freeze() (*Frozen, error) {
+	fz, opts, targets := p.fz, p.opts, p.fz.targets
+	now := time.Now()
+	b, _ := json.Marshal(state{PID: os.Getpid(), Mounts: p.paths, Since: now.UTC(), ThawBefore: now.Add(opts.MaxFreeze + time.Second).UTC()})
+	if err := writeSynced(fz.state, b); err != nil {
+		p.Close()
+		return nil, fmt.Errorf("freeze: write state file: %w", err)
 	}
 	if err := fz.guard.send("start"); err != nil {
 		fz.guard.finish()
@@ -392,6 +422,7 @@ func (g *guardProc) finish() ([]string, error) {
 // without saying "done", so a FIFREEZE that completes late is undone too. The state file
 // is removed only after a clean final thaw. It writes nothing anywhere but stdout.
 func RunGuard(deadline time.Duration, stateFile string, targets []string) error {
+	BoostPriority() // started by the lowered service before the window; it may have to thaw
 	files := make([]*os.File, len(targets))
 	for i, spec := range targets {
 		path, devStr, _ := strings.Cut(spec, "=")

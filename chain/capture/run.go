@@ -249,8 +249,10 @@ func (m *member) read(ctx context.Context, runs []ChunkRun, expect bool) error {
 	if expect {
 		m.Tracker.ExpectReads(m.byteRanges(runs))
 	}
+	// Fingerprints serve only once they cover a full read (the frozen compare of an untracked
+	// member): a tracked member's reads of dirty chunks are not fingerprinted until then.
 	var w ChunkWriter = m.Writer
-	if m.fp != nil {
+	if m.fp != nil && (m.fpFull || sameRuns(runs, m.Full)) {
 		w = fingerprintingWriter{m.Writer, m.fp}
 	}
 	start := time.Now()

@@ -231,7 +231,7 @@ func (b *Backend) Save(ctx context.Context, h chain.Handle, data []byte) error {
 	}
 	err := retry(ctx, func() error {
 		_, err := b.client.PutObject(ctx, b.cfg.Bucket, b.key(h), bytes.NewReader(data), int64(len(data)),
-			minio.PutObjectOptions{ContentType: "application/octet-stream", PartSize: b.cfg.PartSize, SendContentMd5: true})
+			minio.PutObjectOptions{ContentType: "application/octet-stream", PartSize: b.cfg.PartSize})
 		return err
 	})
 	if err != nil {

@@ -3,6 +3,7 @@ package s3_test
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"math/rand"
 	"strings"
 	"testing"
@@ -134,5 +135,32 @@ func TestRepositoryThroughFaults(t *testing.T) {
 	proxy.SetRate(0)
 	if rep, err := r.Verify(ctx, true, nil); err != nil || !rep.OK() {
 		t.Fatalf("verify: %v %v", err, rep.Problems)
+	}
+}
+
+// TestCorruptedUploadRefused: a byte flipped in transit in an upload is caught by the
+// request's payload checksum (SigV4's signed SHA-256 over HTTP; TLS over HTTPS), so the
+// server never stores it: Save fails, and nothing, or only the right bytes, is there.
+func TestCorruptedUploadRefused(t *testing.T) {
+	srv := testenv.StartS3(t)
+	proxy := testenv.StartFaultProxy(t, srv.Endpoint, 0, 1)
+	proxy.CorruptUploads(true)
+	ctx := context.Background()
+	through := open(t, srv, proxy.Addr, "corrupt")
+	direct := open(t, srv, srv.Endpoint, "corrupt")
+	for _, size := range []int{100, 1 << 20, 20 << 20} {
+		data := make([]byte, size)
+		rand.New(rand.NewSource(int64(size))).Read(data)
+		h := chain.Handle{Type: chain.PackFile, Name: fmt.Sprintf("%064x", size)}
+		if err := through.Save(ctx, h, data); err == nil {
+			t.Fatalf("%d bytes: an upload corrupted in transit was accepted", size)
+		}
+		got, err := direct.ReadAll(ctx, h)
+		if err == nil && !bytes.Equal(got, data) {
+			t.Fatalf("%d bytes: the server stored the corrupted upload", size)
+		}
+	}
+	if proxy.Faults.Load() == 0 {
+		t.Fatal("the proxy corrupted nothing")
 	}
 }

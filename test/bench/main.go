@@ -40,6 +40,8 @@ var (
 	readRate    = flag.Bool("read-rate", true, "measure a foreground writer's latency during a full snapshot, with and without --max-read-rate")
 	onlyRate    = flag.Bool("only-read-rate", false, "measure only that")
 	onlyS3Inc   = flag.Bool("only-s3-tracked", false, "measure only the tracked incremental into S3 (versitygw)")
+	cpuProfile  = flag.String("cpuprofile", "", "with -only-tracked: write CPU profiles of the timed incrementals to FILE.local and FILE.s3")
+	onlyTracked = flag.Bool("only-tracked", false, "measure only tracked incrementals, local and into S3 (versitygw), 5 of each")
 )
 
 func main() {
@@ -90,6 +92,11 @@ func main() {
 			add("S3 (encrypted): tracked incremental after 20 MiB changed", tt, fmt.Sprintf("read %s, freeze %.1f ms", mb(out.Capture.BytesRead), agent.Millis(out.Capture.Freeze)))
 			srv.stop()
 		}
+		printRows()
+		return
+	}
+	if *onlyTracked {
+		trackedSeries(dir, v, add)
 		printRows()
 		return
 	}

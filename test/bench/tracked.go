@@ -6,7 +6,9 @@ import (
 	"math/rand"
 	"os"
 	"path/filepath"
+	"runtime/pprof"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -142,4 +144,48 @@ func spread(runs []time.Duration) (median, worst time.Duration, all []time.Durat
 	s := append([]time.Duration(nil), runs...)
 	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
 	return s[len(s)/2], s[len(s)-1], runs
+}
+
+// trackedSeries times five tracked incrementals in a row, each after 20 MiB of changes, in
+// a local repository and, with versitygw installed, an encrypted one on S3.
+func trackedSeries(dir string, v *volume, add func(string, time.Duration, string)) {
+	series := func(what string, r *chain.Repository) {
+		vol := newTrackedVolume(v.mnt)
+		defer vol.Close()
+		if _, err := vol.Snapshot(context.Background(), r, agent.Request{Name: "base"}); err != nil {
+			fatal(err.Error())
+		}
+		var runs []time.Duration
+		var freezes []string
+		if *cpuProfile != "" {
+			f, err := os.Create(*cpuProfile + "." + strings.Fields(what)[0])
+			if err != nil {
+				fatal(err.Error())
+			}
+			defer f.Close()
+			pprof.StartCPUProfile(f)
+			defer pprof.StopCPUProfile()
+		}
+		for i := 0; i < 5; i++ {
+			v.change(20 << 20)
+			var out *agent.Outcome
+			runs = append(runs, timeIt(func() {
+				var err error
+				if out, err = vol.Snapshot(context.Background(), r, agent.Request{Name: fmt.Sprint("tracked-", i)}); err != nil {
+					fatal(err.Error())
+				}
+			}))
+			freezes = append(freezes, fmt.Sprintf("%.1f", agent.Millis(out.Capture.Freeze)))
+		}
+		add(what+": tracked incremental after 20 MiB changed, median of 5", median(runs), fmt.Sprintf("runs %v; freeze ms %v", runs, freezes))
+	}
+	r, done := openRepoAt(filepath.Join(dir, "tracked-series"), filepath.Join(dir, "cache"), false)
+	series("local", r)
+	done()
+	if srv := startS3(dir); srv != nil {
+		r, done := openRepoAt(srv.location("tracked-series"), filepath.Join(dir, "cache"), true)
+		series("s3 (encrypted)", r)
+		done()
+		srv.stop()
+	}
 }

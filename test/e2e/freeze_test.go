@@ -397,7 +397,8 @@ func TestThawedInsideTheWindow(t *testing.T) {
 
 // TestFrozenWindowAtNormalPriority: run with lowered CPU and I/O priority (as the unit
 // runs the agent: Nice=, IOSchedulingClass=), stasis raises every thread to normal
-// priority for the frozen window.
+// priority for the frozen window, and the freeze guard (which may have to thaw) runs at
+// normal priority too.
 func TestFrozenWindowAtNormalPriority(t *testing.T) {
 	testenv.RequireTool(t, "ionice")
 	dev, _ := testenv.LoopDevice(t, 64<<20)
@@ -407,7 +408,9 @@ func TestFrozenWindowAtNormalPriority(t *testing.T) {
 	repo := filepath.Join(t.TempDir(), "repo")
 	testenv.MustStasis(t, "init", "-r", repo)
 	out := filepath.Join(t.TempDir(), "priorities")
-	hook := `for t in /proc/$PPID/task/*; do echo "${t##*/} nice=$(cut -d' ' -f19 $t/stat) io=$(ionice -p ${t##*/})"; done > ` + out
+	// stasis's threads, and the guard's (started before the window, from the lowered process).
+	hook := `{ for t in /proc/$PPID/task/*; do echo "${t##*/} nice=$(cut -d' ' -f19 $t/stat) io=$(ionice -p ${t##*/})"; done
+		for g in $(pgrep -P $PPID -f freeze-guard); do for t in /proc/$g/task/*; do echo "guard ${t##*/} nice=$(cut -d' ' -f19 $t/stat) io=$(ionice -p ${t##*/})"; done; done; } > ` + out
 	cmd := exec.Command("nice", "-n", "10", "ionice", "-c", "3", testenv.Binary(t), "snapshot", "-r", repo, "--source", mnt, "--volume", "v", "--json")
 	cmd.Env = append(os.Environ(), "STASIS_TEST_FREEZE_HOOK="+hook)
 	b, err := cmd.CombinedOutput()
@@ -415,8 +418,8 @@ func TestFrozenWindowAtNormalPriority(t *testing.T) {
 		t.Fatalf("snapshot: %v\n%s", err, b)
 	}
 	lines, _ := os.ReadFile(out)
-	if len(strings.TrimSpace(string(lines))) == 0 {
-		t.Fatal("the freeze hook recorded no thread")
+	if len(strings.TrimSpace(string(lines))) == 0 || !strings.Contains(string(lines), "guard ") {
+		t.Fatalf("the freeze hook recorded no thread of stasis or of its guard:\n%s", lines)
 	}
 	for _, l := range strings.Split(strings.TrimSpace(string(lines)), "\n") {
 		if !strings.Contains(l, "nice=0 ") || strings.Contains(l, "idle") {

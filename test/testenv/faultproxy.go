@@ -24,7 +24,13 @@ type FaultProxy struct {
 	rng    *rand.Rand
 	Faults atomic.Int64 // how many requests were made to fail
 	Total  atomic.Int64
+	// corrupt, when set, flips one byte in the middle of every upload's body (PUT) and
+	// passes it on: what a faulty NIC or middlebox does that a checksum must catch.
+	corrupt atomic.Bool
 }
+
+// CorruptUploads makes the proxy flip a byte in the middle of every PUT body it forwards.
+func (p *FaultProxy) CorruptUploads(on bool) { p.corrupt.Store(on) }
 
 // StartFaultProxy proxies to target (host:port) until the test ends.
 func StartFaultProxy(t testing.TB, target string, rate float64, seed int64) *FaultProxy {
@@ -41,6 +47,12 @@ func StartFaultProxy(t testing.TB, target string, rate float64, seed int64) *Fau
 	p.Addr = l.Addr().String()
 	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		p.Total.Add(1)
+		if p.corrupt.Load() && r.Method == http.MethodPut && r.ContentLength > 0 {
+			p.Faults.Add(1)
+			r.Body = &flipping{r: r.Body, at: r.ContentLength / 2}
+			rp.ServeHTTP(w, r)
+			return
+		}
 		p.mu.Lock()
 		fail := p.rng.Float64() < p.rate.Load().(float64)
 		kind := p.rng.Intn(5)
@@ -124,3 +136,21 @@ func (t *truncating) Write(b []byte) (int, error) {
 	t.written += n
 	return n, err
 }
+
+// flipping passes a body through with the byte at offset at inverted.
+type flipping struct {
+	r   io.ReadCloser
+	off int64
+	at  int64
+}
+
+func (f *flipping) Read(b []byte) (int, error) {
+	n, err := f.r.Read(b)
+	if f.at >= f.off && f.at < f.off+int64(n) {
+		b[f.at-f.off] ^= 0xff
+	}
+	f.off += int64(n)
+	return n, err
+}
+
+func (f *flipping) Close() error { return f.r.Close() }

@@ -1,4 +1,4 @@
-package agent
+package fsfreeze
 
 import (
 	"os"
@@ -9,8 +9,9 @@ import (
 
 // The service runs with lowered CPU and I/O priority (Nice=, IOSchedulingClass= in its
 // unit), so the reads before the freeze leave the machine to its applications. The frozen
-// window must not wait behind anyone: boostPriority gives every thread of the process
-// normal priority for it, and its restore puts the lowered ones back after the thaw.
+// window must not wait behind anyone: BoostPriority gives every thread of the process
+// normal priority for it, and its restore puts the lowered ones back after the thaw. The
+// guard, started before the window from the lowered service, raises itself for good.
 
 const (
 	ioprioWhoProcess = 1 // IOPRIO_WHO_PROCESS: one thread, by its ID
@@ -24,10 +25,10 @@ type threadPriority struct {
 	ioprio int // class << 13 | level; class 0 follows the nice value
 }
 
-// boostPriority raises every thread whose CPU priority is below normal (nice > 0) or
+// BoostPriority raises every thread whose CPU priority is below normal (nice > 0) or
 // whose I/O class is idle or a best-effort level below normal, and returns what undoes it.
 // It cannot fail the snapshot: a thread it cannot change keeps its priority.
-func boostPriority() (restore func()) {
+func BoostPriority() (restore func()) {
 	lowered := map[int]threadPriority{}
 	var lowest *threadPriority
 	for _, tid := range threads() {
