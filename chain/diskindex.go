@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"io"
+	"sort"
 
 	"github.com/zeebo/blake3"
 )
@@ -93,7 +94,10 @@ func readFullAt(ctx context.Context, read func(context.Context, []byte, int64) (
 
 const idAt = 4 + 1 // in a blob record: pack number, flags, then the ID
 
-// all returns every record of blob id (a blob may be stored in several packs).
+// all returns every record of blob id (a blob may be stored in several packs). The
+// binary search probes the file record by record only while the candidates span more than
+// searchWindow records; the rest is read in one piece and searched in memory, so a lookup
+// in a small or medium index costs one read.
 func (d *diskIndex) all(ctx context.Context, id ID) ([]blobLoc, error) {
 	h := d.hdr
 	lo, hi := uint32(0), h.fanout[id[0]]
@@ -102,7 +106,7 @@ func (d *diskIndex) all(ctx context.Context, id ID) ([]blobLoc, error) {
 	}
 	end := h.fanout[id[0]]
 	rec := make([]byte, indexBlobSize)
-	for lo < hi { // the first record whose ID is not below id
+	for hi-lo > searchWindow { // the first record whose ID is not below id lies in [lo, hi]
 		m := lo + (hi-lo)/2
 		if err := readFullAt(ctx, d.read, rec, h.blobs+int64(m)*indexBlobSize); err != nil {
 			return nil, err
@@ -113,15 +117,29 @@ func (d *diskIndex) all(ctx context.Context, id ID) ([]blobLoc, error) {
 			hi = m
 		}
 	}
+	// Read the candidates and a few records past them (further copies of the blob).
+	wend := min(end, hi+searchExtra)
+	win := make([]byte, int64(wend-lo)*indexBlobSize)
+	if err := readFullAt(ctx, d.read, win, h.blobs+int64(lo)*indexBlobSize); err != nil {
+		return nil, err
+	}
+	at := func(i uint32) []byte { return win[int64(i-lo)*indexBlobSize:][:indexBlobSize] }
+	first := lo + uint32(sort.Search(int(wend-lo), func(k int) bool {
+		r := at(lo + uint32(k))
+		return bytes.Compare(r[idAt:idAt+32], id[:]) >= 0
+	}))
 	var out []blobLoc
-	for ; lo < end; lo++ {
-		if err := readFullAt(ctx, d.read, rec, h.blobs+int64(lo)*indexBlobSize); err != nil {
+	for i := first; i < end; i++ {
+		r := rec
+		if i < wend {
+			r = at(i)
+		} else if err := readFullAt(ctx, d.read, rec, h.blobs+int64(i)*indexBlobSize); err != nil {
 			return nil, err
 		}
-		if !bytes.Equal(rec[idAt:idAt+32], id[:]) {
+		if !bytes.Equal(r[idAt:idAt+32], id[:]) {
 			break
 		}
-		x, err := h.decodeBlob(rec)
+		x, err := h.decodeBlob(r)
 		if err != nil {
 			return nil, err
 		}
@@ -129,6 +147,13 @@ func (d *diskIndex) all(ctx context.Context, id ID) ([]blobLoc, error) {
 	}
 	return out, nil
 }
+
+// searchWindow is how many candidate records a lookup reads at once instead of probing
+// (about 24 KiB); searchExtra, how many records past them it reads for further copies.
+const (
+	searchWindow = 512
+	searchExtra  = 4
+)
 
 // each calls fn for every record, in order, reading the file in large pieces.
 func (d *diskIndex) each(ctx context.Context, fn func(blobLoc) error) error {

@@ -57,37 +57,64 @@ func fakePacks(rng *rand.Rand, n int) []indexedPack {
 }
 
 // TestDiskIndexFindsEveryBlob: every blob of a version 2 file is found by binary search,
-// absent IDs are not, and IDs at the edges of fanout buckets work.
+// with every copy of a blob stored in several packs, absent IDs are not, and IDs at the
+// edges of fanout buckets work; in a small index (lookups read a bucket at once) and a large
+// one (lookups probe, then read a window; copies reach past it).
 func TestDiskIndexFindsEveryBlob(t *testing.T) {
-	rng := rand.New(rand.NewSource(1))
-	packs := fakePacks(rng, 5000)
-	var edge packEntry // IDs 00.. and ff..
-	edge.Type, edge.Offset, edge.Length, edge.RawLen = DataBlob, 4096, 1, 1
-	packs[0].Entries = append(packs[0].Entries, edge)
-	for i := range edge.ID {
-		edge.ID[i] = 0xff
-	}
-	packs[1].Entries = append(packs[1].Entries, edge)
-	d, err := openDiskIndexBytes(encodeIndex(packs))
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx := context.Background()
-	for _, p := range packs {
-		for _, e := range p.Entries {
-			locs, err := d.all(ctx, e.ID)
-			if err != nil || len(locs) != 1 || locs[0].e != e || locs[0].pack != p.ID {
-				t.Fatalf("blob %s: %+v, %v", e.ID.Short(), locs, err)
+	for _, n := range []int{5000, 300000} {
+		rng := rand.New(rand.NewSource(1))
+		packs := fakePacks(rng, n)
+		var edge packEntry // IDs 00.. and ff..
+		edge.Type, edge.Offset, edge.Length, edge.RawLen = DataBlob, 4096, 1, 1
+		packs[0].Entries = append(packs[0].Entries, edge)
+		for i := range edge.ID {
+			edge.ID[i] = 0xff
+		}
+		packs[1].Entries = append(packs[1].Entries, edge)
+		// Copies: some blobs stored again, up to 2*searchExtra more times.
+		for i := 0; i < 50; i++ {
+			e := packs[2].Entries[rng.Intn(len(packs[2].Entries))]
+			for c := rng.Intn(2*searchExtra) + 1; c > 0; c-- {
+				e.Offset = uint32(rng.Intn(1 << 29))
+				p := &packs[rng.Intn(len(packs))]
+				p.Entries = append(p.Entries, e)
 			}
 		}
-	}
-	for i := 0; i < 1000; i++ {
-		var id ID
-		rng.Read(id[:])
-		if locs, err := d.all(ctx, id); len(locs) > 0 || err != nil {
-			t.Fatalf("absent blob %s found (%v)", id.Short(), err)
+		copies := map[ID]int{}
+		for _, p := range packs {
+			for _, e := range p.Entries {
+				copies[e.ID]++
+			}
+		}
+		d, err := openDiskIndexBytes(encodeIndex(packs))
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx := context.Background()
+		for _, p := range packs {
+			for _, e := range p.Entries {
+				locs, err := d.all(ctx, e.ID)
+				found := false
+				for _, l := range locs {
+					found = found || l.e == e && l.pack == p.ID
+				}
+				if err != nil || len(locs) != copies[e.ID] || !found {
+					t.Fatalf("%d blobs: blob %s: %d of %d copies, this one found %v, %v", n, e.ID.Short(), len(locs), copies[e.ID], found, err)
+				}
+			}
+		}
+		for i := 0; i < 1000; i++ {
+			var id ID
+			rng.Read(id[:])
+			if locs, err := d.all(ctx, id); len(locs) > 0 || err != nil {
+				t.Fatalf("absent blob %s found (%v)", id.Short(), err)
+			}
+		}
+		if n > 256*searchWindow && d.hdr.fanout[0] <= searchWindow {
+			t.Fatalf("%d blobs: the first bucket holds %d records: the probing path is not tested", n, d.hdr.fanout[0])
 		}
 	}
+	packs := fakePacks(rand.New(rand.NewSource(1)), 5000)
 	b := encodeIndex(packs)
 	b[len(b)/2] ^= 1
 	if _, err := openDiskIndexBytes(b); err == nil {

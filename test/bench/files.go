@@ -72,30 +72,40 @@ func filesBench(dir string, v *volume, repo string, add func(string, time.Durati
 		}
 		os.Remove(img)
 		if len(ids) == 2 {
-			rt := timeIt(func() { run("restic", "diff", "-r", resticRepo, ids[0], ids[1]) })
-			add("  restic diff of file-level backups of the same two states", rt, fmt.Sprintf("stasis is %.1f× faster", ratio(rt, diff)))
+			var rts []time.Duration
+			for i := 0; i < 3; i++ {
+				rts = append(rts, timeIt(func() { run("restic", "diff", "-r", resticRepo, ids[0], ids[1]) }))
+			}
+			rt := median(rts)
+			add("  restic diff of file-level backups of the same two states, cold, median of 3", rt, fmt.Sprintf("stasis is %.1f× faster; runs %v", ratio(rt, diff), rts))
 		}
 	}
 
-	// Restore of the 200 MB random/ directory.
+	// Restore of the 200 MB random/ directory against cp -a from the view (each cold, the
+	// view mounted afresh), three of each, alternating: the disk's speed drifts.
 	target := filepath.Join(dir, "restored")
 	fresh := func() string { os.RemoveAll(target); os.MkdirAll(target, 0o755); return target }
-	fresh()
-	rs := timeIt(func() { run(*stasis, "restore", "-r", repo, "vol/after-20MiB:/random", "--to", target) })
-	stop = serveView(repo, fuseDir, "vol")
-	fresh()
-	cp := timeIt(func() { run("cp", "-a", filepath.Join(fuseDir, "vol", "after-20MiB", "random"), target) })
-	stop()
-	stop = serveView(repo, fuseDir, "vol")
-	fresh()
-	cpSync := timeIt(func() {
-		run("cp", "-a", filepath.Join(fuseDir, "vol", "after-20MiB", "random"), target)
-		run("sync", "-f", target)
-	})
-	stop()
-	add("stasis restore of the 200 MB random/ directory, cold (flushed to disk)", rs, fmt.Sprintf("%.2f× the time of cp -a from the view, %.2f× cp -a + sync", ratio(rs, cp), ratio(rs, cpSync)))
-	add("  cp -a of the same directory from the view, cold", cp, "")
-	add("  cp -a from the view, then sync -f, cold", cpSync, "")
+	src := filepath.Join(fuseDir, "vol", "after-20MiB", "random")
+	var rss, cps, cpSyncs []time.Duration
+	for i := 0; i < 3; i++ {
+		fresh()
+		rss = append(rss, timeIt(func() { run(*stasis, "restore", "-r", repo, "vol/after-20MiB:/random", "--to", target) }))
+		stop = serveView(repo, fuseDir, "vol")
+		fresh()
+		cps = append(cps, timeIt(func() { run("cp", "-a", src, target) }))
+		stop()
+		stop = serveView(repo, fuseDir, "vol")
+		fresh()
+		cpSyncs = append(cpSyncs, timeIt(func() {
+			run("cp", "-a", src, target)
+			run("sync", "-f", target)
+		}))
+		stop()
+	}
+	rs, cp, cpSync := median(rss), median(cps), median(cpSyncs)
+	add("stasis restore of the 200 MB random/ directory, cold (flushed to disk), median of 3", rs, fmt.Sprintf("%.2f× the time of cp -a from the view, %.2f× cp -a + sync; runs %v", ratio(rs, cp), ratio(rs, cpSync), rss))
+	add("  cp -a of the same directory from the view, cold, median of 3", cp, fmt.Sprintf("runs %v", cps))
+	add("  cp -a from the view, then sync -f, cold, median of 3", cpSync, fmt.Sprintf("runs %v", cpSyncs))
 	if len(ids) == 2 {
 		fresh()
 		rt := timeIt(func() {
