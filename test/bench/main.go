@@ -41,6 +41,7 @@ var (
 	onlyRate    = flag.Bool("only-read-rate", false, "measure only that")
 	onlyS3Inc   = flag.Bool("only-s3-tracked", false, "measure only the tracked incremental into S3 (versitygw)")
 	cpuProfile  = flag.String("cpuprofile", "", "with -only-tracked: write CPU profiles of the timed incrementals to FILE.local and FILE.s3")
+	onlyFreeze  = flag.Bool("only-freeze", false, "measure only freeze windows (2 and 8 GiB volumes under a writer)")
 	onlyTracked = flag.Bool("only-tracked", false, "measure only tracked incrementals, local and into S3 (versitygw), 5 of each")
 )
 
@@ -77,6 +78,11 @@ func main() {
 		for _, r := range rows {
 			fmt.Printf("| %s | %s | %s |\n", r[0], r[1], r[2])
 		}
+	}
+	if *onlyFreeze {
+		freezeBenches(dir, add)
+		printRows()
+		return
 	}
 	if *onlyMount {
 		mountBench(dir, add)
@@ -196,11 +202,7 @@ func main() {
 	}
 
 	if *freezeBench {
-		for _, size := range []int64{2 << 30, 8 << 30} {
-			med, worst, runs := freezeWindows(dir, size, 8)
-			add(fmt.Sprintf("freeze window, %d GiB volume, writer at ~20 MB/s (7 tracked snapshots)", size>>30), med,
-				fmt.Sprintf("median %.1f ms, max %.1f ms; all %v", agent.Millis(med), agent.Millis(worst), runs))
-		}
+		freezeBenches(dir, add)
 	}
 
 	img := filepath.Join(dir, "export.img")
@@ -455,4 +457,14 @@ func fatal(msg string) {
 		cleanups[i]()
 	}
 	os.Exit(1)
+}
+
+// freezeBenches measures freeze windows of tracked snapshots of 2 and 8 GiB volumes under
+// a writer.
+func freezeBenches(dir string, add func(string, time.Duration, string)) {
+	for _, size := range []int64{2 << 30, 8 << 30} {
+		med, worst, runs := freezeWindows(dir, size, 8)
+		add(fmt.Sprintf("freeze window, %d GiB volume, writer at ~20 MB/s (7 tracked snapshots)", size>>30), med,
+			fmt.Sprintf("median %.1f ms, max %.1f ms; all %v", agent.Millis(med), agent.Millis(worst), runs))
+	}
 }
