@@ -236,15 +236,9 @@ func s3Bench(dir string, v *volume, b baseline, add func(string, time.Duration, 
 	t := timeIt(func() { snapshotEnv(env, loc, v.dev, "full") })
 	add("S3 (encrypted): stasis full snapshot", t, fmt.Sprintf("%.2f× dd; %.2f× the local full", ratio(t, b.dd), ratio(t, b.full)))
 	s3full := t
-	var resticFull, resticInc time.Duration
-	if has("restic") {
-		rloc := fmt.Sprintf("s3:http://%s/bench/restic", srv.endpoint)
-		os.Setenv("RESTIC_PASSWORD", "bench")
-		run("restic", "init", "-q", "-r", rloc)
-		resticFull = timeIt(func() { shell(fmt.Sprintf("restic backup -q -r %s --stdin --stdin-filename vol < %s", rloc, v.dev)) })
+	resticFull, resticInc := resticS3(srv, v)
+	if resticFull > 0 {
 		add("S3: restic backup --stdin, full", resticFull, fmt.Sprintf("stasis is %.1f× faster (goal 3×)", ratio(resticFull, s3full)))
-		v.change(20 << 20)
-		resticInc = timeIt(func() { shell(fmt.Sprintf("restic backup -q -r %s --stdin --stdin-filename vol < %s", rloc, v.dev)) })
 		add("S3: restic after 20 MiB changed", resticInc, "")
 	}
 	tt, out := trackedAt(dir, srv.location("tracked"), true, v)
@@ -293,4 +287,19 @@ func runEnv(env []string, name string, args ...string) string {
 		fatal(fmt.Sprintf("%s %v: %v\n%s", name, args, err, out))
 	}
 	return string(out)
+}
+
+// resticS3 times restic's full backup of the volume (--stdin) into the S3 server, and its
+// next backup after 20 MiB of changes; zero without restic.
+func resticS3(srv *s3Server, v *volume) (full, inc time.Duration) {
+	if !has("restic") {
+		return 0, 0
+	}
+	rloc := fmt.Sprintf("s3:http://%s/bench/restic-%d", srv.endpoint, time.Now().UnixNano())
+	os.Setenv("RESTIC_PASSWORD", "bench")
+	run("restic", "init", "-q", "-r", rloc)
+	backup := func() { shell(fmt.Sprintf("restic backup -q -r %s --stdin --stdin-filename vol < %s", rloc, v.dev)) }
+	full = timeIt(backup)
+	v.change(20 << 20)
+	return full, timeIt(backup)
 }
