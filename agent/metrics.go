@@ -5,79 +5,104 @@ import (
 	"errors"
 	"net"
 	"net/http"
+	"strings"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
+	vm "github.com/VictoriaMetrics/metrics"
 )
 
-// metrics are the agent's Prometheus series.
+// metrics are the agent's Prometheus series (docs/CONFIG.md, metrics_listen), kept in a
+// VictoriaMetrics set: it writes the Prometheus text format without the protobuf stack of
+// the Prometheus client, whose start-up every stasis process paid (the CLI and the freeze
+// guard are the same binary).
 type metrics struct {
-	reg         *prometheus.Registry
-	snapshots   *prometheus.CounterVec
-	duration    *prometheus.HistogramVec
-	freeze      *prometheus.GaugeVec
-	freezeHist  *prometheus.HistogramVec
-	stored      *prometheus.CounterVec
-	read        *prometheus.CounterVec
-	lastSuccess *prometheus.GaugeVec
-	packBytes   prometheus.Gauge
+	set *vm.Set
+}
 
-	// Replication, by replica repository.
-	replicaLag         *prometheus.GaugeVec
-	replicaLastSuccess *prometheus.GaugeVec
-	replicaBytes       *prometheus.CounterVec
-	replicaFailures    *prometheus.CounterVec
+var (
+	durationBuckets = exponential(0.05, 2, 14) // seconds
+	freezeBuckets   = exponential(1, 2, 14)    // milliseconds
+)
+
+func exponential(start, factor float64, n int) []float64 {
+	out := make([]float64, n)
+	for i := range out {
+		out[i] = start
+		start *= factor
+	}
+	return out
 }
 
 func newMetrics() *metrics {
-	m := &metrics{
-		reg: prometheus.NewRegistry(),
-		snapshots: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "stasis_snapshots_total",
-			Help: "Snapshots attempted, by volume and result (ok or failed)."}, []string{"volume", "result"}),
-		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "stasis_snapshot_duration_seconds",
-			Help: "Wall time of successful snapshots.", Buckets: prometheus.ExponentialBuckets(0.05, 2, 14)}, []string{"volume"}),
-		freeze: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "stasis_last_freeze_milliseconds",
-			Help: "How long the filesystems were frozen in the volume's last snapshot."}, []string{"volume"}),
-		freezeHist: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "stasis_freeze_milliseconds",
-			Help: "Freeze windows.", Buckets: prometheus.ExponentialBuckets(1, 2, 14)}, []string{"volume"}),
-		stored: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "stasis_bytes_stored_total",
-			Help: "Bytes snapshots added to the repository."}, []string{"volume"}),
-		read: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "stasis_bytes_read_total",
-			Help: "Bytes snapshots read from their sources."}, []string{"volume"}),
-		lastSuccess: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "stasis_last_success_timestamp_seconds",
-			Help: "Unix time of the volume's last successful snapshot."}, []string{"volume"}),
-		packBytes: prometheus.NewGauge(prometheus.GaugeOpts{Name: "stasis_repository_pack_bytes",
-			Help: "Bytes in the repository's pack files."}),
-	}
-	replica := []string{"replica"}
-	m.replicaLag = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "stasis_replica_lag_snapshots",
-		Help: "This host's snapshots the replica does not have yet."}, replica)
-	m.replicaLastSuccess = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "stasis_replica_last_success_timestamp_seconds",
-		Help: "Unix time of the last replication pass that copied everything."}, replica)
-	m.replicaBytes = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "stasis_replica_bytes_stored_total",
-		Help: "Bytes replication added to the replica."}, replica)
-	m.replicaFailures = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "stasis_replica_failures_total",
-		Help: "Replication passes that failed (each is retried with a backoff)."}, replica)
-	m.reg.MustRegister(m.snapshots, m.duration, m.freeze, m.freezeHist, m.stored, m.read, m.lastSuccess, m.packBytes,
-		m.replicaLag, m.replicaLastSuccess, m.replicaBytes, m.replicaFailures)
+	vm.ExposeMetadata(true) // # TYPE lines
+	m := &metrics{set: vm.NewSet()}
+	m.set.NewGauge("stasis_repository_pack_bytes", nil)
 	return m
 }
 
+// labels renders label pairs (names in sorted order, as Prometheus writes them) for a
+// series name; values are escaped as the text format requires.
+func labels(pairs ...string) string {
+	var b strings.Builder
+	b.WriteByte('{')
+	for i := 0; i+1 < len(pairs); i += 2 {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		b.WriteString(pairs[i])
+		b.WriteString(`="`)
+		b.WriteString(labelEscaper.Replace(pairs[i+1]))
+		b.WriteByte('"')
+	}
+	b.WriteByte('}')
+	return b.String()
+}
+
+var labelEscaper = strings.NewReplacer(`\`, `\\`, `"`, `\"`, "\n", `\n`)
+
+func (m *metrics) gauge(name string) *vm.Gauge { return m.set.GetOrCreateGauge(name, nil) }
+
 func (m *metrics) observe(volume string, out *Outcome, err error) {
+	v := labels("volume", volume)
 	if err != nil {
-		m.snapshots.WithLabelValues(volume, "failed").Inc()
+		m.set.GetOrCreateCounter("stasis_snapshots_total" + labels("result", "failed", "volume", volume)).Inc()
 		return
 	}
-	m.snapshots.WithLabelValues(volume, "ok").Inc()
-	m.duration.WithLabelValues(volume).Observe(out.Duration.Seconds())
+	m.set.GetOrCreateCounter("stasis_snapshots_total" + labels("result", "ok", "volume", volume)).Inc()
+	m.set.GetOrCreatePrometheusHistogramExt("stasis_snapshot_duration_seconds"+v, durationBuckets).Update(out.Duration.Seconds())
 	if out.Capture.Frozen {
-		m.freeze.WithLabelValues(volume).Set(Millis(out.Capture.Freeze))
-		m.freezeHist.WithLabelValues(volume).Observe(Millis(out.Capture.Freeze))
+		m.gauge("stasis_last_freeze_milliseconds" + v).Set(Millis(out.Capture.Freeze))
+		m.set.GetOrCreatePrometheusHistogramExt("stasis_freeze_milliseconds"+v, freezeBuckets).Update(Millis(out.Capture.Freeze))
 	}
-	m.stored.WithLabelValues(volume).Add(float64(out.Snapshot.NewBytes))
-	m.read.WithLabelValues(volume).Add(float64(out.Capture.BytesRead))
-	m.lastSuccess.WithLabelValues(volume).Set(float64(time.Now().Unix()))
+	m.set.GetOrCreateCounter("stasis_bytes_stored_total" + v).AddInt64(out.Snapshot.NewBytes)
+	m.set.GetOrCreateCounter("stasis_bytes_read_total" + v).AddInt64(out.Capture.BytesRead)
+	m.gauge("stasis_last_success_timestamp_seconds" + v).Set(float64(time.Now().Unix()))
+}
+
+func (m *metrics) packBytes(n int64) { m.gauge("stasis_repository_pack_bytes").Set(float64(n)) }
+
+// replica makes every series of a replica exist from the start.
+func (m *metrics) replica(loc string) {
+	m.replicaLag(loc, 0)
+	m.gauge("stasis_replica_last_success_timestamp_seconds" + labels("replica", loc))
+	m.replicaBytes(loc, 0)
+	m.set.GetOrCreateCounter("stasis_replica_failures_total" + labels("replica", loc))
+}
+
+func (m *metrics) replicaLag(loc string, n int) {
+	m.gauge("stasis_replica_lag_snapshots" + labels("replica", loc)).Set(float64(n))
+}
+
+func (m *metrics) replicaSuccess(loc string) {
+	m.gauge("stasis_replica_last_success_timestamp_seconds" + labels("replica", loc)).Set(float64(time.Now().Unix()))
+}
+
+func (m *metrics) replicaBytes(loc string, n int64) {
+	m.set.GetOrCreateCounter("stasis_replica_bytes_stored_total" + labels("replica", loc)).AddInt64(n)
+}
+
+func (m *metrics) replicaFailure(loc string) {
+	m.set.GetOrCreateCounter("stasis_replica_failures_total" + labels("replica", loc)).Inc()
 }
 
 // ServeMetrics serves /metrics on addr until ctx ends.
@@ -87,7 +112,10 @@ func (s *Service) ServeMetrics(ctx context.Context, addr string) error {
 		return err
 	}
 	mux := http.NewServeMux()
-	mux.Handle("/metrics", promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("/metrics", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+		s.metrics.set.WritePrometheus(w)
+	})
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	go func() {
 		<-ctx.Done()

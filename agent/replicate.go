@@ -50,10 +50,7 @@ type replicator struct {
 func newReplicator(s *Service, r *config.Replicate, open Opener) *replicator {
 	p := &replicator{s: s, open: open, location: r.Repository, passwordFile: r.PasswordFile, kick: make(chan struct{}, 1),
 		status: ReplicaStatus{Repository: r.Repository}}
-	s.metrics.replicaLag.WithLabelValues(p.location) // every series exists from the start
-	s.metrics.replicaLastSuccess.WithLabelValues(p.location)
-	s.metrics.replicaBytes.WithLabelValues(p.location)
-	s.metrics.replicaFailures.WithLabelValues(p.location)
+	s.metrics.replica(p.location)
 	return p
 }
 
@@ -119,7 +116,7 @@ func (p *replicator) run(ctx context.Context) {
 				return
 			}
 			p.s.log.Error("replication failed; retrying", "replica", p.location, "in", backoff, "err", err)
-			p.s.metrics.replicaFailures.WithLabelValues(p.location).Inc()
+			p.s.metrics.replicaFailure(p.location)
 			p.mu.Lock()
 			p.status.LastError, p.status.LastErrorAt = err.Error(), stampTime(time.Now())
 			p.mu.Unlock()
@@ -167,7 +164,7 @@ func (p *replicator) pass(ctx context.Context) error {
 			return err
 		}
 		if st.BytesStored > before {
-			p.s.metrics.replicaBytes.WithLabelValues(p.location).Add(float64(st.BytesStored - before))
+			p.s.metrics.replicaBytes(p.location, st.BytesStored-before)
 			p.s.log.Info("replicated", "volume", snap.Volume, "snapshot", snap.Name, "replica", replica.Location(), "stored_bytes", st.BytesStored-before)
 		}
 	}
@@ -178,7 +175,7 @@ func (p *replicator) pass(ctx context.Context) error {
 	p.status.CopiedBytes += st.BytesStored
 	p.status.LastSuccess, p.status.LastError, p.status.LastErrorAt = stampTime(time.Now()), "", ""
 	p.mu.Unlock()
-	p.s.metrics.replicaLastSuccess.WithLabelValues(p.location).SetToCurrentTime()
+	p.s.metrics.replicaSuccess(p.location)
 	p.updateLag(ctx, replica)
 	return nil
 }
@@ -218,7 +215,7 @@ func (p *replicator) pending(ctx context.Context, replica *chain.Repository) ([]
 	p.mu.Lock()
 	p.status.Lag, p.status.Snapshots = len(todo), len(theirs)
 	p.mu.Unlock()
-	p.s.metrics.replicaLag.WithLabelValues(p.location).Set(float64(len(todo)))
+	p.s.metrics.replicaLag(p.location, len(todo))
 	return todo, nil
 }
 

@@ -611,7 +611,7 @@ func (s *Service) snapshot(j *job, req Request) (outs []*Outcome, err error) {
 			}
 		}
 	}
-	s.metrics.packBytes.Set(float64(s.repo.PackBytes()))
+	s.metrics.packBytes(s.repo.PackBytes())
 	return outs, nil
 }
 

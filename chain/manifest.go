@@ -3,7 +3,6 @@ package chain
 import (
 	"encoding/json"
 	"fmt"
-	"regexp"
 	"strings"
 	"time"
 )
@@ -126,12 +125,17 @@ func (id *ID) UnmarshalText(b []byte) error {
 	return err
 }
 
-var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$`)
-
-// ValidName checks a volume or snapshot name: letters, digits and . _ @ + -, not starting
-// with a punctuation character, at most 128 bytes. Names become folder names in the FUSE view.
+// ValidName checks a volume, snapshot or host name: letters, digits and . _ @ + -, not
+// starting with a punctuation character, at most 128 bytes. Names become folder names in the
+// FUSE view.
 func ValidName(what, name string) error {
-	if !nameRE.MatchString(name) {
+	ok := len(name) >= 1 && len(name) <= 128
+	for i := 0; ok && i < len(name); i++ {
+		c := name[i]
+		alnum := 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9'
+		ok = alnum || i > 0 && strings.IndexByte("._@+-", c) >= 0
+	}
+	if !ok {
 		return fmt.Errorf("invalid %s name %q: use 1-128 letters, digits, '.', '_', '@', '+' or '-', starting with a letter or digit", what, name)
 	}
 	return nil

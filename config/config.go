@@ -19,6 +19,7 @@ import (
 
 	"github.com/dustin/go-humanize"
 	"github.com/robfig/cron/v3"
+	"github.com/stasis-project/stasis/chain"
 	"gopkg.in/yaml.v3"
 )
 
@@ -440,8 +441,6 @@ func (c *Config) errf(es *Errors, key, format string, args ...any) {
 	*es = append(*es, &Error{File: c.Path, Line: c.lines[key], Msg: key + ": " + fmt.Sprintf(format, args...)})
 }
 
-var volumeNameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$`)
-
 // cronParser accepts 5-field expressions, descriptors (@daily, @every 1h) and CRON_TZ=/TZ=.
 var cronParser = cron.NewParser(cron.Minute | cron.Hour | cron.Dom | cron.Month | cron.Dow | cron.Descriptor)
 
@@ -452,7 +451,7 @@ func (c *Config) validate(probe Prober) Errors {
 	}
 	c.checkLocation(&es, "repository", c.Repository)
 	if c.Host != "" {
-		if !volumeNameRE.MatchString(c.Host) {
+		if chain.ValidName("host", c.Host) != nil {
 			c.errf(&es, "host", "%q: use letters, digits, '.', '_', '@', '+' or '-' (up to 128), starting with a letter or digit", c.Host)
 		}
 	}
@@ -636,7 +635,7 @@ func (c *Config) checkName(es *Errors, key, what, name string, names map[string]
 	switch {
 	case name == "":
 		c.errf(es, key, "name is missing: give the %s a name (letters, digits, . _ - @ +)", what)
-	case !volumeNameRE.MatchString(name):
+	case chain.ValidName(what, name) != nil:
 		c.errf(es, key+".name", "%q is not a valid %s name: use letters, digits, '.', '_', '@', '+' or '-', starting with a letter or digit", name, what)
 	default:
 		if other, dup := names[name]; dup {
