@@ -648,7 +648,17 @@ func (s *Service) holder(what string) string {
 // turns; when another process holds the deletion lock (a gc from the CLI or another host)
 // for more than a minute, retention waits for the next snapshot rather than holding this
 // job up: deleting late never loses data.
+//
+// A committed snapshot gets its retention even when the agent is stopping, so a stop right
+// after a commit does not leave a quota exceeded until the next run: it goes on for up to
+// retainGrace after the stop (the unit allows 30 s); past that it is cut short (gc is safe
+// to interrupt).
 func (s *Service) retainAfter(ctx context.Context, j *job) {
+	rctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancel()
+	stop := context.AfterFunc(ctx, func() { time.AfterFunc(retainGrace, cancel) })
+	defer stop()
+	ctx = rctx
 	s.retainMu.Lock()
 	defer s.retainMu.Unlock()
 	unlock, err := s.lockWithin(ctx, s.holder("retention of "+j.name), time.Minute)
@@ -668,6 +678,10 @@ func (s *Service) retainAfter(ctx context.Context, j *job) {
 		s.log.Error("retention failed", "volume", j.name, "err", err)
 	}
 }
+
+// retainGrace is how long retention after a committed snapshot may go on once the agent is
+// stopping.
+const retainGrace = 15 * time.Second
 
 func (s *Service) lock(ctx context.Context, holder string) (func(), error) {
 	// Another deleter (a CLI gc, another host's prune) may hold the lock briefly.
