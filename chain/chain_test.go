@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"math/rand"
+	"sort"
 	"sync"
 	"testing"
 	"time"
@@ -517,5 +519,61 @@ func TestFailedCommitLeavesNoPacks(t *testing.T) {
 	}
 	if left != 0 {
 		t.Fatalf("%d packs of the failed snapshot left in the repository", left)
+	}
+}
+
+// parallelMemory is a memory backend that, like object storage, saves packs in parallel.
+type parallelMemory struct{ *memory.Backend }
+
+func (parallelMemory) SaveConcurrency() int { return 3 }
+
+// TestPackRampForParallelSavers: a writer to a backend that saves several packs at once
+// closes its first packs small (4, 8, 16 MiB, then the full size), so an incremental's data
+// is uploading while it is still read; a local backend's writer fills full-size packs.
+func TestPackRampForParallelSavers(t *testing.T) {
+	ctx := context.Background()
+	data := make([]byte, 40<<20)
+	rand.New(rand.NewSource(3)).Read(data)
+	for _, parallel := range []bool{false, true} {
+		var be chain.Backend = memory.New()
+		if parallel {
+			be = parallelMemory{be.(*memory.Backend)}
+		}
+		if _, err := chain.Init(ctx, be, chain.InitOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		r := openRepo(t, be, chain.Options{})
+		w, err := r.NewSnapshot(ctx, chain.SnapshotOptions{Volume: "v", Name: "s", Size: int64(len(data)), ChunkSize: 64 << 10})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for c := 0; c < len(data)/(64<<10); c++ {
+			if err := w.Put(ctx, int64(c), data[c*64<<10:(c+1)*64<<10]); err != nil {
+				t.Fatal(err)
+			}
+		}
+		snap, err := w.Commit(ctx, nil, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var sizes []int64
+		be.List(ctx, chain.PackFile, func(fi chain.FileInfo) error { sizes = append(sizes, fi.Size); return nil })
+		sort.Slice(sizes, func(i, j int) bool { return sizes[i] < sizes[j] })
+		mib := func(n int64) int64 { return n >> 20 }
+		got := make([]int64, len(sizes))
+		for i, s := range sizes {
+			got[i] = mib(s)
+		}
+		want := []int64{8, 32} // MiB, rounded down: 40 MiB in full-size packs
+		if parallel {
+			want = []int64{4, 8, 12, 16}
+		}
+		if fmt.Sprint(got) != fmt.Sprint(want) {
+			t.Errorf("parallel saver %v: packs of %v MiB, want %v", parallel, got, want)
+		}
+		if back := readAll(t, r.Reader, snap); !bytes.Equal(back, data) {
+			t.Fatalf("parallel saver %v: the snapshot reads back different bytes", parallel)
+		}
+		r.Close()
 	}
 }

@@ -81,6 +81,7 @@ type SnapshotWriter struct {
 	saves    chan *sessionPack
 	saved    sync.WaitGroup
 	inflight sync.WaitGroup // packs handed to the saver and not yet saved
+	savers   int            // packs saved at once
 }
 
 type sessionBlob struct {
@@ -217,6 +218,7 @@ func (r *Repository) newWriter(ctx context.Context, opts SnapshotOptions, now ti
 	if ps, ok := r.be.(ParallelSaver); ok {
 		savers = max(1, ps.SaveConcurrency())
 	}
+	w.savers = savers
 	w.saved.Add(savers)
 	for range savers {
 		go w.saver(ctx)
@@ -410,10 +412,25 @@ func (w *SnapshotWriter) usable() error {
 func (w *SnapshotWriter) addBlob(t BlobType, id ID, stored []byte, comp compression, rawLen int) {
 	e := w.pack.add(t, id, stored, comp, rawLen)
 	w.session[id] = sessionBlob{pack: len(w.packs), entry: e}
-	if w.pack.size() >= packTarget {
+	if w.pack.size() >= w.packLimit() {
 		w.closePack()
 	}
 }
+
+// packLimit is the size at which the pack being built is closed. With a backend that saves
+// several packs at once (object storage), a writer's first packs are smaller (4, 8, 16 MiB,
+// then packTarget): an incremental of a few tens of MiB then uploads most of its data while
+// it is still reading, instead of all of it after the capture; a large snapshot makes only
+// a few more packs.
+func (w *SnapshotWriter) packLimit() int {
+	if w.savers < 2 {
+		return packTarget
+	}
+	return min(packTarget, rampPack<<min(len(w.packs), 8))
+}
+
+// rampPack is the size of the first pack of a writer to a parallel-saving backend.
+const rampPack = 4 << 20
 
 // closePack queues the current pack for the saver; w.mu held.
 func (w *SnapshotWriter) closePack() {
