@@ -95,19 +95,7 @@ func main() {
 	if *onlyS3Inc {
 		if srv := startS3(dir); srv != nil {
 			_, resticInc := resticS3(srv, v)
-			var runs []time.Duration
-			var out *agent.Outcome
-			for i := 0; i < 3; i++ {
-				var tt time.Duration
-				tt, out = trackedAt(dir, srv.location(fmt.Sprint("tracked-", i)), true, v)
-				runs = append(runs, tt)
-			}
-			tt := median(runs)
-			note := fmt.Sprintf("read %s, freeze %.1f ms; runs %v", mb(out.Capture.BytesRead), agent.Millis(out.Capture.Freeze), runs)
-			if resticInc > 0 {
-				note += fmt.Sprintf("; restic's incremental %.2f s: %.0f× faster (goal 20×)", resticInc.Seconds(), ratio(resticInc, tt))
-			}
-			add("S3 (encrypted): tracked incremental after 20 MiB changed, median of 3", tt, note)
+			s3Tracked(dir, srv, v, resticInc, add)
 			srv.stop()
 		}
 		printRows()
