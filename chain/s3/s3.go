@@ -217,7 +217,7 @@ func retryable(err error) bool {
 		return true
 	}
 	resp := minio.ToErrorResponse(err)
-	return resp.StatusCode >= 500 || resp.StatusCode == http.StatusTooManyRequests ||
+	return resp.StatusCode >= 500 || resp.StatusCode == http.StatusTooManyRequests || resp.Code == "RequestTimeout" ||
 		strings.Contains(err.Error(), "connection reset") || strings.Contains(err.Error(), "broken pipe")
 }
 
@@ -230,7 +230,12 @@ func (b *Backend) Save(ctx context.Context, h chain.Handle, data []byte) error {
 		return err
 	}
 	err := retry(ctx, func() error {
-		_, err := b.client.PutObject(ctx, b.cfg.Bucket, b.key(h), bytes.NewReader(data), int64(len(data)),
+		// A body the client cannot seek, so it does not retry by itself: its retry rewinds
+		// the body while the failed request's transport may still be reading it (a data
+		// race, caught under -race when a server refuses an upload early). retry starts
+		// each attempt with a fresh reader instead.
+		body := struct{ io.Reader }{bytes.NewReader(data)}
+		_, err := b.client.PutObject(ctx, b.cfg.Bucket, b.key(h), body, int64(len(data)),
 			minio.PutObjectOptions{ContentType: "application/octet-stream", PartSize: b.cfg.PartSize})
 		return err
 	})
