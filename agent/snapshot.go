@@ -498,12 +498,12 @@ func captureInfo(res capture.Result, p *prepared, d time.Duration) map[string]an
 // Millis converts a duration to fractional milliseconds, as reports show freeze times.
 func Millis(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 
-// freezer freezes the targets under a guard, holding log output while they are frozen.
-// freezer returns the capture's Freezer for targets, and what releases it (call it once
-// the capture is over). The first attempt's guard process starts at once, in the
-// background: its start-up (tens of milliseconds) overlaps the reading rounds instead of
-// leading the freeze and lengthening an application's lock. A retried attempt starts its
-// own.
+// freezer returns the capture's Freezer, which freezes the targets under a guard and holds
+// log output while they are frozen, and what releases it (call it once the capture is
+// over). The first attempt's guard process starts at once, in the background: its start-up
+// (tens of milliseconds) overlaps the reading rounds instead of leading the freeze and
+// lengthening an application's lock. A retried attempt starts its own. The mount points
+// stay open (busy) from then until the capture ends.
 func (v *Volume) freezer(targets []fsfreeze.Target, maxFreeze time.Duration) (capture.Freezer, func()) {
 	opts := fsfreeze.Options{MaxFreeze: maxFreeze, GuardCommand: v.opts.GuardCommand}
 	type ready struct {
