@@ -81,12 +81,21 @@ func (m *metrics) observe(volume string, out *Outcome, err error) {
 
 func (m *metrics) packBytes(n int64) { m.gauge("stasis_repository_pack_bytes").Set(float64(n)) }
 
+// The series of one replica repository, by location.
+func (m *metrics) replicaLastSuccess(loc string) *vm.Gauge {
+	return m.gauge("stasis_replica_last_success_timestamp_seconds" + labels("replica", loc))
+}
+
+func (m *metrics) replicaFailures(loc string) *vm.Counter {
+	return m.set.GetOrCreateCounter("stasis_replica_failures_total" + labels("replica", loc))
+}
+
 // replica makes every series of a replica exist from the start.
 func (m *metrics) replica(loc string) {
 	m.replicaLag(loc, 0)
-	m.gauge("stasis_replica_last_success_timestamp_seconds" + labels("replica", loc))
+	m.replicaLastSuccess(loc)
 	m.replicaBytes(loc, 0)
-	m.set.GetOrCreateCounter("stasis_replica_failures_total" + labels("replica", loc))
+	m.replicaFailures(loc)
 }
 
 func (m *metrics) replicaLag(loc string, n int) {
@@ -94,16 +103,14 @@ func (m *metrics) replicaLag(loc string, n int) {
 }
 
 func (m *metrics) replicaSuccess(loc string) {
-	m.gauge("stasis_replica_last_success_timestamp_seconds" + labels("replica", loc)).Set(float64(time.Now().Unix()))
+	m.replicaLastSuccess(loc).Set(float64(time.Now().Unix()))
 }
 
 func (m *metrics) replicaBytes(loc string, n int64) {
 	m.set.GetOrCreateCounter("stasis_replica_bytes_stored_total" + labels("replica", loc)).AddInt64(n)
 }
 
-func (m *metrics) replicaFailure(loc string) {
-	m.set.GetOrCreateCounter("stasis_replica_failures_total" + labels("replica", loc)).Inc()
-}
+func (m *metrics) replicaFailure(loc string) { m.replicaFailures(loc).Inc() }
 
 // ServeMetrics serves /metrics on addr until ctx ends.
 func (s *Service) ServeMetrics(ctx context.Context, addr string) error {

@@ -8,8 +8,8 @@ import (
 	"time"
 
 	"github.com/stasis-project/stasis/chain"
-	"github.com/stasis-project/stasis/chain/memory"
 	"github.com/stasis-project/stasis/config"
+	"github.com/stasis-project/stasis/test/testenv"
 )
 
 // TestRetentionWhileStopping: a snapshot committed just before the agent is told to stop
@@ -17,15 +17,7 @@ import (
 // runs), so a stop does not leave the quota exceeded.
 func TestRetentionWhileStopping(t *testing.T) {
 	ctx := context.Background()
-	be := memory.New()
-	if _, err := chain.Init(ctx, be, chain.InitOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	r, err := chain.Open(ctx, be, chain.Options{CacheDir: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer r.Close()
+	r := testenv.MemoryRepo(t)
 	base := time.Now().Add(-time.Hour)
 	for i := 0; i < 4; i++ {
 		w, err := r.NewSnapshot(ctx, chain.SnapshotOptions{Volume: "v", Name: "auto_" + string(rune('a'+i)), Kind: chain.KindAuto,

@@ -251,8 +251,9 @@ func (m *member) read(ctx context.Context, runs []ChunkRun, expect bool) error {
 	}
 	// Fingerprints serve only once they cover a full read (the frozen compare of an untracked
 	// member): a tracked member's reads of dirty chunks are not fingerprinted until then.
+	full := sameRuns(runs, m.Full)
 	var w ChunkWriter = m.Writer
-	if m.fp != nil && (m.fpFull || sameRuns(runs, m.Full)) {
+	if m.fp != nil && (m.fpFull || full) {
 		w = fingerprintingWriter{m.Writer, m.fp}
 	}
 	start := time.Now()
@@ -262,7 +263,7 @@ func (m *member) read(ctx context.Context, runs []ChunkRun, expect bool) error {
 	if err != nil {
 		return err
 	}
-	if d := time.Since(start).Seconds(); sameRuns(runs, m.Full) && d > 0 {
+	if d := time.Since(start).Seconds(); full && d > 0 {
 		m.rate = float64(st.BytesRead) / d
 		m.fpFull = m.fp != nil
 	}

@@ -16,7 +16,7 @@ import (
 
 	"github.com/stasis-project/stasis/chain"
 	"github.com/stasis-project/stasis/chain/capture"
-	"github.com/stasis-project/stasis/chain/memory"
+	"github.com/stasis-project/stasis/test/testenv"
 )
 
 // fakeTracker is a scripted tracker for testing Run's round logic: each Take returns the
@@ -76,9 +76,7 @@ type fixture struct {
 func setup(t *testing.T) *fixture {
 	t.Helper()
 	ctx := context.Background()
-	be := memory.New()
-	chain.Init(ctx, be, chain.InitOptions{})
-	r, _ := chain.Open(ctx, be, chain.Options{CacheDir: t.TempDir()})
+	r := testenv.MemoryRepo(t)
 	data := make([]byte, 4<<20)
 	rand.New(rand.NewSource(1)).Read(data)
 	path := filepath.Join(t.TempDir(), "src.img")

@@ -10,22 +10,14 @@ import (
 	"testing"
 
 	"github.com/stasis-project/stasis/chain"
-	"github.com/stasis-project/stasis/chain/memory"
+	"github.com/stasis-project/stasis/test/testenv"
 )
 
 // snapshotOf stores data as a snapshot in an in-memory repository.
 func snapshotOf(t *testing.T, data []byte, chunk int) *chain.SnapshotReader {
 	t.Helper()
 	ctx := context.Background()
-	be := memory.New()
-	if _, err := chain.Init(ctx, be, chain.InitOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	r, err := chain.Open(ctx, be, chain.Options{CacheDir: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { r.Close() })
+	r := testenv.MemoryRepo(t)
 	w, err := r.NewSnapshot(ctx, chain.SnapshotOptions{Volume: "v", Name: "s", Size: int64(len(data)), ChunkSize: chunk})
 	if err != nil {
 		t.Fatal(err)

@@ -189,8 +189,8 @@ func (b *Backend) explain(what string, err error) error {
 }
 
 // retry runs op until it succeeds, fails for good, or five attempts have failed with
-// errors worth retrying (connections dropped, truncated bodies, server errors the client
-// library gave up on).
+// errors worth retrying (connections dropped, truncated bodies, server errors: those the
+// client library gave up on, and every one of an upload, which it does not retry).
 func retry(ctx context.Context, op func() error) error {
 	delay := 200 * time.Millisecond
 	var err error
