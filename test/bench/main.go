@@ -40,6 +40,7 @@ var (
 	readRate    = flag.Bool("read-rate", true, "measure a foreground writer's latency during a full snapshot, with and without --max-read-rate")
 	onlyRate    = flag.Bool("only-read-rate", false, "measure only that")
 	onlyS3Inc   = flag.Bool("only-s3-tracked", false, "measure only the tracked incremental into S3 (versitygw), against restic's incremental to the same server")
+	traceS3     = flag.Bool("trace", false, "print every S3 request of the S3 benchmarks: start (ms from the timed operation's start), method, path, size, duration")
 	cpuProfile  = flag.String("cpuprofile", "", "with -only-tracked: write CPU profiles of the timed incrementals to FILE.local and FILE.s3")
 	onlyFreeze  = flag.Bool("only-freeze", false, "measure only freeze windows (2 and 8 GiB volumes under a writer)")
 	onlyTracked = flag.Bool("only-tracked", false, "measure only tracked incrementals, local and into S3 (versitygw), 5 of each")

@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/stasis-project/stasis/agent"
@@ -90,6 +91,9 @@ func openRepoAt(loc, cache string, encrypted bool) (*chain.Repository, func()) {
 			fatal(perr.Error())
 		}
 		cfg.AccessKey, cfg.SecretKey = s3Access, s3Secret
+		if *traceS3 {
+			cfg.Transport = tracer{http.DefaultTransport}
+		}
 		be, err = s3.Open(ctx, cfg)
 	} else if _, serr := os.Stat(filepath.Join(loc, "config")); serr != nil {
 		be, err = local.Create(loc)
@@ -127,6 +131,7 @@ func trackedAt(dir, loc string, encrypted bool, v *volume) (time.Duration, *agen
 	v.change(20 << 20)
 	var out *agent.Outcome
 	t := timeIt(func() {
+		traceStart.Store(time.Now().UnixNano())
 		var err error
 		if out, err = vol.Snapshot(context.Background(), r, agent.Request{Name: "tracked"}); err != nil {
 			fatal(err.Error())
@@ -315,4 +320,19 @@ func s3Tracked(dir string, srv *s3Server, v *volume, resticInc time.Duration, ad
 		note += fmt.Sprintf("; restic's incremental %.2f s: %.0f× faster (goal 20×)", resticInc.Seconds(), ratio(resticInc, tt))
 	}
 	add("S3 (encrypted): tracked incremental after 20 MiB changed, median of 3", tt, note)
+}
+
+// traceStart is when the timed operation began, for -trace's offsets.
+var traceStart atomic.Int64
+
+// tracer prints each S3 request: start offset from traceStart, method, path, body size,
+// duration.
+type tracer struct{ next http.RoundTripper }
+
+func (t tracer) RoundTrip(req *http.Request) (*http.Response, error) {
+	start := time.Now()
+	resp, err := t.next.RoundTrip(req)
+	fmt.Fprintf(os.Stderr, "s3 %7.1f ms %-6s %-60.60s %9d %6.1f ms\n", float64(start.UnixNano()-traceStart.Load())/1e6,
+		req.Method, req.URL.Path+"?"+req.URL.RawQuery, req.ContentLength, float64(time.Since(start).Microseconds())/1e3)
+	return resp, err
 }
