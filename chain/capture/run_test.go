@@ -17,6 +17,7 @@ import (
 	"github.com/stasis-project/stasis/chain"
 	"github.com/stasis-project/stasis/chain/capture"
 	"github.com/stasis-project/stasis/test/testenv"
+	"golang.org/x/sys/unix"
 )
 
 // fakeTracker is a scripted tracker for testing Run's round logic: each Take returns the
@@ -397,5 +398,44 @@ func TestReadLimitPaces(t *testing.T) {
 	}
 	if d := time.Since(start); d < 1500*time.Millisecond || d > 10*time.Second {
 		t.Fatalf("8 MiB at 2 MiB/s with a 4 MiB burst took %v, want about 2 s", d)
+	}
+}
+
+// TestSyncMountsCheckpointsJournal: the pre-freeze sync leaves an ext4 journal empty (its
+// superblock's "Journal start" is 0), so FIFREEZE has no checkpoint to write while writers
+// wait; syncfs alone leaves the journal's transactions in place.
+func TestSyncMountsCheckpointsJournal(t *testing.T) {
+	dev, _ := testenv.LoopDevice(t, 128<<20)
+	testenv.Mkfs(t, "ext4", dev)
+	mnt := testenv.Mount(t, dev)
+	journalStart := func() string {
+		out := testenv.Run(t, "dumpe2fs", "-h", dev)
+		for _, line := range strings.Split(out, "\n") {
+			if v, ok := strings.CutPrefix(line, "Journal start:"); ok {
+				return strings.TrimSpace(v)
+			}
+		}
+		t.Fatalf("dumpe2fs -h %s shows no journal start:\n%s", dev, out)
+		return ""
+	}
+	for i := 0; i < 100; i++ {
+		os.WriteFile(filepath.Join(mnt, fmt.Sprint(i)), []byte("metadata to journal"), 0o644)
+	}
+	f, err := os.Open(mnt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := unix.Syncfs(int(f.Fd())); err != nil {
+		t.Fatal(err)
+	}
+	if got := journalStart(); got == "0" {
+		t.Fatal("the journal is empty after syncfs alone: this test cannot tell a checkpoint from none")
+	}
+	if err := capture.SyncMounts([]string{mnt})(); err != nil {
+		t.Fatal(err)
+	}
+	if got := journalStart(); got != "0" {
+		t.Fatalf("journal start %s after SyncMounts, want 0 (checkpointed)", got)
 	}
 }
