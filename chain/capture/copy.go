@@ -7,6 +7,7 @@ import (
 	"runtime"
 	"sync/atomic"
 
+	"github.com/stasis-project/stasis/chain/hugemem"
 	"golang.org/x/sync/errgroup"
 	"golang.org/x/sys/unix"
 	"golang.org/x/time/rate"
@@ -76,11 +77,11 @@ func Copy(ctx context.Context, src *Source, w ChunkWriter, runs []ChunkRun, limi
 	}
 	pool := make(chan []byte, workers+2)
 	for i := 0; i < cap(pool); i++ {
-		b, err := alignedBuffer(int(perRead * cs))
+		b, err := hugemem.Map(int(perRead * cs))
 		if err != nil {
-			return Stats{}, err
+			return Stats{}, fmt.Errorf("allocate read buffer: %w", err)
 		}
-		defer unix.Munmap(b)
+		defer hugemem.Unmap(b)
 		pool <- b
 	}
 	g, gctx := errgroup.WithContext(ctx)

@@ -9,7 +9,7 @@ import (
 
 	"github.com/bits-and-blooms/bitset"
 	"github.com/cespare/xxhash/v2"
-	"golang.org/x/sys/unix"
+	"github.com/stasis-project/stasis/chain/hugemem"
 )
 
 type heldChunk struct {
@@ -28,10 +28,14 @@ type heldChunks struct {
 
 func (h *heldChunks) free() {
 	if h.mem != nil {
-		unix.Munmap(h.mem)
+		hugemem.Unmap(h.mem)
 		h.mem = nil
 	}
 }
+
+// prefaultHeld is how much of the held memory is touched before the freeze: the final
+// rounds of tracked snapshots under steady writers hold a few dozen 64 KiB chunks.
+const prefaultHeld = 4 << 20
 
 // hold reserves room for n bytes, or returns nil when the memory is used up.
 func (h *heldChunks) hold(m *member, index int64, n int64) []byte {
@@ -84,36 +88,34 @@ func finalRound(ctx context.Context, o Options, ms []*member) (*heldChunks, erro
 	if !anyTracked && len(compare) == 0 {
 		return &heldChunks{}, nil // nothing can be made point-in-time: no freeze, no lock
 	}
-	var release func()
-	if o.Quiesce != nil {
-		var err error
-		if release, err = o.Quiesce(ctx); err != nil {
-			return nil, err
-		}
-	}
-	// Memory for the held chunks and the frozen full reads is mapped before the freeze.
+	// Memory for the held chunks and the frozen full reads is mapped before the lock and
+	// the freeze, and its first part touched: page faults (slow on some virtual machines)
+	// stay out of the window.
 	maxCS := int64(0)
 	for _, m := range ms {
 		maxCS = max(maxCS, int64(m.Writer.ChunkSize()))
 	}
-	mem, err := unix.Mmap(-1, 0, int(int64(o.MaxHeld)*alignUp(maxCS, 4096)), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE)
+	mem, err := hugemem.Map(int(int64(o.MaxHeld) * alignUp(maxCS, 4096)))
 	if err != nil {
-		if release != nil {
-			release()
-		}
 		return nil, fmt.Errorf("allocate final-round memory: %w", err)
 	}
+	hugemem.Prefault(mem, prefaultHeld)
 	held := &heldChunks{mem: mem}
 	var scratch []byte
 	if len(compare) > 0 {
-		if scratch, err = alignedBuffer(readSize); err != nil {
+		if scratch, err = hugemem.Map(readSize); err != nil {
 			held.free()
-			if release != nil {
-				release()
-			}
 			return nil, err
 		}
-		defer unix.Munmap(scratch)
+		hugemem.Prefault(scratch, readSize)
+		defer hugemem.Unmap(scratch)
+	}
+	var release func()
+	if o.Quiesce != nil {
+		if release, err = o.Quiesce(ctx); err != nil {
+			held.free()
+			return nil, err
+		}
 	}
 	thaw, err := o.Freeze()
 	if err != nil {
