@@ -66,7 +66,7 @@ func (r *Reader) readBlob(ctx context.Context, loc blobLoc, dst []byte) ([]byte,
 	case (e.Comp != compNone || r.keys != nil) && int(e.Length) <= maxStoredLen:
 		// Compressed or sealed bytes are only a step on the way: reuse their buffer (fresh
 		// memory costs a page fault per 4 KiB).
-		bp := compressBuffers.Get().(*[]byte)
+		bp := scratch(int(e.Length))
 		defer compressBuffers.Put(bp)
 		stored = (*bp)[:e.Length]
 	case e.Comp == compNone && r.keys == nil && cap(dst) >= int(e.Length):
@@ -93,7 +93,7 @@ func (r *Reader) readBlob(ctx context.Context, loc blobLoc, dst []byte) ([]byte,
 // decodeBlob turns a blob's stored bytes back into its content and checks it against its ID.
 func (r *Reader) decodeBlob(stored []byte, e packEntry, dst []byte) ([]byte, error) {
 	if r.keys != nil {
-		bp := compressBuffers.Get().(*[]byte)
+		bp := scratch(len(stored))
 		defer compressBuffers.Put(bp)
 		var err error
 		if stored, err = r.keys.open((*bp)[:0], stored, e.ID[:]); err != nil {
@@ -124,7 +124,7 @@ func (r *Reader) encodeBlob(id ID, raw, dst []byte) ([]byte, compression) {
 	if r.keys == nil {
 		return r.codec.compress(raw, dst)
 	}
-	bp := compressBuffers.Get().(*[]byte)
+	bp := scratch(storedBound(len(raw)))
 	defer compressBuffers.Put(bp)
 	plain, comp := r.codec.compress(raw, *bp)
 	return r.keys.seal(dst[:0], plain, id[:]), comp

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"hash/crc32"
 	"sync"
+	"time"
 
 	"github.com/stasis-project/stasis/chain/hugemem"
 )
@@ -142,25 +143,64 @@ type packBuilder struct {
 // packBufferSize fits a full pack, one more maximal blob and the entry table.
 const packBufferSize = PackSize + 2*MaxChunkSize
 
-// packBuffers recycles pack buffers: allocating (and zeroing) 40 MB per pack cost more
-// CPU than hashing the data in it. A buffer the pool lost to the GC comes back as fresh
-// memory, whose first touch faulted 4 KiB at a time (87% of a full snapshot's 38,000 page
-// faults, ~14 µs each on the bench VM) before it was advised into huge pages.
-var packBuffers = sync.Pool{New: func() any {
-	b := make([]byte, 0, packBufferSize)
-	hugemem.Advise(b) // filling it faults in 2 MiB pages, not 4 KiB ones
-	return &b
-}}
+// packBuffers recycles pack buffers. A fresh one costs more CPU than hashing the data in it:
+// zeroing 40 MB, and faulting it in page by page as it fills (87% of a full snapshot's
+// 38,000 page faults, ~14 µs each on the bench VM, when a sync.Pool the GC emptied handed
+// out new ones). Kept buffers are live, so the runtime never returns their memory to the
+// kernel; new ones are advised into huge pages; all are dropped after a minute unused, so
+// an idle agent does not hold them.
+var packBuffers = bufferList{size: packBufferSize, keep: 4, idle: time.Minute}
 
-func releasePackBuffer(b []byte) {
-	if cap(b) == packBufferSize {
-		b = b[:0]
-		packBuffers.Put(&b)
+func releasePackBuffer(b []byte) { packBuffers.put(b) }
+
+// bufferList keeps up to keep buffers of one size for reuse.
+type bufferList struct {
+	size, keep int
+	idle       time.Duration
+
+	mu    sync.Mutex
+	free  [][]byte
+	timer *time.Timer
+}
+
+func (l *bufferList) get() []byte {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if n := len(l.free); n > 0 {
+		b := l.free[n-1]
+		l.free = l.free[:n-1]
+		return b[:0]
+	}
+	b := make([]byte, 0, l.size)
+	hugemem.Advise(b) // filling it faults in 2 MiB pages, not 4 KiB ones
+	return b
+}
+
+// put takes back a buffer from get; one that grew elsewhere (cap changed) is left to the GC.
+func (l *bufferList) put(b []byte) {
+	if cap(b) != l.size {
+		return
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if len(l.free) < l.keep {
+		l.free = append(l.free, b[:0])
+	}
+	if l.timer == nil {
+		l.timer = time.AfterFunc(l.idle, l.drop)
+	} else {
+		l.timer.Reset(l.idle)
 	}
 }
 
+func (l *bufferList) drop() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.free = nil
+}
+
 func newPackBuilder() *packBuilder {
-	p := &packBuilder{buf: (*packBuffers.Get().(*[]byte))[:0]}
+	p := &packBuilder{buf: packBuffers.get()}
 	p.buf = append(p.buf, packMagic...)
 	p.buf = append(p.buf, packVersion)
 	// Seven random bytes make every pack's name unique. Two writers storing the same blobs

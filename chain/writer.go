@@ -280,7 +280,7 @@ func (w *SnapshotWriter) Put(ctx context.Context, i int64, data []byte) error {
 			return err
 		}
 		if !known {
-			buf := compressBuffers.Get().(*[]byte)
+			buf := scratch(storedBound(len(data)))
 			defer compressBuffers.Put(buf)
 			stored, comp = w.r.encodeBlob(id, data, *buf)
 		}

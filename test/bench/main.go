@@ -39,6 +39,7 @@ var (
 	onlyFiles   = flag.Bool("only-files", false, "measure only the file tools (fills a volume and takes its two snapshots first)")
 	readRate    = flag.Bool("read-rate", true, "measure a foreground writer's latency during a full snapshot, with and without --max-read-rate")
 	onlyRate    = flag.Bool("only-read-rate", false, "measure only that")
+	onlyFull    = flag.Bool("only-full", false, "measure only full snapshots against dd, three of each")
 	onlyS3Inc   = flag.Bool("only-s3-tracked", false, "measure only the tracked incremental into S3 (versitygw), against restic's incremental to the same server")
 	traceS3     = flag.Bool("trace", false, "print every S3 request of the S3 benchmarks: start (ms from the timed operation's start), method, path, size, duration")
 	cpuProfile  = flag.String("cpuprofile", "", "with -only-tracked: write CPU profiles of the timed incrementals to FILE.local and FILE.s3")
@@ -126,20 +127,11 @@ func main() {
 	// Disk throughput here varies from run to run: alternate dd and stasis three times and
 	// compare medians.
 	repo := filepath.Join(dir, "stasis-repo")
-	var full snapResult
-	var dds, fulls, fullCPU []time.Duration
-	for i := 0; i < 3; i++ {
-		dds = append(dds, timeIt(func() { run("dd", "if="+v.dev, "of=/dev/null", "bs=4M", "iflag=direct") }))
-		os.RemoveAll(repo)
-		run(*stasis, "init", "-r", repo)
-		fulls = append(fulls, timeIt(func() { full = snapshot(repo, v.dev, "full") }))
-		fullCPU = append(fullCPU, lastCPU)
+	dd, stasisFull, stasisFullStored := fullVsDD(v, repo, add)
+	if *onlyFull {
+		printRows()
+		return
 	}
-	dd, t := median(dds), median(fulls)
-	add("dd read of the device (bs=4M, O_DIRECT), median of 3", dd, fmt.Sprint(dds))
-	add("stasis full snapshot, median of 3", t, fmt.Sprintf("%.2f× dd; read %s, repository %s; runs %v; CPU %.2f s per GiB stored, %.2f s per GiB read",
-		ratio(t, dd), mb(full.BytesRead), mb(du(repo)), fulls, median(fullCPU).Seconds()/(float64(full.NewBytes)/(1<<30)), median(fullCPU).Seconds()/(float64(full.BytesRead)/(1<<30))))
-	stasisFull, stasisFullStored := t, full.NewBytes
 
 	resticRepo := filepath.Join(dir, "restic-repo")
 	haveRestic := has("restic")
@@ -165,7 +157,7 @@ func main() {
 	v.change(20 << 20)
 	var resticInc, borgInc time.Duration
 	var inc snapResult
-	t = timeIt(func() { inc = snapshot(repo, v.dev, "after-20MiB") })
+	t := timeIt(func() { inc = snapshot(repo, v.dev, "after-20MiB") })
 	add("stasis second snapshot after 20 MiB changed", t, fmt.Sprintf("%.2f× dd; tracking %s, read %s, added %s", ratio(t, dd), inc.Tracking, mb(inc.BytesRead), mb(inc.NewBytes)))
 	if haveRestic {
 		rt := timeIt(func() {
@@ -468,4 +460,24 @@ func freezeBenches(dir string, add func(string, time.Duration, string)) {
 		add(fmt.Sprintf("freeze window, %d GiB volume, writer at ~20 MB/s (7 tracked snapshots)", size>>30), med,
 			fmt.Sprintf("median %.1f ms, max %.1f ms; all %v", agent.Millis(med), agent.Millis(worst), runs))
 	}
+}
+
+// fullVsDD times three full snapshots into a new repository at repo, alternating with dd
+// reads of the whole device, and returns the median dd and snapshot times and what the
+// snapshot stored.
+func fullVsDD(v *volume, repo string, add func(string, time.Duration, string)) (dd, t time.Duration, stored int64) {
+	var full snapResult
+	var dds, fulls, fullCPU []time.Duration
+	for i := 0; i < 3; i++ {
+		dds = append(dds, timeIt(func() { run("dd", "if="+v.dev, "of=/dev/null", "bs=4M", "iflag=direct") }))
+		os.RemoveAll(repo)
+		run(*stasis, "init", "-r", repo)
+		fulls = append(fulls, timeIt(func() { full = snapshot(repo, v.dev, "full") }))
+		fullCPU = append(fullCPU, lastCPU)
+	}
+	dd, t = median(dds), median(fulls)
+	add("dd read of the device (bs=4M, O_DIRECT), median of 3", dd, fmt.Sprint(dds))
+	add("stasis full snapshot, median of 3", t, fmt.Sprintf("%.2f× dd; read %s, repository %s; runs %v; CPU %.2f s per GiB stored, %.2f s per GiB read",
+		ratio(t, dd), mb(full.BytesRead), mb(du(repo)), fulls, median(fullCPU).Seconds()/(float64(full.NewBytes)/(1<<30)), median(fullCPU).Seconds()/(float64(full.BytesRead)/(1<<30))))
+	return dd, t, full.NewBytes
 }
