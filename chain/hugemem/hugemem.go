@@ -63,10 +63,9 @@ func Advise(b []byte) {
 	}
 	b = b[:cap(b)]
 	start := uintptr(unsafe.Pointer(&b[0]))
-	first := alignUp(start, Page) - start
-	last := (start+uintptr(len(b)))/Page*Page - start
-	if first < last {
-		unix.Madvise(b[first:last], unix.MADV_HUGEPAGE)
+	lo, hi := alignUp(start, Page), (start+uintptr(len(b)))/Page*Page
+	if lo < hi {
+		unix.Madvise(b[lo-start:hi-start], unix.MADV_HUGEPAGE)
 	}
 }
 

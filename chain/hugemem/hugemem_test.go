@@ -35,3 +35,23 @@ func TestMap(t *testing.T) {
 		t.Fatal("Map(0) succeeded")
 	}
 }
+
+// TestAdvise: advising Go heap buffers of any size and alignment is safe and leaves their
+// contents alone.
+func TestAdvise(t *testing.T) {
+	for _, size := range []int{0, 1, 4096, Page - 1, Page, Page + 1, 3 * Page, 40 << 20} {
+		for _, off := range []int{0, 1, 4095} {
+			b := make([]byte, size+off)
+			for i := range b {
+				b[i] = byte(i)
+			}
+			Advise(b[off:])
+			Advise(b[off:off]) // empty, with capacity
+			for i := range b {
+				if b[i] != byte(i) {
+					t.Fatalf("size %d offset %d: byte %d changed", size, off, i)
+				}
+			}
+		}
+	}
+}
