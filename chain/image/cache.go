@@ -9,6 +9,7 @@ import (
 	lru "github.com/hashicorp/golang-lru/v2"
 
 	"github.com/stasis-project/stasis/chain"
+	"github.com/stasis-project/stasis/chain/hugemem"
 )
 
 // Cache keeps decompressed chunks by content ID, bounded by bytes and shared by every
@@ -24,6 +25,7 @@ type Cache struct {
 	bytes   int64
 	budget  int64
 	free    [][]byte // buffers of evicted chunks nobody reads any more
+	slab    []byte   // what is left of the memory new buffers are cut from
 	reused  int64    // loads that got a recycled buffer (for tests)
 }
 
@@ -64,7 +66,8 @@ func (c *Cache) recycle(ch *chunk) {
 	ch.data = nil
 }
 
-// buffer returns a recycled buffer of at least n bytes, or nil.
+// buffer returns a recycled buffer of at least n bytes or, while the cache fills, one
+// cut from a slab; nil for a large chunk with nothing to recycle.
 func (c *Cache) buffer(n int) []byte {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -76,8 +79,22 @@ func (c *Cache) buffer(n int) []byte {
 			return b[:n]
 		}
 	}
-	return nil
+	if n > slabSize/8 {
+		return nil
+	}
+	if len(c.slab)+n > cap(c.slab) {
+		c.slab = make([]byte, 0, slabSize)
+		hugemem.Advise(c.slab)
+	}
+	b := c.slab[len(c.slab) : len(c.slab)+n : len(c.slab)+n]
+	c.slab = c.slab[:len(c.slab)+n]
+	return b
 }
+
+// slabSize is the memory new chunk buffers are cut from, in huge pages: filling the cache
+// with separately allocated 64 KiB buffers cost 16 page faults each (~14 µs apiece on the
+// bench VM), a fifth of the CPU of a cold sequential read through the view.
+const slabSize = 4 << 20
 
 // get returns chunk i of sr (with content id), loading it on a miss. The caller reads
 // ch.data and MUST call release(ch) exactly once when done with it.

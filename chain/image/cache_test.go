@@ -90,3 +90,31 @@ func TestImageReadsExactUnderConcurrency(t *testing.T) {
 		t.Fatal("no load reused an evicted buffer: the recycling path did not run")
 	}
 }
+
+// TestCacheBuffersFromSlabs: while the cache fills, new buffers are cut from shared slabs:
+// each has exactly the room asked for (an append cannot spill into its neighbour), none
+// overlaps another, and a chunk too large for a slab gets none.
+func TestCacheBuffersFromSlabs(t *testing.T) {
+	c := NewCache(64 << 20)
+	var bufs [][]byte
+	for i := 0; i < 200; i++ { // more than one slab's worth
+		b := c.buffer(64 << 10)
+		if len(b) != 64<<10 || cap(b) != 64<<10 {
+			t.Fatalf("buffer %d: len %d cap %d, want 64 KiB each", i, len(b), cap(b))
+		}
+		for j := range b {
+			b[j] = byte(i)
+		}
+		bufs = append(bufs, b)
+	}
+	for i, b := range bufs {
+		for j := range b {
+			if b[j] != byte(i) {
+				t.Fatalf("buffer %d was overwritten by another", i)
+			}
+		}
+	}
+	if b := c.buffer(4 << 20); b != nil {
+		t.Fatalf("a 4 MiB chunk got a %d-byte slab buffer", cap(b))
+	}
+}
