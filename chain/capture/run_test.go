@@ -439,3 +439,24 @@ func TestSyncMountsCheckpointsJournal(t *testing.T) {
 		t.Fatalf("journal start %s after SyncMounts, want 0 (checkpointed)", got)
 	}
 }
+
+// TestSyncMountsOnFrozenFilesystem: the pre-freeze sync returns on a filesystem someone
+// else froze (FIFREEZE then fails with a clear error) instead of waiting for their thaw.
+func TestSyncMountsOnFrozenFilesystem(t *testing.T) {
+	dev, _ := testenv.LoopDevice(t, 128<<20)
+	testenv.Mkfs(t, "ext4", dev)
+	mnt := testenv.Mount(t, dev) // its cleanup thaws first
+	os.WriteFile(filepath.Join(mnt, "f"), []byte("journalled"), 0o644)
+	testenv.Run(t, "fsfreeze", "-f", mnt)
+	defer testenv.Run(t, "fsfreeze", "-u", mnt)
+	done := make(chan error, 1)
+	go func() { done <- capture.SyncMounts([]string{mnt})() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("SyncMounts waits on a filesystem frozen by someone else")
+	}
+}
