@@ -3,6 +3,7 @@ package fsfreeze
 import (
 	"os"
 	"strconv"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -31,16 +32,29 @@ type threadPriority struct {
 func BoostPriority() (restore func()) {
 	lowered := map[int]threadPriority{}
 	var lowest *threadPriority
-	for _, tid := range threads() {
-		p, ok := priorityOf(tid)
-		if !ok || !p.lowered() {
-			continue
+	// A thread started while its creator was being raised (the clone in flight as the
+	// creator's priority changed, or its entry not yet listed) keeps the old priority:
+	// passes repeat, a moment apart, until two in a row find nothing lowered. Threads
+	// started after that come from raised threads and inherit their priority.
+	for pass, clean := 0, 0; pass < 20 && clean < 2; pass++ {
+		if pass > 0 {
+			time.Sleep(100 * time.Microsecond)
 		}
-		lowered[tid] = p
-		if lowest == nil {
-			lowest = &p
+		clean++
+		for _, tid := range threads() {
+			p, ok := priorityOf(tid)
+			if !ok || !p.lowered() {
+				continue
+			}
+			if _, seen := lowered[tid]; !seen {
+				lowered[tid] = p
+			}
+			if lowest == nil {
+				lowest = &p
+			}
+			clean = 0
+			setPriority(tid, threadPriority{nice: min(p.nice, 0), ioprio: 0})
 		}
-		setPriority(tid, threadPriority{nice: min(p.nice, 0), ioprio: 0})
 	}
 	if len(lowered) == 0 {
 		return func() {}
