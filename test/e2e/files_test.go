@@ -225,7 +225,12 @@ func TestMountDamage(t *testing.T) {
 	for _, vol := range []string{"good", "hostile", "bad"} {
 		src := filepath.Join(dir, vol+"-tree")
 		testenv.BuildTrickyTree(t, src, testenv.TrickyTree{BigFile: 4 << 20, DirEntries: 100})
-		os.WriteFile(filepath.Join(src, "victim-"+vol), bytes.Repeat([]byte(vol), 100000), 0o644)
+		// Incompressible and unique to its volume: the bad snapshot's packs then hold the
+		// victim as raw 64 KiB blobs, each of which the damage below hits wherever the
+		// writer placed it (the order of blobs in a pack varies from run to run).
+		victim := make([]byte, 300000)
+		rand.New(rand.NewSource(int64(len(vol)))).Read(victim)
+		os.WriteFile(filepath.Join(src, "victim-"+vol), victim, 0o644)
 		img := filepath.Join(dir, vol+".img")
 		testenv.Run(t, "mkfs.ext4", "-q", "-F", "-d", src, img, "64M")
 		if vol == "hostile" { // break the victim's extent header: malformed metadata
@@ -244,7 +249,7 @@ func TestMountDamage(t *testing.T) {
 				}
 				f, _ := os.OpenFile(p, os.O_RDWR, 0)
 				st, _ := f.Stat()
-				for off := int64(1000); off < st.Size(); off += 200 << 10 {
+				for off := int64(1000); off < st.Size(); off += 16 << 10 {
 					b := make([]byte, 1)
 					f.ReadAt(b, off)
 					b[0] ^= 0x5a
