@@ -33,9 +33,12 @@ func (h *heldChunks) free() {
 	}
 }
 
-// prefaultHeld is how much of the held memory is touched before the freeze: the final
-// rounds of tracked snapshots under steady writers hold a few dozen 64 KiB chunks.
-const prefaultHeld = 4 << 20
+// Bounds of how much of the held memory is touched before the freeze. The final rounds of
+// tracked snapshots under steady writers hold a few dozen 64 KiB chunks.
+const (
+	minPrefault = 4 << 20
+	maxPrefault = 64 << 20
+)
 
 // hold reserves room for n bytes, or returns nil when the memory is used up.
 func (h *heldChunks) hold(m *member, index int64, n int64) []byte {
@@ -99,7 +102,13 @@ func finalRound(ctx context.Context, o Options, ms []*member) (*heldChunks, erro
 	if err != nil {
 		return nil, fmt.Errorf("allocate final-round memory: %w", err)
 	}
-	hugemem.Prefault(mem, prefaultHeld)
+	// Touched ahead: room for twice what the rounds before held, at least 4 MiB, at most
+	// 64 MiB (a fault inside the window may have to compact memory for a huge page).
+	expect := int64(0)
+	for _, m := range ms {
+		expect += 2 * m.lastDirty * alignUp(maxCS, 4096)
+	}
+	hugemem.Prefault(mem, int(min(max(expect, minPrefault), maxPrefault)))
 	held := &heldChunks{mem: mem}
 	var scratch []byte
 	if len(compare) > 0 {

@@ -147,6 +147,9 @@ type member struct {
 	fp       *fingerprints // of every chunk read, for an untracked frozen read; nil if none
 	fpFull   bool          // fp covers a full read
 	rate     float64       // bytes per second of the last full read
+	// lastDirty is how many chunks the round before the final one read: about what the
+	// final round will hold.
+	lastDirty int64
 }
 
 // Run captures every member. With Freeze set, each member whose Result says Frozen equals
@@ -443,6 +446,7 @@ func (m *member) prepareFinal(ctx context.Context) error {
 	if m.carry != nil {
 		dirty.InPlaceUnion(m.carry)
 	}
+	m.lastDirty = int64(dirty.Count())
 	if err := m.read(ctx, Runs(dirty), false); err != nil {
 		return err
 	}
