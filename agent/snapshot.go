@@ -236,7 +236,8 @@ func SnapshotGroup(ctx context.Context, r *chain.Repository, g *GroupSpec, vols 
 		}
 		ps = append(ps, p)
 	}
-	opts := capture.Options{MaxFreeze: maxFreeze, FinalReadHook: lead.opts.FreezeHook}
+	// The final round (database lock, freeze, thaw) runs at normal priority.
+	opts := capture.Options{MaxFreeze: maxFreeze, FinalReadHook: lead.opts.FreezeHook, Boost: fsfreeze.BoostPriority}
 	var targets []fsfreeze.Target
 	for _, p := range ps {
 		opts.Members = append(opts.Members, p.member)
@@ -536,7 +537,6 @@ func (v *Volume) freezer(targets []fsfreeze.Target, maxFreeze time.Duration) (ca
 		if err != nil {
 			return nil, err
 		}
-		unboost := fsfreeze.BoostPriority() // the frozen window runs at normal priority
 		if v.opts.Hold != nil {
 			v.opts.Hold.Hold()
 		}
@@ -545,12 +545,10 @@ func (v *Volume) freezer(targets []fsfreeze.Target, maxFreeze time.Duration) (ca
 			if v.opts.Hold != nil {
 				v.opts.Hold.Release()
 			}
-			unboost()
 			return nil, err
 		}
 		return func() (time.Duration, error) {
 			d, err := fz.Thaw()
-			unboost()
 			if v.opts.Hold != nil {
 				v.opts.Hold.Release()
 			}

@@ -119,6 +119,11 @@ func finalRound(ctx context.Context, o Options, ms []*member) (*heldChunks, erro
 		hugemem.Prefault(scratch, readSize)
 		defer hugemem.Unmap(scratch)
 	}
+	if o.Boost != nil {
+		// From before the applications' lock to after their release: a lowered service
+		// would otherwise hold a database lock and a freeze at the back of the run queue.
+		defer o.Boost()()
+	}
 	var release func()
 	if o.Quiesce != nil {
 		if release, err = o.Quiesce(ctx); err != nil {

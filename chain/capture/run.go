@@ -88,6 +88,9 @@ type Options struct {
 	// MaxFreeze is the freeze's time limit (the Freezer enforces it); Run uses it to decide
 	// whether a frozen full read of an untracked member can fit. Default 5 s.
 	MaxFreeze time.Duration
+	// Boost, if set, raises the capture's priority for the final round (the lock, the
+	// freeze, the thaw, the release) and returns what lowers it again.
+	Boost func() (restore func())
 	// Quiesce runs just before the freeze (application hooks, database locks); the
 	// returned release runs right after the thaw, also on failure.
 	Quiesce func(ctx context.Context) (release func(), err error)

@@ -460,3 +460,31 @@ func TestSyncMountsOnFrozenFilesystem(t *testing.T) {
 		t.Fatal("SyncMounts waits on a filesystem frozen by someone else")
 	}
 }
+
+// TestBoostSpansTheFinalRound: the priority boost starts before the applications' lock and
+// ends after their release, around the freeze.
+func TestBoostSpansTheFinalRound(t *testing.T) {
+	fx := setup(t)
+	var events []string
+	m := fx.member(&fakeTracker{takes: []take{{dirty: []uint{3}}, {dirty: []uint{5}}}}, true)
+	_, err := capture.Run(context.Background(), capture.Options{Members: []*capture.Member{m},
+		Boost: func() func() {
+			events = append(events, "boost")
+			return func() { events = append(events, "unboost") }
+		},
+		Quiesce: func(context.Context) (func(), error) {
+			events = append(events, "lock")
+			return func() { events = append(events, "unlock") }, nil
+		},
+		Freeze: func() (func() (time.Duration, error), error) {
+			events = append(events, "freeze")
+			return func() (time.Duration, error) { events = append(events, "thaw"); return time.Millisecond, nil }, nil
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := strings.Join(events, " "), "boost lock freeze thaw unlock unboost"; got != want {
+		t.Fatalf("final round: %s, want %s", got, want)
+	}
+	fx.commitAndCompare(t, fx.data)
+}
