@@ -151,8 +151,6 @@ const packBufferSize = PackSize + 2*MaxChunkSize
 // an idle agent does not hold them.
 var packBuffers = bufferList{size: packBufferSize, keep: 4, idle: time.Minute}
 
-func releasePackBuffer(b []byte) { packBuffers.put(b) }
-
 // bufferList keeps up to keep buffers of one size for reuse.
 type bufferList struct {
 	size, keep int
@@ -330,7 +328,7 @@ func (rp *repacker) flush(ctx context.Context) error {
 		return fmt.Errorf("%s: save pack: %w", rp.what, err)
 	}
 	rp.packs = append(rp.packs, indexedPack{ID: id, Size: int64(len(data)), Entries: rp.pb.entries})
-	releasePackBuffer(data)
+	packBuffers.put(data)
 	rp.pb = newPackBuilder()
 	return nil
 }

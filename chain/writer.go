@@ -456,7 +456,7 @@ func (w *SnapshotWriter) saver(ctx context.Context) {
 		}
 		p.saved = err == nil
 		if p.saved {
-			releasePackBuffer(p.data)
+			packBuffers.put(p.data)
 			p.data = nil
 		}
 		w.mu.Unlock()

@@ -98,7 +98,8 @@ func finalRound(ctx context.Context, o Options, ms []*member) (*heldChunks, erro
 	for _, m := range ms {
 		maxCS = max(maxCS, int64(m.Writer.ChunkSize()))
 	}
-	mem, err := hugemem.Map(int(int64(o.MaxHeld) * alignUp(maxCS, 4096)))
+	room := alignUp(maxCS, 4096) // what hold takes for one chunk
+	mem, err := hugemem.Map(int(int64(o.MaxHeld) * room))
 	if err != nil {
 		return nil, fmt.Errorf("allocate final-round memory: %w", err)
 	}
@@ -106,7 +107,7 @@ func finalRound(ctx context.Context, o Options, ms []*member) (*heldChunks, erro
 	// 64 MiB (a fault inside the window may have to compact memory for a huge page).
 	expect := int64(0)
 	for _, m := range ms {
-		expect += 2 * m.lastDirty * alignUp(maxCS, 4096)
+		expect += 2 * m.lastDirty * room
 	}
 	hugemem.Prefault(mem, int(min(max(expect, minPrefault), maxPrefault)))
 	held := &heldChunks{mem: mem}

@@ -41,7 +41,7 @@ var (
 	onlyRate    = flag.Bool("only-read-rate", false, "measure only that")
 	onlyFull    = flag.Bool("only-full", false, "measure only full snapshots against dd, three of each")
 	onlyS3Inc   = flag.Bool("only-s3-tracked", false, "measure only the tracked incremental into S3 (versitygw), against restic's incremental to the same server")
-	traceS3     = flag.Bool("trace", false, "print every S3 request of the S3 benchmarks: start (ms from the timed operation's start), method, path, size, duration")
+	traceS3     = flag.Bool("trace", false, "print every S3 request of the S3 benchmarks: start (ms from the start of the last timed tracked incremental), method, path, size, duration")
 	cpuProfile  = flag.String("cpuprofile", "", "with -only-tracked: write CPU profiles of the timed incrementals to FILE.local and FILE.s3")
 	onlyFreeze  = flag.Bool("only-freeze", false, "measure only freeze windows (2 and 8 GiB volumes under a writer)")
 	onlyTracked = flag.Bool("only-tracked", false, "measure only tracked incrementals, local and into S3 (versitygw), 5 of each")
@@ -124,8 +124,6 @@ func main() {
 		return
 	}
 
-	// Disk throughput here varies from run to run: alternate dd and stasis three times and
-	// compare medians.
 	repo := filepath.Join(dir, "stasis-repo")
 	dd, stasisFull, stasisFullStored := fullVsDD(v, repo, add)
 	if *onlyFull {
@@ -463,8 +461,9 @@ func freezeBenches(dir string, add func(string, time.Duration, string)) {
 }
 
 // fullVsDD times three full snapshots into a new repository at repo, alternating with dd
-// reads of the whole device, and returns the median dd and snapshot times and what the
-// snapshot stored.
+// reads of the whole device (disk throughput here varies from run to run: both see the same
+// disk, and medians are compared), and returns the median dd and snapshot times and what
+// the snapshot stored.
 func fullVsDD(v *volume, repo string, add func(string, time.Duration, string)) (dd, t time.Duration, stored int64) {
 	var full snapResult
 	var dds, fulls, fullCPU []time.Duration
