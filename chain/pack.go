@@ -169,9 +169,7 @@ func (l *bufferList) get() []byte {
 		l.free = l.free[:n-1]
 		return b[:0]
 	}
-	b := make([]byte, 0, l.size)
-	hugemem.Advise(b) // filling it faults in 2 MiB pages, not 4 KiB ones
-	return b
+	return hugemem.Make(l.size) // filling it faults in 2 MiB pages, not 4 KiB ones
 }
 
 // put takes back a buffer from get; one that grew elsewhere (cap changed) is left to the GC.

@@ -69,6 +69,19 @@ func Advise(b []byte) {
 	}
 }
 
+// Make returns an empty Go heap buffer of capacity n that starts on a Page boundary,
+// advised to be backed by huge pages: all of it fills in huge pages, where Advise on a
+// plain make([]byte) leaves the unaligned head and tail in small ones (half of a 4 MiB
+// buffer, say). It reserves up to one Page more address space; the runtime does not
+// touch memory fresh from the system, so the spare does not become resident.
+func Make(n int) []byte {
+	raw := make([]byte, n+Page)
+	head := int(alignUp(uintptr(unsafe.Pointer(&raw[0])), Page) - uintptr(unsafe.Pointer(&raw[0])))
+	b := raw[head : head : head+n]
+	Advise(b)
+	return b
+}
+
 // Prefault touches the first n bytes of b, so that later writes there fault no more.
 func Prefault(b []byte, n int) {
 	b = b[:min(n, cap(b))]

@@ -83,8 +83,7 @@ func (c *Cache) buffer(n int) []byte {
 		return nil
 	}
 	if len(c.slab)+n > cap(c.slab) {
-		c.slab = make([]byte, 0, slabSize)
-		hugemem.Advise(c.slab)
+		c.slab = hugemem.Make(slabSize)
 	}
 	b := c.slab[len(c.slab) : len(c.slab)+n : len(c.slab)+n]
 	c.slab = c.slab[:len(c.slab)+n]
