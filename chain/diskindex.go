@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"io"
 	"sort"
+	"sync"
 
 	"github.com/zeebo/blake3"
 )
@@ -105,7 +106,9 @@ func (d *diskIndex) all(ctx context.Context, id ID) ([]blobLoc, error) {
 		lo = h.fanout[id[0]-1]
 	}
 	end := h.fanout[id[0]]
-	rec := make([]byte, indexBlobSize)
+	bufp := searchBuffers.Get().(*[]byte)
+	defer searchBuffers.Put(bufp)
+	rec := (*bufp)[:indexBlobSize]
 	for hi-lo > searchWindow { // the first record whose ID is not below id lies in [lo, hi]
 		m := lo + (hi-lo)/2
 		if err := readFullAt(ctx, d.read, rec, h.blobs+int64(m)*indexBlobSize); err != nil {
@@ -119,7 +122,7 @@ func (d *diskIndex) all(ctx context.Context, id ID) ([]blobLoc, error) {
 	}
 	// Read the candidates and a few records past them (further copies of the blob).
 	wend := min(end, hi+searchExtra)
-	win := make([]byte, int64(wend-lo)*indexBlobSize)
+	win := (*bufp)[indexBlobSize:][:int64(wend-lo)*indexBlobSize]
 	if err := readFullAt(ctx, d.read, win, h.blobs+int64(lo)*indexBlobSize); err != nil {
 		return nil, err
 	}
@@ -154,6 +157,13 @@ const (
 	searchWindow = 512
 	searchExtra  = 4
 )
+
+// searchBuffers hold a lookup's record and window: lookups run once per chunk read, and
+// fresh garbage at that rate costs page faults as the heap grows.
+var searchBuffers = sync.Pool{New: func() any {
+	b := make([]byte, (1+searchWindow+1+searchExtra)*indexBlobSize)
+	return &b
+}}
 
 // each calls fn for every record, in order, reading the file in large pieces.
 func (d *diskIndex) each(ctx context.Context, fn func(blobLoc) error) error {
