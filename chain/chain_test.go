@@ -577,3 +577,53 @@ func TestPackRampForParallelSavers(t *testing.T) {
 		r.Close()
 	}
 }
+
+// TestVisitFrom: the pieces VisitFrom hands out are the volume's bytes, in order, for any
+// range (zero chunks, a short last chunk, ranges starting and ending inside chunks); a
+// range outside the volume is an error before any piece; fn's error stops the walk as is.
+func TestVisitFrom(t *testing.T) {
+	ctx := context.Background()
+	rng := rand.New(rand.NewSource(7))
+	r, _ := newRepo(t)
+	v := newVolume(rng, 1<<20+777, 16<<10)
+	sr := r.SnapshotReader(v.snapshot(t, r, "s", false, nil))
+	loads := 0
+	src := func(ctx context.Context, i int64, id chain.ID) ([]byte, func(), error) {
+		loads++
+		b, err := sr.LoadChunk(ctx, i, id, nil)
+		return b, func() {}, err
+	}
+	size := int64(len(v.data))
+	for k := 0; k < 300; k++ {
+		off := rng.Int63n(size)
+		n := rng.Int63n(size - off + 1)
+		var got []byte
+		if err := sr.VisitFrom(ctx, off, n, src, func(p []byte) error {
+			if len(p) == 0 {
+				t.Fatal("an empty piece")
+			}
+			got = append(got, p...)
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, v.data[off:off+n]) {
+			t.Fatalf("[%d, %d): the pieces differ from the volume", off, off+n)
+		}
+	}
+	if loads == 0 {
+		t.Fatal("no chunk came from the source")
+	}
+	for _, bad := range [][2]int64{{-1, 10}, {size - 5, 6}, {0, size + 1}, {10, -1}} {
+		called := false
+		err := sr.VisitFrom(ctx, bad[0], bad[1], src, func([]byte) error { called = true; return nil })
+		if err == nil || called {
+			t.Errorf("range [%d, +%d): err %v, fn called %v; want an error first", bad[0], bad[1], err, called)
+		}
+	}
+	stop := errors.New("stop")
+	calls := 0
+	if err := sr.VisitFrom(ctx, 0, size, src, func([]byte) error { calls++; return stop }); err != stop || calls != 1 {
+		t.Errorf("fn's error: VisitFrom returned %v after %d calls, want it as is after 1", err, calls)
+	}
+}

@@ -94,32 +94,58 @@ func (sr *SnapshotReader) ReadAtFrom(ctx context.Context, p []byte, off int64, s
 	if off >= sr.snap.SizeBytes {
 		return 0, io.EOF
 	}
-	cs := int64(sr.snap.ChunkSize)
+	want := min(int64(len(p)), sr.snap.SizeBytes-off)
 	n := 0
-	for n < len(p) && off < sr.snap.SizeBytes {
+	err := sr.VisitFrom(ctx, off, want, src, func(b []byte) error {
+		n += copy(p[n:], b)
+		return nil
+	})
+	if err == nil && n < len(p) {
+		err = io.EOF
+	}
+	return n, err
+}
+
+// VisitFrom calls fn with the bytes of [off, off+n) of the volume in order, piece by
+// piece, without copying them: non-zero chunks' content straight from src, zero chunks
+// as a shared zero slice. fn must neither modify nor keep the slice. A range that does
+// not lie within the volume is an error, before fn is called.
+func (sr *SnapshotReader) VisitFrom(ctx context.Context, off, n int64, src ChunkSource, fn func(p []byte) error) error {
+	if off < 0 || n < 0 || n > sr.snap.SizeBytes-off {
+		return fmt.Errorf("snapshot %s/%s: bytes [%d, %d) are outside its %d-byte volume", sr.snap.Volume, sr.snap.Name, off, off+n, sr.snap.SizeBytes)
+	}
+	cs := int64(sr.snap.ChunkSize)
+	for end := off + n; off < end; {
 		i := off / cs
 		id, err := sr.ChunkID(ctx, i)
 		if err != nil {
-			return n, fmt.Errorf("snapshot %s/%s chunk %d: %w", sr.snap.Volume, sr.snap.Name, i, err)
+			return fmt.Errorf("snapshot %s/%s chunk %d: %w", sr.snap.Volume, sr.snap.Name, i, err)
 		}
 		within := off - i*cs
-		var c int
+		c := min(int64(sr.ChunkLen(i))-within, end-off)
 		if id.IsZero() {
-			c = min(len(p)-n, sr.ChunkLen(i)-int(within))
-			clear(p[n : n+c])
+			for z := c; z > 0; {
+				k := min(z, int64(len(zeros)))
+				if err := fn(zeros[:k]); err != nil {
+					return err
+				}
+				z -= k
+			}
 		} else {
 			data, done, err := src(ctx, i, id)
 			if err != nil {
-				return n, err
+				return err
 			}
-			c = copy(p[n:], data[within:])
+			err = fn(data[within : within+c])
 			done()
+			if err != nil {
+				return err
+			}
 		}
-		n += c
-		off += int64(c)
+		off += c
 	}
-	if n < len(p) {
-		return n, io.EOF
-	}
-	return n, nil
+	return nil
 }
+
+// zeros is what VisitFrom hands out for all-zero chunks.
+var zeros = make([]byte, 1<<20)

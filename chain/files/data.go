@@ -221,6 +221,24 @@ func (f *Filesystem) prefetch(phys, n int64) {
 	}
 }
 
+// visit calls fn with the n bytes at phys, straight from the image cache, and reports
+// whether it could: not when the bytes are not the image's (a replayed journal), nor
+// without a cached image. Errors name the snapshot and the path p.
+func (f *Filesystem) visit(p string, phys, n int64, fn func(b []byte) error) (bool, error) {
+	if phys < 0 || f.vol.img == nil || !f.direct() {
+		return false, nil
+	}
+	var fnErr error
+	err := f.vol.img.Visit(f.base+phys, n, func(b []byte) error {
+		fnErr = fn(b)
+		return fnErr
+	})
+	if err != nil && err != fnErr {
+		err = f.damage(p, err)
+	}
+	return true, err
+}
+
 // walkSegments calls fn for each run of [0, size) where both maps are uniform, with the
 // physical offsets in each at the run's start (-1 for holes).
 func walkSegments(a, b []Segment, size int64, fn func(off, n, pa, pb int64) error) error {

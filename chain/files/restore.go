@@ -307,9 +307,18 @@ func (r *restorer) fill(fd int, rel string, e *Entry) error {
 	if !ok {
 		segs = []Segment{{Off: 0, Len: size, Phys: -1}}
 	}
-	bufp := restorePool.Get().(*[]byte)
-	defer restorePool.Put(bufp)
-	buf := *bufp
+	var bufp *[]byte // taken only for bytes that cannot come straight from the cache
+	defer func() {
+		if bufp != nil {
+			restorePool.Put(bufp)
+		}
+	}()
+	buffer := func() []byte {
+		if bufp == nil {
+			bufp = restorePool.Get().(*[]byte)
+		}
+		return *bufp
+	}
 	ahead := int64(0) // file offset up to which chunks were asked for
 	for _, s := range segs {
 		if ok && s.Hole() {
@@ -322,17 +331,14 @@ func (r *restorer) fill(fd int, rel string, e *Entry) error {
 			if ok {
 				for ahead < min(off+readWindow, s.Off+s.Len) { // within this extent
 					ahead = max(ahead, off)
-					n := min(int64(len(buf)), s.Off+s.Len-ahead)
+					n := min(restoreUnit, s.Off+s.Len-ahead)
 					e.FS.prefetch(s.Phys+ahead-s.Off, n)
 					ahead += n
 				}
 			}
-			l := min(int64(len(buf)), s.Off+s.Len-off)
-			if err := readFull(e, buf[:l], off); err != nil {
+			l := min(restoreUnit, s.Off+s.Len-off)
+			if err := r.copyOut(fd, rel, e, s, off, l, buffer); err != nil {
 				return err
-			}
-			if _, err := unix.Pwrite(fd, buf[:l], off); err != nil {
-				return fmt.Errorf("write %s: %w", r.where(rel), err)
 			}
 			off += l
 			if done := r.bytes.Add(l); r.opts.Progress != nil {
@@ -353,13 +359,40 @@ func (r *restorer) fill(fd int, rel string, e *Entry) error {
 	return nil
 }
 
+// copyOut writes the l bytes at offset off of e (inside segment s, a real segment when
+// s.Phys >= 0) to fd: straight from the image cache when it can, through a buffer of at
+// least l bytes from buffer otherwise.
+func (r *restorer) copyOut(fd int, rel string, e *Entry, s Segment, off, l int64, buffer func() []byte) error {
+	at := off
+	write := func(b []byte) error {
+		if _, err := unix.Pwrite(fd, b, at); err != nil {
+			return fmt.Errorf("write %s: %w", r.where(rel), err)
+		}
+		at += int64(len(b))
+		return nil
+	}
+	if s.Phys >= 0 {
+		if done, err := e.FS.visit(e.Path, s.Phys+off-s.Off, l, write); done || err != nil {
+			return err
+		}
+	}
+	buf := buffer()[:l]
+	if err := readFull(e, buf, off); err != nil {
+		return err
+	}
+	return write(buf)
+}
+
 // flushAlone is the size from which a restored file is flushed on its own.
 const flushAlone = 1 << 20
 
 // readWindow is how far ahead of its writes a file's chunks are loaded.
 const readWindow = 4 << 20
 
-var restorePool = sync.Pool{New: func() any { b := make([]byte, 1<<20); return &b }}
+// restoreUnit is how much of a file is read and written at a time.
+const restoreUnit = 1 << 20
+
+var restorePool = sync.Pool{New: func() any { b := make([]byte, restoreUnit); return &b }}
 
 func (r *restorer) count(n *int) {
 	r.mu.Lock()

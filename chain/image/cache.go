@@ -254,6 +254,13 @@ func (im *Reader) ReadAt(p []byte, off int64) (int, error) {
 	return im.sr.ReadAtFrom(context.Background(), p, off, im.fromCache)
 }
 
+// Visit calls fn with the bytes of [off, off+n) of the image in order, straight from the
+// cache (see chain.SnapshotReader.VisitFrom): a reader that only passes the bytes on saves
+// ReadAt's copy. Sequential read-ahead is not started; say what comes next with Prefetch.
+func (im *Reader) Visit(off, n int64, fn func(p []byte) error) error {
+	return im.sr.VisitFrom(context.Background(), off, n, im.fromCache, fn)
+}
+
 // fromCache is the chain.ChunkSource of the shared cache.
 func (im *Reader) fromCache(ctx context.Context, i int64, id chain.ID) ([]byte, func(), error) {
 	ch, err := im.cache.get(ctx, im.sr, i, id)
