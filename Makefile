@@ -7,8 +7,10 @@ LDFLAGS := -s -w -X main.version=$(VERSION)
 
 .PHONY: build demo test bench bench-mysql bench-rss package deps clean
 
+# Without cgo: a static binary that starts ~5 ms sooner (no dynamic loader) and runs on
+# any Linux; groups only NSS knows are looked up with getent (config.LookupGroup).
 build:
-	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/stasis ./cmd/stasis
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/stasis ./cmd/stasis
 
 deps:
 	packaging/scripts/install-deps.sh
@@ -39,7 +41,7 @@ package: build
 	mkdir -p dist/completions
 	bin/stasis completion bash > dist/completions/stasis.bash
 	bin/stasis completion zsh > dist/completions/_stasis
-	rm -rf dist/man && bin/stasis man dist/man
+	rm -rf dist/man && CGO_ENABLED=0 $(GO) run -tags man -trimpath -ldflags '$(LDFLAGS)' ./cmd/stasis man dist/man
 	STASIS_VERSION=$(VERSION) $(GO) run $(NFPM) package --config packaging/nfpm.yaml --packager deb --target dist/
 	STASIS_VERSION=$(VERSION) $(GO) run $(NFPM) package --config packaging/nfpm.yaml --packager rpm --target dist/
 

@@ -10,7 +10,6 @@ import (
 	"net"
 	"net/url"
 	"os"
-	"os/user"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -516,7 +515,7 @@ func (c *Config) validate(probe Prober) Errors {
 		c.errf(&es, "socket", "%q is not an absolute path", c.Socket)
 	}
 	if c.SocketGroup != "" {
-		if _, err := user.LookupGroup(c.SocketGroup); err != nil {
+		if _, err := LookupGroup(c.SocketGroup); err != nil {
 			c.errf(&es, "socket_group", "%q is not a group on this machine (groupadd %s, or leave it out)", c.SocketGroup, c.SocketGroup)
 		}
 	}

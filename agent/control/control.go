@@ -12,9 +12,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"os/user"
 	"path/filepath"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -23,6 +21,7 @@ import (
 
 	"github.com/stasis-project/stasis/agent"
 	"github.com/stasis-project/stasis/chain"
+	"github.com/stasis-project/stasis/config"
 )
 
 // The control socket speaks JSON lines: the client sends one Request; the agent answers
@@ -120,12 +119,11 @@ func Serve(ctx context.Context, path, group string, h Handler, log *slog.Logger)
 	}
 	mode := os.FileMode(0o600)
 	if group != "" {
-		g, err := user.LookupGroup(group)
+		gid, err := config.LookupGroup(group)
 		if err != nil {
 			l.Close()
-			return fmt.Errorf("socket_group %q: %w", group, err)
+			return fmt.Errorf("socket_group: %w", err)
 		}
-		gid, _ := strconv.Atoi(g.Gid)
 		os.Chown(path, 0, gid)
 		mode = 0o660
 	}

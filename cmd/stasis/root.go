@@ -14,7 +14,6 @@ import (
 
 	"github.com/coreos/go-systemd/v22/journal"
 	"github.com/spf13/cobra"
-	"github.com/spf13/cobra/doc"
 
 	"github.com/stasis-project/stasis/chain"
 	"github.com/stasis-project/stasis/config"
@@ -70,11 +69,17 @@ The repository is -r DIR, else $STASIS_REPO, else ` + DefaultRepo + `.
 		newInitCmd(g), newSnapshotCmd(g), newListCmd(g), newDeleteCmd(g), newGCCmd(g),
 		newVerifyCmd(g), newStatsCmd(g), newExportCmd(g), newRestoreCmd(g),
 		newThawCmd(), newFreezeGuardCmd(), newAgentCmd(g), newStatusCmd(g), newPruneCmd(g), newConfigCmd(g),
-		newMountCmd(g), newUmountCmd(), newDoctorCmd(g), newRepairCmd(g), newKeyCmd(g), newCopyCmd(g), newVersionCmd(g), newManCmd(), newProtectCmd(g, true), newProtectCmd(g, false),
+		newMountCmd(g), newUmountCmd(), newDoctorCmd(g), newRepairCmd(g), newKeyCmd(g), newCopyCmd(g), newVersionCmd(g), newProtectCmd(g, true), newProtectCmd(g, false),
 		newLsCmd(g), newCatCmd(g), newDiffCmd(g), newHistoryCmd(g), newFindCmd(g),
 	)
+	for _, c := range buildCommands {
+		root.AddCommand(c())
+	}
 	return root
 }
+
+// buildCommands are commands only some builds have (man pages: the packaging's build).
+var buildCommands []func() *cobra.Command
 
 // repoPath is -r, else the repository of an explicit --config, else $STASIS_REPO, else
 // that of the default configuration file if there is one, else DefaultRepo.
@@ -353,22 +358,6 @@ func newVersionCmd(g *globals) *cobra.Command {
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return g.print(cmd, map[string]string{"version": version, "go": runtime.Version()}, "stasis "+version+" ("+runtime.Version()+")")
-		},
-	}
-}
-
-// newManCmd writes man pages for every command (the packages install them).
-func newManCmd() *cobra.Command {
-	return &cobra.Command{
-		Use:    "man DIR",
-		Short:  "Write man pages for every command into DIR",
-		Hidden: true,
-		Args:   cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := os.MkdirAll(args[0], 0o755); err != nil {
-				return err
-			}
-			return doc.GenManTree(cmd.Root(), &doc.GenManHeader{Title: "STASIS", Section: "8", Source: "stasis " + version}, args[0])
 		},
 	}
 }

@@ -80,6 +80,7 @@ func Binary(t testing.TB) string {
 		binPath = filepath.Join(dir, "stasis")
 		cmd := exec.Command("go", "build", "-o", binPath, "./cmd/stasis")
 		cmd.Dir = root
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0") // as make build: the binary users get
 		if out, err := cmd.CombinedOutput(); err != nil {
 			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
 		}
