@@ -529,7 +529,9 @@ func (parallelMemory) SaveConcurrency() int { return 3 }
 
 // TestPackRampForParallelSavers: a writer to a backend that saves several packs at once
 // closes its first packs small (4, 8, 16 MiB, then the full size), so an incremental's data
-// is uploading while it is still read; a local backend's writer fills full-size packs.
+// is uploading while it is still read, and WaitSaved (before a capture's final round)
+// saves the pack being built too; a local backend's writer fills full-size packs and
+// saves an open pack only at Commit.
 func TestPackRampForParallelSavers(t *testing.T) {
 	ctx := context.Background()
 	data := make([]byte, 40<<20)
@@ -547,7 +549,19 @@ func TestPackRampForParallelSavers(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		saved := func() (n int64) {
+			be.List(ctx, chain.PackFile, func(fi chain.FileInfo) error { n += fi.Size; return nil })
+			return n
+		}
 		for c := 0; c < len(data)/(64<<10); c++ {
+			if c == 320 { // 20 MiB put
+				if err := w.WaitSaved(ctx); err != nil {
+					t.Fatal(err)
+				}
+				if n := saved(); parallel && n < 20<<20 || !parallel && n != 0 {
+					t.Errorf("parallel saver %v: %d bytes of packs saved after WaitSaved at 20 MiB", parallel, n)
+				}
+			}
 			if err := w.Put(ctx, int64(c), data[c*64<<10:(c+1)*64<<10]); err != nil {
 				t.Fatal(err)
 			}
@@ -566,7 +580,7 @@ func TestPackRampForParallelSavers(t *testing.T) {
 		}
 		want := []int64{8, 32} // MiB, rounded down: 40 MiB in full-size packs
 		if parallel {
-			want = []int64{4, 8, 12, 16}
+			want = []int64{4, 8, 8, 20} // WaitSaved closed the third at 20 MiB
 		}
 		if fmt.Sprint(got) != fmt.Sprint(want) {
 			t.Errorf("parallel saver %v: packs of %v MiB, want %v", parallel, got, want)
