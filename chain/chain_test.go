@@ -624,6 +624,11 @@ func TestVisitFrom(t *testing.T) {
 		if !bytes.Equal(got, v.data[off:off+n]) {
 			t.Fatalf("[%d, %d): the pieces differ from the volume", off, off+n)
 		}
+		// ReadAtFrom, built on it, into a buffer holding garbage: zero chunks are cleared.
+		p := bytes.Repeat([]byte{0xff}, int(n))
+		if k, err := sr.ReadAtFrom(ctx, p, off, src); err != nil || int64(k) != n || !bytes.Equal(p, v.data[off:off+n]) {
+			t.Fatalf("ReadAtFrom [%d, %d): %d bytes, %v, or different bytes", off, off+n, k, err)
+		}
 	}
 	if loads == 0 {
 		t.Fatal("no chunk came from the source")

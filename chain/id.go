@@ -20,8 +20,8 @@ var ZeroID ID
 //
 // Beyond one BLAKE3 chunk, blake3.Sum256 builds an 8 KiB hasher on the stack: run on a
 // fresh goroutine (a chunk load, say), that grows the goroutine's stack into memory
-// never touched before, page faults that cost a sixth of a file restore's CPU on a VM.
-// A pooled hasher lives on the heap and is reused.
+// never touched before, a page fault per 4 KiB (~14 µs each on some VMs; a 200 MB file
+// restore took 1,600 of them there). A pooled hasher lives on the heap and is reused.
 func Hash(b []byte) ID {
 	if len(b) <= blake3ChunkLen {
 		return ID(blake3.Sum256(b))

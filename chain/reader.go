@@ -97,7 +97,12 @@ func (sr *SnapshotReader) ReadAtFrom(ctx context.Context, p []byte, off int64, s
 	want := min(int64(len(p)), sr.snap.SizeBytes-off)
 	n := 0
 	err := sr.VisitFrom(ctx, off, want, src, func(b []byte) error {
-		n += copy(p[n:], b)
+		if &b[0] == &zeros[0] { // a zero chunk: clearing is cheaper than copying zeros
+			clear(p[n : n+len(b)])
+			n += len(b)
+		} else {
+			n += copy(p[n:], b)
+		}
 		return nil
 	})
 	if err == nil && n < len(p) {
@@ -107,8 +112,8 @@ func (sr *SnapshotReader) ReadAtFrom(ctx context.Context, p []byte, off int64, s
 }
 
 // VisitFrom calls fn with the bytes of [off, off+n) of the volume in order, piece by
-// piece, without copying them: non-zero chunks' content straight from src, zero chunks
-// as a shared zero slice. fn must neither modify nor keep the slice. A range that does
+// piece (never empty), without copying them: non-zero chunks' content straight from src,
+// zero chunks as a shared zero slice. fn must neither modify nor keep the slice. A range that does
 // not lie within the volume is an error, before fn is called.
 func (sr *SnapshotReader) VisitFrom(ctx context.Context, off, n int64, src ChunkSource, fn func(p []byte) error) error {
 	if off < 0 || n < 0 || n > sr.snap.SizeBytes-off {
