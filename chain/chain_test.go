@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math/rand"
 	"sort"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -644,5 +645,68 @@ func TestVisitFrom(t *testing.T) {
 	calls := 0
 	if err := sr.VisitFrom(ctx, 0, size, src, func([]byte) error { calls++; return stop }); err != stop || calls != 1 {
 		t.Errorf("fn's error: VisitFrom returned %v after %d calls, want it as is after 1", err, calls)
+	}
+}
+
+// TestPinFrom: pinned pieces are the volume's bytes, each chunk the source gave is held
+// until Release and released exactly once, also after the source fails half-way.
+func TestPinFrom(t *testing.T) {
+	ctx := context.Background()
+	rng := rand.New(rand.NewSource(8))
+	r, _ := newRepo(t)
+	v := newVolume(rng, 1<<20+777, 16<<10)
+	sr := r.SnapshotReader(v.snapshot(t, r, "s", false, nil))
+	held, failAt := 0, int64(-1)
+	src := func(ctx context.Context, i int64, id chain.ID) ([]byte, func(), error) {
+		if i == failAt {
+			return nil, nil, errors.New("chunk unreadable")
+		}
+		b, err := sr.LoadChunk(ctx, i, id, nil)
+		held++
+		released := false
+		return b, func() {
+			if released {
+				t.Fatalf("chunk %d released twice", i)
+			}
+			released = true
+			held--
+		}, err
+	}
+	size := int64(len(v.data))
+	var p chain.Pinned
+	pinned := 0
+	for k := 0; k < 200; k++ {
+		off := rng.Int63n(size)
+		n := rng.Int63n(size - off + 1)
+		if err := sr.PinFrom(ctx, off, n, src, &p); err != nil {
+			t.Fatal(err)
+		}
+		if got := bytes.Join(p.Vecs, nil); int64(p.Len()) != n || !bytes.Equal(got, v.data[off:off+n]) {
+			t.Fatalf("[%d, %d): %d pinned bytes that differ from the volume", off, off+n, p.Len())
+		}
+		pinned += held
+		p.Release()
+		if held != 0 || len(p.Vecs) != 0 {
+			t.Fatalf("after Release: %d chunks still held, %d pieces left", held, len(p.Vecs))
+		}
+	}
+	if pinned == 0 {
+		t.Fatal("nothing was pinned: every range read as zeros")
+	}
+	if err := sr.PinFrom(ctx, size-5, 6, src, &p); err == nil || p.Len() != 0 {
+		t.Fatalf("a range past the end: err %v, %d bytes pinned", err, p.Len())
+	}
+	for i := int64(1); i < int64(len(v.data))/(16<<10); i++ { // a source failing after some pins
+		if id, _ := sr.ChunkID(ctx, i); !id.IsZero() {
+			failAt = i
+			break
+		}
+	}
+	if err := sr.PinFrom(ctx, 0, size, src, &p); err == nil || !strings.Contains(err.Error(), "unreadable") {
+		t.Fatalf("the source's error: %v", err)
+	}
+	p.Release()
+	if held != 0 {
+		t.Fatalf("%d chunks held after releasing a failed pin", held)
 	}
 }

@@ -116,6 +116,53 @@ func (sr *SnapshotReader) ReadAtFrom(ctx context.Context, p []byte, off int64, s
 // zero chunks as a shared zero slice. fn must neither modify nor keep the slice. A range that does
 // not lie within the volume is an error, before fn is called.
 func (sr *SnapshotReader) VisitFrom(ctx context.Context, off, n int64, src ChunkSource, fn func(p []byte) error) error {
+	return sr.visit(ctx, off, n, src, func(p []byte, done func()) error {
+		err := fn(p)
+		done()
+		return err
+	})
+}
+
+// Pinned holds pieces of a volume in place in the source they came from (a cache), for a
+// caller that hands them on after the call that got them returns: a FUSE reply written
+// to the kernel straight from the cache. The zero value is empty.
+type Pinned struct {
+	Vecs  [][]byte // the pieces, in order; read-only
+	dones []func()
+}
+
+// Len is the number of bytes held.
+func (p *Pinned) Len() int {
+	n := 0
+	for _, v := range p.Vecs {
+		n += len(v)
+	}
+	return n
+}
+
+// Release lets the source reuse every piece held, and empties p for reuse.
+func (p *Pinned) Release() {
+	for _, done := range p.dones {
+		done()
+	}
+	clear(p.Vecs)
+	clear(p.dones)
+	p.Vecs, p.dones = p.Vecs[:0], p.dones[:0]
+}
+
+// PinFrom appends the pieces of [off, off+n) that VisitFrom would visit to p, each held
+// until p.Release. After an error p holds what it pinned before it; release it all the same.
+func (sr *SnapshotReader) PinFrom(ctx context.Context, off, n int64, src ChunkSource, p *Pinned) error {
+	return sr.visit(ctx, off, n, src, func(b []byte, done func()) error {
+		p.Vecs = append(p.Vecs, b)
+		p.dones = append(p.dones, done)
+		return nil
+	})
+}
+
+// visit is VisitFrom handing fn each piece with the function that releases it, which fn
+// must call exactly once, now or later.
+func (sr *SnapshotReader) visit(ctx context.Context, off, n int64, src ChunkSource, fn func(p []byte, done func()) error) error {
 	if off < 0 || n < 0 || n > sr.snap.SizeBytes-off {
 		return fmt.Errorf("snapshot %s/%s: bytes [%d, %d) are outside its %d-byte volume", sr.snap.Volume, sr.snap.Name, off, off+n, sr.snap.SizeBytes)
 	}
@@ -131,7 +178,7 @@ func (sr *SnapshotReader) VisitFrom(ctx context.Context, off, n int64, src Chunk
 		if id.IsZero() {
 			for z := c; z > 0; {
 				k := min(z, int64(len(zeros)))
-				if err := fn(zeros[:k]); err != nil {
+				if err := fn(zeros[:k], noRelease); err != nil {
 					return err
 				}
 				z -= k
@@ -141,9 +188,7 @@ func (sr *SnapshotReader) VisitFrom(ctx context.Context, off, n int64, src Chunk
 			if err != nil {
 				return err
 			}
-			err = fn(data[within : within+c])
-			done()
-			if err != nil {
+			if err := fn(data[within:within+c], done); err != nil {
 				return err
 			}
 		}
@@ -151,6 +196,8 @@ func (sr *SnapshotReader) VisitFrom(ctx context.Context, off, n int64, src Chunk
 	}
 	return nil
 }
+
+func noRelease() {}
 
 // zeros is what VisitFrom hands out for all-zero chunks.
 var zeros = make([]byte, 1<<20)

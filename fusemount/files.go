@@ -27,7 +27,9 @@ type volumeFS struct {
 	v     *view
 	label string // "data/before-upgrade" or "data/before-upgrade/part2", for logs
 	base  uint64 // mixes the snapshot and partition into inode numbers
-	dev   io.ReaderAt
+	img   *image.Reader
+	start int64       // where the filesystem starts in img
+	dev   io.ReaderAt // img from start on
 	size  int64
 
 	once     sync.Once
@@ -46,11 +48,15 @@ type listing struct {
 	byName  map[string]uint64
 }
 
-func newVolumeFS(v *view, label string, dev io.ReaderAt, size int64) *volumeFS {
+func newVolumeFS(v *view, label string, img *image.Reader, start, size int64) *volumeFS {
 	h := fnv.New64a()
 	h.Write([]byte(label))
 	dirs, _ := lru.New[uint64, *listing](64)
-	return &volumeFS{v: v, label: label, base: h.Sum64(), dev: dev, size: size, dirs: dirs}
+	var dev io.ReaderAt = img
+	if start != 0 || size != img.Size() {
+		dev = io.NewSectionReader(img, start, size)
+	}
+	return &volumeFS{v: v, label: label, base: h.Sum64(), img: img, start: start, dev: dev, size: size, dirs: dirs}
 }
 
 func (m *volumeFS) open() (fsimage.FS, error) {
@@ -226,6 +232,12 @@ func (n *fileNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint3
 }
 
 func (n *fileNode) Read(ctx context.Context, f fs.FileHandle, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	if r, ok, err := n.m.pin(n.node, off, int64(len(dest))); ok {
+		if err != nil {
+			return nil, n.m.errno("read", n.ino, err)
+		}
+		return r, 0
+	}
 	got, err := n.node.ReadAt(dest, off)
 	if err != nil && !errors.Is(err, io.EOF) {
 		return nil, n.m.errno("read", n.ino, err)
@@ -241,6 +253,75 @@ func (n *fileNode) Readlink(ctx context.Context) ([]byte, syscall.Errno) {
 		return nil, n.m.errno("readlink", n.ino, err)
 	}
 	return []byte(t), 0
+}
+
+// pin maps n bytes of a regular file at off to the image and holds them in the chunk
+// cache for a reply written straight from it: no copy into go-fuse's buffer. ok is false
+// when the file cannot be read that way (data in the inode, an image shown with its
+// journal replayed) and ReadAt must copy.
+func (m *volumeFS) pin(node fsimage.Inode, off, n int64) (r fuse.ReadResult, ok bool, err error) {
+	mapper, isMapper := node.(fsimage.Mapper)
+	if replayer, replays := m.fsys.(fsimage.Replayer); !isMapper || replays && replayer.Replayed() {
+		return nil, false, nil
+	}
+	end := min(off+n, int64(min(node.Attr().Size, 1<<62)))
+	if off < 0 || off >= end {
+		return fuse.ReadResultData(nil), true, nil
+	}
+	pr := pinnedPool.Get().(*pinnedResult)
+	for off < end {
+		phys, k, err := mapper.Map(off)
+		if errors.Is(err, fsimage.ErrNotMapped) {
+			pr.Done()
+			return nil, false, nil
+		}
+		if err == nil && k <= 0 {
+			err = fsimage.Corruptf("empty mapping at offset %d", off)
+		}
+		k = min(k, end-off)
+		if err == nil && phys >= 0 && (phys > m.size || k > m.size-phys) {
+			err = fsimage.Corruptf("bytes [%d, %d) of the file map outside the %d-byte filesystem", off, off+k, m.size)
+		}
+		if err == nil && phys >= 0 {
+			err = m.img.Pin(m.start+phys, k, &pr.Pinned)
+		}
+		if err != nil {
+			pr.Done()
+			return nil, true, err
+		}
+		for z := k; phys < 0 && z > 0; z -= int64(len(holeZeros)) { // a hole
+			pr.Vecs = append(pr.Vecs, holeZeros[:min(z, int64(len(holeZeros)))])
+		}
+		off += k
+	}
+	return pr, true, nil
+}
+
+// holeZeros is what holes read as.
+var holeZeros = make([]byte, 128<<10)
+
+// pinnedResult is a read's reply held in the chunk cache: go-fuse writes its pieces to
+// /dev/fuse with one writev (it never tries to splice a result with Slices) and then calls
+// Done, which lets the cache reuse them.
+type pinnedResult struct{ chain.Pinned }
+
+var pinnedPool = sync.Pool{New: func() any { return new(pinnedResult) }}
+
+func (r *pinnedResult) Size() int { return r.Len() }
+
+func (r *pinnedResult) Slices() ([][]byte, fuse.Status) { return r.Vecs, fuse.OK }
+
+func (r *pinnedResult) Bytes(buf []byte) ([]byte, fuse.Status) {
+	buf = buf[:0]
+	for _, v := range r.Vecs {
+		buf = append(buf, v...)
+	}
+	return buf, fuse.OK
+}
+
+func (r *pinnedResult) Done() {
+	r.Release()
+	pinnedPool.Put(r)
 }
 
 // visibleXattrs lists the attributes the caller may see: trusted.* only for root, as the
@@ -319,13 +400,13 @@ func (d *snapState) open() error {
 			return
 		}
 		if len(parts) == 0 {
-			d.whole = newVolumeFS(d.v, label, d.img, d.img.Size())
+			d.whole = newVolumeFS(d.v, label, d.img, 0, d.img.Size())
 			return
 		}
 		for _, p := range parts {
 			name := fmt.Sprintf("part%d", p.Index)
 			d.names = append(d.names, name)
-			d.parts = append(d.parts, newVolumeFS(d.v, label+"/"+name, io.NewSectionReader(d.img, p.Start, p.Size), p.Size))
+			d.parts = append(d.parts, newVolumeFS(d.v, label+"/"+name, d.img, p.Start, p.Size))
 		}
 	})
 	return d.err

@@ -302,15 +302,14 @@ func (n *imageNode) Read(ctx context.Context, f fs.FileHandle, dest []byte, off 
 	if end := off + int64(len(dest)); end > n.snap.SizeBytes {
 		dest = dest[:n.snap.SizeBytes-off]
 	}
-	got, err := n.img.ReadAt(dest, off)
-	if err != nil && got < len(dest) {
+	pr := pinnedPool.Get().(*pinnedResult)
+	if err := n.img.Pin(off, int64(len(dest)), &pr.Pinned); err != nil {
+		pr.Done()
 		// Never wrong bytes: a damaged chunk is an I/O error for this read, logged.
 		n.v.opts.Log.Error("read from snapshot failed", "volume", n.snap.Volume, "snapshot", n.snap.Name, "offset", off, "err", err)
 		return nil, syscall.EIO
 	}
-	// A vector goes to /dev/fuse with one writev: go-fuse would try to splice plain
-	// data through a pipe too small for a 1 MiB read, and log each failure.
-	return fuse.ReadResultVector([][]byte{dest[:got]}), 0
+	return pr, 0
 }
 
 // Mounted is a served mount.

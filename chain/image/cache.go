@@ -246,12 +246,25 @@ func (im *Reader) ReadAt(p []byte, off int64) (int, error) {
 	if off < 0 || off >= im.size {
 		return 0, io.EOF
 	}
-	cs := int64(im.sr.Snapshot().ChunkSize)
-	if im.readahead && len(p) >= 16<<10 && im.next.Swap(off+int64(len(p))) == off {
-		im.prefetch((off + int64(len(p)) - 1) / cs)
-	}
+	im.readAhead(off, int64(len(p)))
 	// io.ReaderAt has no context; reads are bounded chunk loads.
 	return im.sr.ReadAtFrom(context.Background(), p, off, im.fromCache)
+}
+
+// readAhead starts prefetching after a read of n bytes at off that continues the last one.
+func (im *Reader) readAhead(off, n int64) {
+	if im.readahead && n >= 16<<10 && im.next.Swap(off+n) == off {
+		im.prefetch((off + n - 1) / int64(im.sr.Snapshot().ChunkSize))
+	}
+}
+
+// Pin is ReadAt for a caller that passes the bytes on after it returns, without copying
+// them: it appends the pieces of [off, off+n) to p, held in the cache (which does not
+// reuse them) until p.Release. A read continuing the last one starts read-ahead, as in
+// ReadAt. The range must lie within the image.
+func (im *Reader) Pin(off, n int64, p *chain.Pinned) error {
+	im.readAhead(off, n)
+	return im.sr.PinFrom(context.Background(), off, n, im.fromCache, p)
 }
 
 // Visit calls fn with the bytes of [off, off+n) of the image in order, straight from the

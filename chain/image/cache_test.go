@@ -2,7 +2,6 @@ package image
 
 import (
 	"bytes"
-	"context"
 	"io"
 	"math/rand"
 	"runtime"
@@ -12,27 +11,6 @@ import (
 	"github.com/stasis-project/stasis/chain"
 	"github.com/stasis-project/stasis/test/testenv"
 )
-
-// snapshotOf stores data as a snapshot in an in-memory repository.
-func snapshotOf(t *testing.T, data []byte, chunk int) *chain.SnapshotReader {
-	t.Helper()
-	ctx := context.Background()
-	r := testenv.MemoryRepo(t)
-	w, err := r.NewSnapshot(ctx, chain.SnapshotOptions{Volume: "v", Name: "s", Size: int64(len(data)), ChunkSize: chunk})
-	if err != nil {
-		t.Fatal(err)
-	}
-	for i := 0; i*chunk < len(data); i++ {
-		if err := w.Put(ctx, int64(i), data[i*chunk:min(len(data), (i+1)*chunk)]); err != nil {
-			t.Fatal(err)
-		}
-	}
-	s, err := w.Commit(ctx, nil, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return r.SnapshotReader(s)
-}
 
 // TestImageReadsExactUnderConcurrency: random reads from many goroutines, sequential ones
 // that trigger prefetch among them, return the stored bytes, while the cache stays within
@@ -45,7 +23,7 @@ func TestImageReadsExactUnderConcurrency(t *testing.T) {
 	for i := 1 << 20; i < 2<<20; i++ {
 		data[i] = "abcdefgh\n"[i%9]
 	}
-	sr := snapshotOf(t, data, chunk)
+	sr := testenv.MemorySnapshot(t, data, chunk)
 	cache := NewCache(10 * chunk)
 	im := &Reader{sr: sr, cache: cache, size: int64(len(data)), loaders: make(chan struct{}, 4)}
 	var wg sync.WaitGroup
@@ -116,5 +94,43 @@ func TestCacheBuffersFromSlabs(t *testing.T) {
 	}
 	if b := c.buffer(4 << 20); b != nil {
 		t.Fatalf("a 4 MiB chunk got a %d-byte slab buffer", cap(b))
+	}
+}
+
+// TestPinSurvivesEviction: bytes pinned for a reply stay intact while other reads evict
+// their chunks from the cache, and their buffers are recycled only after Release.
+func TestPinSurvivesEviction(t *testing.T) {
+	const chunk = 16 << 10
+	data := make([]byte, 64*chunk)
+	rand.New(rand.NewSource(2)).Read(data)
+	sr := testenv.MemorySnapshot(t, data, chunk)
+	cache := NewCache(4 * chunk)
+	im := NewReader(sr, cache, nil)
+	var p chain.Pinned
+	if err := im.Pin(chunk/2, 3*chunk, &p); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, chunk)
+	for off := int64(8 * chunk); off < int64(len(data)); off += chunk { // evicts the pinned chunks
+		if _, err := im.ReadAt(buf, off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cache.mu.Lock()
+	reusedWhilePinned := cache.reused
+	cache.mu.Unlock()
+	if reusedWhilePinned == 0 {
+		t.Fatal("no buffer was recycled: the reads did not evict anything")
+	}
+	if got := bytes.Join(p.Vecs, nil); !bytes.Equal(got, data[chunk/2:chunk/2+3*chunk]) {
+		t.Fatal("pinned bytes changed while their chunks were evicted")
+	}
+	free := len(cache.free)
+	p.Release()
+	if len(cache.free) != free+4 {
+		t.Fatalf("releasing 4 evicted chunks left %d free buffers, want %d", len(cache.free), free+4)
+	}
+	if err := im.Pin(int64(len(data))-1, 2, &p); err == nil {
+		t.Fatal("a pin past the image's end succeeded")
 	}
 }

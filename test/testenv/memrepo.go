@@ -24,3 +24,25 @@ func MemoryRepo(t testing.TB) *chain.Repository {
 	t.Cleanup(func() { r.Close() })
 	return r
 }
+
+// MemorySnapshot stores data as snapshot v/s, in chunks of the given size, in a new
+// MemoryRepo and returns its reader.
+func MemorySnapshot(t testing.TB, data []byte, chunk int) *chain.SnapshotReader {
+	t.Helper()
+	ctx := context.Background()
+	r := MemoryRepo(t)
+	w, err := r.NewSnapshot(ctx, chain.SnapshotOptions{Volume: "v", Name: "s", Size: int64(len(data)), ChunkSize: chunk})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i*chunk < len(data); i++ {
+		if err := w.Put(ctx, int64(i), data[i*chunk:min(len(data), (i+1)*chunk)]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s, err := w.Commit(ctx, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r.SnapshotReader(s)
+}
