@@ -3,7 +3,12 @@ package files
 import (
 	"context"
 	"errors"
+	"io"
+	"os"
+	"path/filepath"
 	"testing"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/stasis-project/stasis/chain"
 	"github.com/stasis-project/stasis/chain/fsimage"
@@ -108,6 +113,67 @@ func TestCleanAndMatch(t *testing.T) {
 	} {
 		if got := Match(c.pattern, c.path); got != c.want {
 			t.Errorf("Match(%q, %q) = %v", c.pattern, c.path, got)
+		}
+	}
+}
+
+// bigFile is a regular file of 2 MiB of 'x'.
+type bigFile struct{ fakeFile }
+
+const bigSize = 2 << 20
+
+func (f bigFile) Attr() fsimage.Attr {
+	a := f.fakeFile.Attr()
+	a.Size = bigSize
+	return a
+}
+
+func (f bigFile) ReadAt(p []byte, off int64) (int, error) {
+	n := max(0, min(int64(len(p)), bigSize-off))
+	for i := range p[:n] {
+		p[i] = 'x'
+	}
+	if n < int64(len(p)) {
+		return int(n), io.EOF
+	}
+	return int(n), nil
+}
+
+type withBig struct{ fakeFS }
+
+func (w withBig) Open(ino uint64) (fsimage.Inode, error) {
+	if ino == 7 {
+		return bigFile{fakeFile(7)}, nil
+	}
+	return w.fakeFS.Open(ino)
+}
+
+// TestRestoreFlushes: a restore flushes a large file by itself and the rest with one
+// syncfs before it returns; with NoFlush it does neither, and restores the same files.
+func TestRestoreFlushes(t *testing.T) {
+	defer func(s, d func(int) error) { syncfs, fdatasync = s, d }(syncfs, fdatasync)
+	var fsFlushes, fileFlushes int
+	syncfs = func(fd int) error { fsFlushes++; return unix.Syncfs(fd) }
+	fdatasync = func(fd int) error { fileFlushes++; return unix.Fdatasync(fd) }
+	for _, noFlush := range []bool{false, true} {
+		fsFlushes, fileFlushes = 0, 0
+		f := &Filesystem{vol: &Volume{snap: &chain.Snapshot{Volume: "v", Name: "s"}}}
+		f.once.Do(func() {
+			f.fs = withBig{fakeFS{1: {{Name: "d", Ino: 2}}, 2: {{Name: "big", Ino: 7}, {Name: "small", Ino: 8}}}}
+		})
+		root, err := f.Root()
+		if err != nil {
+			t.Fatal(err)
+		}
+		to := t.TempDir()
+		if _, err := Restore(context.Background(), root, to, RestoreOptions{NoFlush: noFlush}); err != nil {
+			t.Fatal(err)
+		}
+		if b, err := os.ReadFile(filepath.Join(to, "d", "big")); err != nil || len(b) != bigSize || b[bigSize-1] != 'x' {
+			t.Fatalf("NoFlush %v: the big file restored as %d bytes (%v)", noFlush, len(b), err)
+		}
+		if want := map[bool][2]int{false: {1, 1}, true: {0, 0}}[noFlush]; [2]int{fileFlushes, fsFlushes} != want {
+			t.Errorf("NoFlush %v: %d file flushes and %d syncfs, want %v", noFlush, fileFlushes, fsFlushes, want)
 		}
 	}
 }

@@ -25,6 +25,9 @@ type RestoreOptions struct {
 	Overwrite bool
 	// Progress, if set, is called with the file bytes written so far.
 	Progress func(bytes int64)
+	// NoFlush returns without waiting for the restored files to reach stable storage, as
+	// cp does: faster, but a crash soon after may lose or truncate them.
+	NoFlush bool
 }
 
 // RestoreStats says what a restore did.
@@ -157,7 +160,10 @@ func Restore(ctx context.Context, e *Entry, to string, opts RestoreOptions) (*Re
 		}
 		r.times(rootfd, name, name, t) // a directory moved to a new parent may have its times touched
 	}
-	if err := unix.Syncfs(rootfd); err != nil { // one flush for the whole tree, not one per file
+	if r.opts.NoFlush {
+		return &r.stats, nil
+	}
+	if err := syncfs(rootfd); err != nil { // one flush for the whole tree, not one per file
 		return &r.stats, fmt.Errorf("flush the restored files to %s: %w", to, err)
 	}
 	return &r.stats, nil
@@ -351,8 +357,8 @@ func (r *restorer) fill(fd int, rel string, e *Entry) error {
 	}
 	// A large file is flushed by its writer, in parallel with the other writers' reads;
 	// small ones (and directories, renames) by the one syncfs at the end.
-	if size >= flushAlone {
-		if err := unix.Fdatasync(fd); err != nil {
+	if size >= flushAlone && !r.opts.NoFlush {
+		if err := fdatasync(fd); err != nil {
 			return fmt.Errorf("flush %s: %w", r.where(rel), err)
 		}
 	}
@@ -382,6 +388,9 @@ func (r *restorer) copyOut(fd int, rel string, e *Entry, s Segment, off, l int64
 	}
 	return write(buf)
 }
+
+// The flushes, a seam for tests.
+var syncfs, fdatasync = unix.Syncfs, unix.Fdatasync
 
 // flushAlone is the size from which a restored file is flushed on its own.
 const flushAlone = 1 << 20

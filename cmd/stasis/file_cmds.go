@@ -536,7 +536,7 @@ func parseWhen(s string) (time.Time, error) {
 }
 
 // restoreFiles is restore SNAPSHOT:PATH --to DIR.
-func (g *globals) restoreFiles(cmd *cobra.Command, ref, to string, overwrite bool) error {
+func (g *globals) restoreFiles(cmd *cobra.Command, ref, to string, opts files.RestoreOptions) error {
 	ctx := cmd.Context()
 	start := time.Now()
 	fs, err := g.fileSession(ctx)
@@ -559,10 +559,11 @@ func (g *globals) restoreFiles(cmd *cobra.Command, ref, to string, overwrite boo
 			return nil
 		})
 	}
-	st, err := files.Restore(ctx, e, to, files.RestoreOptions{Overwrite: overwrite, Progress: prog.set})
+	opts.Progress = prog.set
+	st, err := files.Restore(ctx, e, to, opts)
 	prog.done()
 	if err != nil {
-		return fmt.Errorf("restore of %s into %s failed (nothing new was left behind%s): %w", ref, to, map[bool]string{true: "; with --overwrite, paths replaced so far stay replaced", false: ""}[overwrite], err)
+		return fmt.Errorf("restore of %s into %s failed (nothing new was left behind%s): %w", ref, to, map[bool]string{true: "; with --overwrite, paths replaced so far stay replaced", false: ""}[opts.Overwrite], err)
 	}
 	s := v.Snapshot()
 	result := map[string]any{"snapshot": snapshotRef(s), "path": "/" + e.Path, "target": to, "stats": st, "duration_ms": time.Since(start).Milliseconds()}

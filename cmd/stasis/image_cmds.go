@@ -8,6 +8,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/stasis-project/stasis/chain"
+	"github.com/stasis-project/stasis/chain/files"
 	"github.com/stasis-project/stasis/chain/image"
 )
 
@@ -62,7 +63,7 @@ chunk fails the export and leaves nothing behind.`,
 
 func newRestoreCmd(g *globals) *cobra.Command {
 	var to string
-	var overwrite bool
+	var overwrite, noFlush bool
 	cmd := &cobra.Command{
 		Use:               "restore SNAPSHOT[:PATH] --to TARGET",
 		ValidArgsFunction: g.completeSnapshotFirst,
@@ -77,7 +78,8 @@ restore SNAPSHOT:PATH --to DIR recreates the file or tree PATH inside the direct
 owners (as root), modes, nanosecond times, xattrs, ACLs, symbolic and hard links, holes,
 device nodes and FIFOs. Nothing in DIR is followed. New paths appear only once complete.
 An existing path is refused unless --overwrite, which replaces files in place (never a
-directory with a file). Restoring a database directory from an app-consistent snapshot
+directory with a file). The files are on stable storage when restore returns, unless
+--no-flush (as cp: faster, but a crash soon after may lose them). Restoring a database directory from an app-consistent snapshot
 prints the binlog position it was taken at.`,
 		Example: "  stasis restore data/daily-2026-12-01 --to /dev/vdb\n  stasis restore data/daily-2026-12-01:/var/lib/mysql --to /srv/restore",
 		Args:    cobra.ExactArgs(1),
@@ -86,10 +88,13 @@ prints the binlog position it was taken at.`,
 				return fmt.Errorf("--to is required: the device or file to restore onto, or the directory to restore files into")
 			}
 			if _, _, ok := splitFileRef(args[0]); ok {
-				return g.restoreFiles(cmd, args[0], to, overwrite)
+				return g.restoreFiles(cmd, args[0], to, files.RestoreOptions{Overwrite: overwrite, NoFlush: noFlush})
 			}
 			if overwrite {
 				return fmt.Errorf("--overwrite is for restoring files (SNAPSHOT:PATH); a volume restore always overwrites its target")
+			}
+			if noFlush {
+				return fmt.Errorf("--no-flush is for restoring files (SNAPSHOT:PATH); a volume restore always flushes its target")
 			}
 			start := time.Now()
 			r, s, err := g.findSnapshot(cmd, args[0])
@@ -112,5 +117,6 @@ prints the binlog position it was taken at.`,
 	}
 	cmd.Flags().StringVar(&to, "to", "", "device or file to restore onto; with SNAPSHOT:PATH, the directory to restore into")
 	cmd.Flags().BoolVar(&overwrite, "overwrite", false, "with SNAPSHOT:PATH: replace existing files")
+	cmd.Flags().BoolVar(&noFlush, "no-flush", false, "with SNAPSHOT:PATH: return before the files reach the disk, as cp does")
 	return cmd
 }

@@ -98,10 +98,14 @@ func filesBench(dir string, v *volume, repo string, add func(string, time.Durati
 		return target
 	}
 	src := filepath.Join(fuseDir, "vol", "after-20MiB", "random")
-	var rss, cps, cpSyncs, floors []time.Duration
+	var rss, noFlushes, cps, cpSyncs, floors []time.Duration
 	for i := 0; i < 3; i++ {
 		fresh()
 		rss = append(rss, timeIt(func() { run(*stasis, "restore", "-r", repo, "vol/after-20MiB:/random", "--to", target) }))
+		fresh()
+		noFlushes = append(noFlushes, timeIt(func() {
+			run(*stasis, "restore", "-r", repo, "vol/after-20MiB:/random", "--to", target, "--no-flush")
+		}))
 		stop = serveView(repo, fuseDir, "vol")
 		fresh()
 		cps = append(cps, timeIt(func() { run("cp", "-a", src, target) }))
@@ -123,8 +127,9 @@ func filesBench(dir string, v *volume, repo string, add func(string, time.Durati
 			run("sync", "-f", target)
 		}))
 	}
-	rs, cp, cpSync, floor := median(rss), median(cps), median(cpSyncs), median(floors)
+	rs, noFlush, cp, cpSync, floor := median(rss), median(noFlushes), median(cps), median(cpSyncs), median(floors)
 	add("stasis restore of the 200 MB random/ directory, cold (flushed to disk), median of 3", rs, fmt.Sprintf("%.2f× the time of cp -a from the view, %.2f× cp -a + sync; runs %v", ratio(rs, cp), ratio(rs, cpSync), rss))
+	add("  the same with --no-flush (not flushed, as cp), median of 3", noFlush, fmt.Sprintf("%.2f× the time of cp -a from the view; runs %v", ratio(noFlush, cp), noFlushes))
 	add("  cp -a of the same directory from the view, cold, median of 3", cp, fmt.Sprintf("runs %v", cps))
 	add("  cp -a from the view, then sync -f, cold, median of 3", cpSync, fmt.Sprintf("runs %v", cpSyncs))
 	add("  writing 200 MB in 20 files from memory (dd), then sync -f: a flushed restore's floor", floor, fmt.Sprintf("stasis restore is %.2f× this; runs %v", ratio(rs, floor), floors))

@@ -378,6 +378,15 @@ func TestFileToolsAgainstKernel(t *testing.T) {
 				t.Fatalf("restore wrote through a planted symlink: victim holds %q", b)
 			}
 			testenv.CompareTrees(t, last, testenv.ScanTree(t, filepath.Join(out, "tree")))
+			// --no-flush restores the same tree (returning before it reaches the disk); a
+			// volume restore refuses it.
+			quick := filepath.Join(out, "quick")
+			os.Mkdir(quick, 0o755)
+			testenv.MustStasis(t, "restore", "-r", v.repo, "v/s3:/tree", "--to", quick, "--no-flush")
+			testenv.CompareTrees(t, last, testenv.ScanTree(t, filepath.Join(quick, "tree")))
+			if r := testenv.Stasis(t, "restore", "-r", v.repo, "v/s3", "--to", filepath.Join(quick, "img"), "--no-flush"); r.Code == 0 || !strings.Contains(r.Stderr, "--no-flush is for restoring files") {
+				t.Fatalf("a volume restore with --no-flush: exit %d, %s", r.Code, r.Stderr)
+			}
 
 			// ls, cat and find against the kernel's tree.
 			var listed []struct{ Name, Type string }
