@@ -593,15 +593,21 @@ func TestPackRampForParallelSavers(t *testing.T) {
 	}
 }
 
+// smallSnapshot is a snapshot of a new 1 MiB volume (zero chunks, a short last chunk) in a
+// memory repository, with the random source that made it.
+func smallSnapshot(t *testing.T, seed int64) (*rand.Rand, *volume, *chain.SnapshotReader) {
+	rng := rand.New(rand.NewSource(seed))
+	r, _ := newRepo(t)
+	v := newVolume(rng, 1<<20+777, 16<<10)
+	return rng, v, r.SnapshotReader(v.snapshot(t, r, "s", false, nil))
+}
+
 // TestVisitFrom: the pieces VisitFrom hands out are the volume's bytes, in order, for any
 // range (zero chunks, a short last chunk, ranges starting and ending inside chunks); a
 // range outside the volume is an error before any piece; fn's error stops the walk as is.
 func TestVisitFrom(t *testing.T) {
 	ctx := context.Background()
-	rng := rand.New(rand.NewSource(7))
-	r, _ := newRepo(t)
-	v := newVolume(rng, 1<<20+777, 16<<10)
-	sr := r.SnapshotReader(v.snapshot(t, r, "s", false, nil))
+	rng, v, sr := smallSnapshot(t, 7)
 	loads := 0
 	src := func(ctx context.Context, i int64, id chain.ID) ([]byte, func(), error) {
 		loads++
@@ -652,10 +658,7 @@ func TestVisitFrom(t *testing.T) {
 // until Release and released exactly once, also after the source fails half-way.
 func TestPinFrom(t *testing.T) {
 	ctx := context.Background()
-	rng := rand.New(rand.NewSource(8))
-	r, _ := newRepo(t)
-	v := newVolume(rng, 1<<20+777, 16<<10)
-	sr := r.SnapshotReader(v.snapshot(t, r, "s", false, nil))
+	rng, v, sr := smallSnapshot(t, 8)
 	held, failAt := 0, int64(-1)
 	src := func(ctx context.Context, i int64, id chain.ID) ([]byte, func(), error) {
 		if i == failAt {
