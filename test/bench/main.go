@@ -45,6 +45,7 @@ var (
 	cpuProfile  = flag.String("cpuprofile", "", "with -only-tracked: write CPU profiles of the timed incrementals to FILE.local and FILE.s3")
 	onlyFreeze  = flag.Bool("only-freeze", false, "measure only freeze windows (2 and 8 GiB volumes under a writer)")
 	onlyTracked = flag.Bool("only-tracked", false, "measure only tracked incrementals, local and into S3 (versitygw), 5 of each")
+	onZram      = flag.Bool("zram", false, "with -only-tracked: on a zram volume (bio-based) instead of a loop device")
 )
 
 func main() {
@@ -91,7 +92,12 @@ func main() {
 		printRows()
 		return
 	}
-	v := newVolume(dir, *volSize)
+	var v *volume
+	if *onZram && *onlyTracked {
+		v = newZramVolume(dir, *volSize)
+	} else {
+		v = newVolume(dir, *volSize)
+	}
 	defer v.close()
 	v.fill()
 	if *onlyS3Inc {
