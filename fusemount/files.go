@@ -258,7 +258,7 @@ func (n *fileNode) Readlink(ctx context.Context) ([]byte, syscall.Errno) {
 // pin maps n bytes of a regular file at off to the image and holds them in the chunk
 // cache for a reply written straight from it: no copy into go-fuse's buffer. ok is false
 // when the file cannot be read that way (data in the inode, an image shown with its
-// journal replayed) and ReadAt must copy.
+// journal replayed, more pieces than one writev takes) and ReadAt must copy.
 func (m *volumeFS) pin(node fsimage.Inode, off, n int64) (r fuse.ReadResult, ok bool, err error) {
 	mapper, isMapper := node.(fsimage.Mapper)
 	if replayer, replays := m.fsys.(fsimage.Replayer); !isMapper || replays && replayer.Replayed() {
@@ -292,10 +292,18 @@ func (m *volumeFS) pin(node fsimage.Inode, off, n int64) (r fuse.ReadResult, ok 
 		for z := k; phys < 0 && z > 0; z -= int64(len(holeZeros)) { // a hole
 			pr.Vecs = append(pr.Vecs, holeZeros[:min(z, int64(len(holeZeros)))])
 		}
+		if len(pr.Vecs) > maxPieces { // a fragmented file: a copy is one piece
+			pr.Done()
+			return nil, false, nil
+		}
 		off += k
 	}
 	return pr, true, nil
 }
+
+// maxPieces bounds the pieces of one reply: writev takes at most 1,024 (UIO_MAXIOV), and a
+// reply go-fuse cannot write leaves the reader waiting. A 1 MiB read of 64 KiB chunks is 16.
+const maxPieces = 512
 
 // holeZeros is what holes read as.
 var holeZeros = make([]byte, 128<<10)

@@ -98,3 +98,39 @@ func TestPinnedReadsEqualReadAt(t *testing.T) {
 		t.Fatalf("a file with inline data: ok %v, %v; want it left to ReadAt", ok, err)
 	}
 }
+
+// fragmented is a regular file of size bytes mapped identically onto the image in
+// extents of ext bytes.
+type fragmented struct {
+	fsimage.Inode
+	size, ext int64
+}
+
+func (f fragmented) Attr() fsimage.Attr {
+	return fsimage.Attr{Mode: fsimage.S_IFREG | 0o644, Size: uint64(f.size)}
+}
+func (f fragmented) Map(off int64) (int64, int64, error) {
+	return off, f.ext - off%f.ext, nil
+}
+
+// TestPinnedReadsOfFragmentedFiles: a file in 4 KiB extents is still answered from the
+// cache; one in 512-byte extents would need more pieces than one writev takes (and
+// go-fuse could not send the reply at all), so it is left to ReadAt.
+func TestPinnedReadsOfFragmentedFiles(t *testing.T) {
+	data := make([]byte, 4<<20)
+	rand.New(rand.NewSource(4)).Read(data)
+	sr := testenv.MemorySnapshot(t, data, 64<<10)
+	v := &view{opts: Options{Log: slog.New(slog.NewTextHandler(io.Discard, nil))}}
+	m := newVolumeFS(v, "v/s", image.NewReader(sr, image.NewCache(1<<20), nil), 0, int64(len(data)))
+	r, ok, err := m.pin(fragmented{size: int64(len(data)), ext: 4096}, 1<<20, 1<<20)
+	if err != nil || !ok {
+		t.Fatalf("4 KiB extents: ok %v, %v", ok, err)
+	}
+	if got, _ := r.Bytes(nil); !bytes.Equal(got, data[1<<20:2<<20]) {
+		t.Fatal("4 KiB extents: the pinned bytes differ")
+	}
+	r.Done()
+	if _, ok, err := m.pin(fragmented{size: int64(len(data)), ext: 512}, 0, 1<<20); ok || err != nil {
+		t.Fatalf("512-byte extents: ok %v, %v; want it left to ReadAt", ok, err)
+	}
+}
