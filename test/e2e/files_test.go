@@ -70,7 +70,7 @@ func TestMountFilesGroundTruth(t *testing.T) {
 	os.Chmod(dir, 0o755) // so the unprivileged user below can reach the mount point
 	os.Chmod(filepath.Dir(dir), 0o755)
 	src := filepath.Join(dir, "tree")
-	testenv.BuildTrickyTree(t, src, testenv.TrickyTree{BigFile: 200 << 20, DirEntries: 20000})
+	testenv.BuildTrickyTree(t, src, testenv.TrickyTree{BigFile: 200 << 20, DirEntries: 20000, Striped: 12 << 20})
 	repo := newRepo(t)
 	images := map[string]string{}
 	for _, fstype := range []string{"ext4", "xfs"} {
@@ -106,7 +106,7 @@ func TestMountFilesGroundTruth(t *testing.T) {
 			testenv.CompareTrees(t, testenv.ScanTree(t, kernel), testenv.ScanTree(t, view))
 
 			// Random access at any offset and length, against the kernel's bytes.
-			for _, name := range []string{"big.bin", "sparse.bin", "docs/text.txt"} {
+			for _, name := range []string{"big.bin", "sparse.bin", "striped.bin", "docs/text.txt"} {
 				want, _ := os.ReadFile(filepath.Join(kernel, name))
 				f, err := os.Open(filepath.Join(view, name))
 				if err != nil {
@@ -212,6 +212,75 @@ func TestMountPartitions(t *testing.T) {
 		testenv.CompareTrees(t, testenv.ScanTree(t, kernel), testenv.ScanTree(t, filepath.Join(mnt, "disk", "s", entries[i].Name())))
 		testenv.Run(t, "umount", kernel)
 	}
+}
+
+// TestMountFragmentedFile: a file in 1 KiB pieces with holes between (an ext4 with 1 KiB
+// blocks) reads right through the view, 1 MiB at a time: such a read is a thousand pieces,
+// more than one writev can send, and must not leave the reader waiting. Its thousand
+// extents also take an extent tree of depth 2, whose leaves' trailing holes end where the
+// next leaf starts (the reader once read everything after the first leaf as zeros).
+func TestMountFragmentedFile(t *testing.T) {
+	testenv.RequireRoot(t)
+	dir := t.TempDir()
+	img := filepath.Join(dir, "fs.img")
+	testenv.Run(t, "truncate", "-s", "64M", img)
+	testenv.Run(t, "mkfs.ext4", "-q", "-F", "-b", "1024", "-E", "nodiscard", img)
+	live := testenv.Mount(t, img, "-o", "loop")
+	want := make([]byte, 2<<20)
+	rand.New(rand.NewSource(5)).Read(want)
+	f, err := os.Create(filepath.Join(live, "striped.bin"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for off := 0; off < len(want); off += 1024 {
+		if off%2048 == 0 {
+			f.WriteAt(want[off:off+1024], int64(off))
+		} else {
+			clear(want[off : off+1024]) // a hole
+		}
+	}
+	f.Truncate(int64(len(want)))
+	f.Close()
+	testenv.Run(t, "umount", live)
+	repo := newRepo(t)
+	testenv.MustStasis(t, "snapshot", "-r", repo, "--source", img, "--volume", "v", "--name", "s")
+	mnt := filepath.Join(dir, "mnt")
+	serveMount(t, repo, mnt, "v/s.img")
+	type result struct {
+		b   []byte
+		err error
+	}
+	got := make(chan result, 1)
+	go func() {
+		b, err := os.ReadFile(filepath.Join(mnt, "v", "s", "striped.bin"))
+		got <- result{b, err}
+	}()
+	select {
+	case r := <-got:
+		b := r.b
+		if r.err != nil {
+			t.Fatal(r.err)
+		}
+		if i := firstDifference(b, want); i >= 0 {
+			t.Fatalf("striped.bin reads %d bytes through the view that differ from what was written, first at byte %d", len(b), i)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("reading a fragmented file through the view hangs")
+	}
+}
+
+// firstDifference is the offset of the first byte where a and b differ (or where the
+// shorter ends), -1 if they are equal.
+func firstDifference(a, b []byte) int {
+	for i := range min(len(a), len(b)) {
+		if a[i] != b[i] {
+			return i
+		}
+	}
+	if len(a) != len(b) {
+		return min(len(a), len(b))
+	}
+	return -1
 }
 
 // TestMountDamage: a corrupt pack and a hostile inode give EIO for what they touch, with a

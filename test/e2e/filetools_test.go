@@ -284,7 +284,7 @@ func TestFileToolsAgainstKernel(t *testing.T) {
 		t.Run(fstype, func(t *testing.T) {
 			v := newFileToolsVolume(t, fstype)
 			root := filepath.Join(v.mnt, "tree")
-			testenv.BuildTrickyTree(t, root, testenv.TrickyTree{BigFile: 3 << 20, DirEntries: 300})
+			testenv.BuildTrickyTree(t, root, testenv.TrickyTree{BigFile: 3 << 20, DirEntries: 300, Striped: 12 << 20})
 			testenv.SetACL(t, filepath.Join(root, "small.txt"), 1234, 4)
 			holes, err := os.Create(filepath.Join(v.mnt, "holes.bin")) // out of the mutator's reach
 			if err != nil {

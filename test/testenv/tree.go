@@ -217,6 +217,10 @@ func CompareTrees(t testing.TB, want, got Tree) {
 type TrickyTree struct {
 	BigFile    int64 // size of big.bin (0: none)
 	DirEntries int   // files in many/
+	// Striped is the size of striped.bin (0: none): data in every other 4 KiB block, a
+	// hole in each other one, so one extent per 4 KiB of data (12 MiB makes 1,536: an
+	// ext4 extent tree of depth 2, an XFS extent btree).
+	Striped int64
 }
 
 // BuildTrickyTree writes a tree that exercises a filesystem reader: sparse, empty, tiny
@@ -266,6 +270,19 @@ func BuildTrickyTree(t testing.TB, dir string, opt TrickyTree) {
 	}
 	must(sp.Truncate(64 << 20))
 	must(sp.Close())
+
+	if opt.Striped > 0 {
+		st, err := os.Create(filepath.Join(dir, "striped.bin"))
+		must(err)
+		b := make([]byte, 4096)
+		for off := int64(0); off < opt.Striped; off += 2 * 4096 {
+			rng.Read(b)
+			_, err := st.WriteAt(b, off)
+			must(err)
+		}
+		must(st.Truncate(opt.Striped))
+		must(st.Close())
+	}
 
 	if opt.BigFile > 0 {
 		bf, err := os.Create(filepath.Join(dir, "big.bin"))

@@ -407,6 +407,9 @@ const (
 // blocks from there are contiguous, or a hole (or unwritten extent) and its length.
 func (n *inode) mapExtent(lblk uint64) (pblk, count uint64, hole bool, err error) {
 	node := n.iblock()
+	// bound is where the subtree being searched ends: the next entry of an index above it
+	// starts there, so a hole after a leaf's last extent ends there too, not at 2^32.
+	bound := uint64(1 << 32)
 	for depth := -1; ; {
 		if len(node) < 12 || le.Uint16(node) != extentMagic {
 			return 0, 0, false, fsimage.Corruptf("bad extent header")
@@ -427,7 +430,7 @@ func (n *inode) mapExtent(lblk uint64) (pblk, count uint64, hole bool, err error
 			}
 		}
 		if d == 0 {
-			next := uint64(1 << 32) // first block of the next extent, ending a hole
+			next := bound // first block of the next extent, ending a hole
 			if i+1 < entries {
 				next = uint64(le.Uint32(node[12+(i+1)*12:]))
 			}
@@ -455,6 +458,9 @@ func (n *inode) mapExtent(lblk uint64) (pblk, count uint64, hole bool, err error
 		if i < 0 {
 			// Before the first index entry: a hole up to it.
 			return 0, uint64(le.Uint32(node[12:])) - lblk, true, nil
+		}
+		if i+1 < entries {
+			bound = uint64(le.Uint32(node[12+(i+1)*12:]))
 		}
 		e := node[12+i*12:]
 		child := uint64(le.Uint16(e[8:]))<<32 | uint64(le.Uint32(e[4:]))

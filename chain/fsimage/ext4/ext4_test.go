@@ -14,7 +14,7 @@ import (
 func TestAgainstKernel(t *testing.T) {
 	testenv.RequireRoot(t)
 	src := t.TempDir()
-	testenv.BuildTrickyTree(t, src, testenv.TrickyTree{BigFile: 3 << 20, DirEntries: 3000})
+	testenv.BuildTrickyTree(t, src, testenv.TrickyTree{BigFile: 3 << 20, DirEntries: 3000, Striped: 12 << 20})
 	for _, tc := range []struct {
 		name string
 		args []string
