@@ -79,8 +79,8 @@ owners (as root), modes, nanosecond times, xattrs, ACLs, symbolic and hard links
 device nodes and FIFOs. Nothing in DIR is followed. New paths appear only once complete.
 An existing path is refused unless --overwrite, which replaces files in place (never a
 directory with a file). The files are on stable storage when restore returns, unless
---no-flush (as cp: faster, but a crash soon after may lose them). Restoring a database directory from an app-consistent snapshot
-prints the binlog position it was taken at.`,
+--no-flush (as cp: faster, but a crash soon after may lose them). Restoring a database
+directory from an app-consistent snapshot prints the binlog position it was taken at.`,
 		Example: "  stasis restore data/daily-2026-12-01 --to /dev/vdb\n  stasis restore data/daily-2026-12-01:/var/lib/mysql --to /srv/restore",
 		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
