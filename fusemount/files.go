@@ -270,18 +270,12 @@ func (m *volumeFS) pin(node fsimage.Inode, off, n int64) (r fuse.ReadResult, ok 
 	}
 	pr := pinnedPool.Get().(*pinnedResult)
 	for off < end {
-		phys, k, err := mapper.Map(off)
+		phys, k, err := fsimage.MapWithin(mapper, off, m.size)
 		if errors.Is(err, fsimage.ErrNotMapped) {
 			pr.Done()
 			return nil, false, nil
 		}
-		if err == nil && k <= 0 {
-			err = fsimage.Corruptf("empty mapping at offset %d", off)
-		}
 		k = min(k, end-off)
-		if err == nil && phys >= 0 && (phys > m.size || k > m.size-phys) {
-			err = fsimage.Corruptf("bytes [%d, %d) of the file map outside the %d-byte filesystem", off, off+k, m.size)
-		}
 		if err == nil && phys >= 0 {
 			err = m.img.Pin(m.start+phys, k, &pr.Pinned)
 		}

@@ -41,15 +41,12 @@ func (e *Entry) Segments() (segs []Segment, ok bool, err error) {
 		if calls == 4*maxSegments { // holes mapped a block at a time (indirect maps), or hostile
 			return nil, false, nil
 		}
-		phys, n, err := m.Map(off)
+		phys, n, err := fsimage.MapWithin(m, off, e.FS.size)
 		if errors.Is(err, fsimage.ErrNotMapped) {
 			return nil, false, nil
 		}
 		if err != nil {
 			return nil, false, e.FS.damage(e.Path, err)
-		}
-		if n <= 0 {
-			return nil, false, e.FS.damage(e.Path, fsimage.Corruptf("empty mapping at offset %d", off))
 		}
 		n = min(n, size-off)
 		if k := len(segs); k > 0 {

@@ -65,6 +65,23 @@ type Mapper interface {
 	Map(off int64) (phys, n int64, err error)
 }
 
+// MapWithin is m.Map(off) checked against the device the filesystem lies on, size bytes:
+// every answer advances, and mapped bytes lie within the device (a hostile superblock can
+// describe a larger one, so the readers' own checks do not cover it). Errors are m's,
+// ErrNotMapped included, or ErrCorrupt.
+func MapWithin(m Mapper, off, size int64) (phys, n int64, err error) {
+	phys, n, err = m.Map(off)
+	switch {
+	case err != nil:
+		return 0, 0, err
+	case n <= 0:
+		return 0, 0, Corruptf("empty mapping at offset %d", off)
+	case phys >= 0 && (phys > size || n > size-phys):
+		return 0, 0, Corruptf("bytes [%d, %d) of the file map outside the %d-byte device", off, off+n, size)
+	}
+	return phys, n, nil
+}
+
 // Replayer is implemented by filesystems that may show an image with its journal replayed
 // in memory. When Replayed is true, some metadata and data read at an offset come from a
 // copy elsewhere in the image, so contents cannot be compared by position alone.
