@@ -9,7 +9,9 @@ type Extent struct{ Start, End int64 }
 // allocated, from its own allocation metadata (ext4 block bitmaps, XFS free-space trees).
 // Capture reads only those blocks, so free space is neither read nor stored.
 type Allocator interface {
-	// Allocated returns the allocated extents, sorted and merged, inside the device.
+	// Allocated returns the allocated extents, sorted and merged, inside the device, and
+	// the part of the device past the filesystem's end, if any: the filesystem cannot
+	// vouch that it is unused.
 	Allocated() ([]Extent, error)
 }
 
@@ -62,6 +64,16 @@ func (b *ExtentBuilder) insert(e Extent) {
 		merged = append(merged, x)
 	}
 	b.out = merged
+}
+
+// Rest records every byte from block first to the end of the device: the part of a device
+// past its filesystem's last block (a device grown before its filesystem was, or one mkfs
+// left a tail of, rounding to a RAID stripe). Nothing there is known to be free.
+func (b *ExtentBuilder) Rest(first int64) error {
+	if first*b.bs >= b.limit {
+		return nil
+	}
+	return b.Add(first, (b.limit-first*b.bs+b.bs-1)/b.bs)
 }
 
 // Extents returns what was added.

@@ -22,7 +22,8 @@ func (f *FS) UUID() [16]byte { return f.uuid }
 
 // Allocated implements fsimage.Allocator from the block bitmaps. Groups whose bitmap was
 // never initialised (BLOCK_UNINIT) hold only their metadata, which is included, as the
-// kernel counts it when it initialises such a bitmap.
+// kernel counts it when it initialises such a bitmap. The device past the filesystem's last
+// block is allocated too.
 func (f *FS) Allocated() ([]fsimage.Extent, error) {
 	if f.bigalloc {
 		return nil, fmt.Errorf("%w: ext4 bigalloc (cluster bitmaps)", fsimage.ErrUnsupported)
@@ -98,6 +99,9 @@ func (f *FS) Allocated() ([]fsimage.Extent, error) {
 				return nil, err
 			}
 		}
+	}
+	if err := b.Rest(int64(f.blocks)); err != nil {
+		return nil, err
 	}
 	return b.Extents(), nil
 }

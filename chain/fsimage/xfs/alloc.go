@@ -20,7 +20,8 @@ const (
 )
 
 // Allocated implements fsimage.Allocator: everything but the extents in each allocation
-// group's by-block free-space B+tree is allocated (the internal log included).
+// group's by-block free-space B+tree is allocated (the internal log included), and so is
+// the device past the last AG.
 func (f *FS) Allocated() ([]fsimage.Extent, error) {
 	b := fsimage.NewExtentBuilder(f.bs, f.size)
 	block := make([]byte, f.bs)
@@ -105,6 +106,9 @@ func (f *FS) Allocated() ([]fsimage.Extent, error) {
 		if err := b.Add(int64(agStart+pos), int64(agLen-pos)); err != nil {
 			return nil, err
 		}
+	}
+	if err := b.Rest(int64(f.dblocks)); err != nil {
+		return nil, err
 	}
 	return b.Extents(), nil
 }
