@@ -25,10 +25,16 @@ func TestAgainstKernel(t *testing.T) {
 		{"meta-bg-no-64bit", []string{"-O", "meta_bg,^resize_inode,^64bit", "-b", "1024"}},
 		{"small-inodes", []string{"-I", "128"}},
 		{"kernel-populated", nil}, // htree directories, unwritten extents
+		{"grown", nil},            // resize2fs from 64 to 320 MiB: groups added after mkfs
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			img := filepath.Join(t.TempDir(), "fs.img")
-			if tc.name == "kernel-populated" {
+			if tc.name == "grown" {
+				testenv.GarbageImage(t, img, 320<<20)
+				testenv.Run(t, "mkfs.ext4", "-q", "-F", "-b", "4096", "-E", "nodiscard", img, "64M")
+				testenv.Run(t, "resize2fs", img)
+				testenv.PopulateWithKernel(t, img, src)
+			} else if tc.name == "kernel-populated" {
 				testenv.GarbageImage(t, img, 256<<20) // so stale blocks are not zeros by luck
 				testenv.Run(t, "mkfs.ext4", "-q", "-F", "-T", "default", "-E", "nodiscard", img)
 				testenv.PopulateWithKernel(t, img, src)

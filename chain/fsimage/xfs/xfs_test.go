@@ -1,6 +1,7 @@
 package xfs
 
 import (
+	"fmt"
 	"path/filepath"
 	"testing"
 
@@ -23,11 +24,22 @@ func TestAgainstKernel(t *testing.T) {
 		{"default", nil},
 		{"1k-blocks-8k-dirs", []string{"-b", "size=1024", "-n", "size=8192"}},
 		{"no-ftype-bits-512-inodes", []string{"-i", "size=512", "-m", "bigtime=0"}},
+		{"rmapbt-8-ags", []string{"-m", "rmapbt=1", "-d", "agcount=8"}},
+		{"grown", []string{"-d", "size=320m"}}, // then grown online to 480 MiB: AGs added after mkfs
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			img := filepath.Join(t.TempDir(), "fs.img")
-			testenv.GarbageImage(t, img, 320<<20)
+			size := int64(320 << 20)
+			if tc.name == "grown" || tc.name == "rmapbt-8-ags" {
+				size = 640 << 20
+			}
+			testenv.GarbageImage(t, img, size)
 			testenv.Run(t, "mkfs.xfs", append(append([]string{"-q", "-f", "-K"}, tc.args...), img)...)
+			if tc.name == "grown" {
+				mnt := testenv.Mount(t, img, "-o", "loop")
+				testenv.Run(t, "xfs_growfs", "-D", fmt.Sprint((480<<20)/4096), mnt)
+				testenv.Run(t, "umount", mnt)
+			}
 			testenv.PopulateWithKernel(t, img, src)
 			mnt := testenv.Mount(t, img, "-o", "ro,loop,norecovery")
 			fsimagetest.CompareWithKernel(t, img, testenv.ScanTree(t, mnt), open)
