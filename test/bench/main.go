@@ -466,23 +466,37 @@ func freezeBenches(dir string, add func(string, time.Duration, string)) {
 	}
 }
 
-// fullVsDD times three full snapshots into a new repository at repo, alternating with dd
-// reads of the whole device (disk throughput here varies from run to run: both see the same
-// disk, and medians are compared), and returns the median dd and snapshot times and what
-// the snapshot stored.
+// fullVsDD times full snapshots into a new repository at repo against dd reading the whole
+// device: three of each, alternating (disk throughput here varies from run to run: both see
+// the same disk, and medians are compared), with the default codec and with
+// --compression fast. It returns the median dd and snapshot times of the default codec's
+// series and what its snapshot stored.
 func fullVsDD(v *volume, repo string, add func(string, time.Duration, string)) (dd, t time.Duration, stored int64) {
-	var full snapResult
-	var dds, fulls, fullCPU []time.Duration
-	for i := 0; i < 3; i++ {
-		dds = append(dds, timeIt(func() { run("dd", "if="+v.dev, "of=/dev/null", "bs=4M", "iflag=direct") }))
-		os.RemoveAll(repo)
-		run(*stasis, "init", "-r", repo)
-		fulls = append(fulls, timeIt(func() { full = snapshot(repo, v.dev, "full") }))
-		fullCPU = append(fullCPU, lastCPU)
+	series := func(compression string) (dd, t time.Duration, full snapResult) {
+		var dds, fulls, fullCPU []time.Duration
+		for i := 0; i < 3; i++ {
+			dds = append(dds, timeIt(func() { run("dd", "if="+v.dev, "of=/dev/null", "bs=4M", "iflag=direct") }))
+			os.RemoveAll(repo)
+			run(*stasis, "init", "-r", repo, "--compression", compression)
+			fulls = append(fulls, timeIt(func() { full = snapshot(repo, v.dev, "full") }))
+			fullCPU = append(fullCPU, lastCPU)
+		}
+		dd, t = median(dds), median(fulls)
+		what := "stasis full snapshot, median of 3"
+		if compression != "zstd" {
+			what = "  the same with --compression " + compression
+		} else {
+			add("dd read of the device (bs=4M, O_DIRECT), median of 3", dd, fmt.Sprint(dds))
+		}
+		add(what, t, fmt.Sprintf("%.2f× dd; read %s, repository %s; runs %v; CPU %.2f s per GiB stored, %.2f s per GiB read",
+			ratio(t, dd), mb(full.BytesRead), mb(du(repo)), fulls, median(fullCPU).Seconds()/(float64(full.NewBytes)/(1<<30)), median(fullCPU).Seconds()/(float64(full.BytesRead)/(1<<30))))
+		return dd, t, full
 	}
-	dd, t = median(dds), median(fulls)
-	add("dd read of the device (bs=4M, O_DIRECT), median of 3", dd, fmt.Sprint(dds))
-	add("stasis full snapshot, median of 3", t, fmt.Sprintf("%.2f× dd; read %s, repository %s; runs %v; CPU %.2f s per GiB stored, %.2f s per GiB read",
-		ratio(t, dd), mb(full.BytesRead), mb(du(repo)), fulls, median(fullCPU).Seconds()/(float64(full.NewBytes)/(1<<30)), median(fullCPU).Seconds()/(float64(full.BytesRead)/(1<<30))))
+	dd, t, full := series("zstd")
+	series("fast")
+	// Leave the default codec's full snapshot in repo: the incrementals that follow build on it.
+	os.RemoveAll(repo)
+	run(*stasis, "init", "-r", repo)
+	snapshot(repo, v.dev, "full")
 	return dd, t, full.NewBytes
 }
