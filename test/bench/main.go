@@ -43,6 +43,7 @@ var (
 	onlyS3Inc   = flag.Bool("only-s3-tracked", false, "measure only the tracked incremental into S3 (versitygw), against restic's incremental to the same server")
 	traceS3     = flag.Bool("trace", false, "print every S3 request of the S3 benchmarks: start (ms from the start of the last timed tracked incremental), method, path, size, duration")
 	cpuProfile  = flag.String("cpuprofile", "", "with -only-tracked: write CPU profiles of the timed incrementals to FILE.local and FILE.s3")
+	goTrace     = flag.String("gotrace", "", "with -only-tracked: write Go execution traces of the timed incrementals to FILE.local and FILE.s3 (go tool trace)")
 	onlyFreeze  = flag.Bool("only-freeze", false, "measure only freeze windows (2 and 8 GiB volumes under a writer)")
 	onlyTracked = flag.Bool("only-tracked", false, "measure only tracked incrementals, local and into S3 (versitygw), 5 of each")
 	onZram      = flag.Bool("zram", false, "with -only-tracked: on a zram volume (bio-based) instead of a loop device")

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime/pprof"
+	"runtime/trace"
 	"sort"
 	"strings"
 	"sync"
@@ -165,6 +166,15 @@ func trackedSeries(dir string, v *volume, add func(string, time.Duration, string
 			defer f.Close()
 			pprof.StartCPUProfile(f)
 			defer pprof.StopCPUProfile()
+		}
+		if *goTrace != "" {
+			f, err := os.Create(*goTrace + "." + strings.Fields(what)[0])
+			if err != nil {
+				fatal(err.Error())
+			}
+			defer f.Close()
+			trace.Start(f)
+			defer trace.Stop()
 		}
 		for i := 0; i < 5; i++ {
 			v.change(20 << 20)
