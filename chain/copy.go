@@ -52,8 +52,12 @@ func sameBlobIDs(a, b *Reader) bool {
 // is a writer like a snapshot. When dst's newest snapshot of the volume is a copy of one
 // src still has, only the chunks that differ between that one and snap are read and
 // stored; otherwise every non-zero chunk is, except (with the same blob IDs) chunks dst
-// already holds. Copy snapshots oldest first so chains stay incremental.
+// already holds. Copy snapshots oldest first so chains stay incremental. st, if not nil,
+// adds up what was copied.
 func Copy(ctx context.Context, src *Reader, dst *Repository, snap *Snapshot, st *CopyStats) (*Snapshot, error) {
+	if st == nil {
+		st = &CopyStats{}
+	}
 	dstSnaps, _, err := dst.Snapshots(ctx)
 	if err != nil {
 		return nil, err

@@ -39,6 +39,9 @@ type leaseInfo struct {
 	Machine string `json:"machine,omitempty"`
 	Boot    string `json:"boot,omitempty"`
 	PIDNS   string `json:"pidns,omitempty"`
+	// Parent is the snapshot a writer builds on (its ID), if any: its chunks may be
+	// referenced without being stored again, so it is not deleted while the writer runs.
+	Parent string `json:"parent,omitempty"`
 }
 
 // processPlace is this process's machine, boot and PID namespace, read once.
@@ -87,10 +90,11 @@ func randomName() string {
 	return hex.EncodeToString(b)
 }
 
-// startLease writes the holder's start object and keeps refreshing until release.
-func startLease(ctx context.Context, r *Reader, t FileType, holder string) (*lease, error) {
+// startLease writes the holder's start object and keeps refreshing until release. parent
+// is a writer's parent snapshot's ID ("" for none, and for other leases).
+func startLease(ctx context.Context, r *Reader, t FileType, holder, parent string) (*lease, error) {
 	l := &lease{r: r, t: t, id: randomName(), stop: make(chan struct{}), stopped: make(chan struct{}),
-		info: leaseInfo{Holder: holder, Host: r.host, PID: os.Getpid(), Created: time.Now().UTC()}}
+		info: leaseInfo{Holder: holder, Host: r.host, PID: os.Getpid(), Created: time.Now().UTC(), Parent: parent}}
 	place := processPlace()
 	l.info.Machine, l.info.Boot, l.info.PIDNS = place[0], place[1], place[2]
 	// The start object is also the first sign of life (one round trip, not two).
@@ -266,7 +270,7 @@ func listHolders(ctx context.Context, r *Reader, t FileType) (live, stale []hold
 // Two that start at once may both give up (the caller retries); two never both hold it,
 // since each lists after writing and the storage's listing is consistent.
 func leaseLock(ctx context.Context, r *Reader, holder string) (func() error, error) {
-	l, err := startLease(ctx, r, LockFile, holder)
+	l, err := startLease(ctx, r, LockFile, holder, "")
 	if err != nil {
 		return nil, fmt.Errorf("lock repository: %w", err)
 	}

@@ -30,8 +30,9 @@ func TestWriterBeforeMarkBlocksDeletion(t *testing.T) {
 	r, _ := newRepo(t)
 	v := newVolume(rng, 1<<20, 16<<10)
 	old := v.snapshot(t, r, "old", false, nil)
-	// A writer starts now, and will reference old's chunks (a full scan of the same data).
-	w, err := r.NewSnapshot(ctx, chain.SnapshotOptions{Volume: "vol", Name: "late", Size: int64(len(v.data)), ChunkSize: v.chunkSize})
+	// A writer starts now, and will reference old's chunks (a full scan of the same data, as
+	// another volume: old is not its parent, which could not be deleted while it runs).
+	w, err := r.NewSnapshot(ctx, chain.SnapshotOptions{Volume: "copy", Name: "late", Size: int64(len(v.data)), ChunkSize: v.chunkSize})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -42,7 +43,9 @@ func TestWriterBeforeMarkBlocksDeletion(t *testing.T) {
 	}
 	// Meanwhile the old snapshot is deleted and gc runs: its packs are marked, not deleted.
 	unlock, _ := r.Lock(ctx, "t")
-	r.Delete(ctx, old)
+	if err := r.Delete(ctx, old); err != nil {
+		t.Fatal(err)
+	}
 	unlock()
 	st := gc(t, r)
 	if st.PacksDeleted != 0 || len(st.Waiting) == 0 || !strings.Contains(st.Waiting[0], "snapshot of") {

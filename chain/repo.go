@@ -52,6 +52,7 @@ var (
 	ErrNotFound      = errors.New("snapshot not found")
 	ErrNotLocked     = errors.New("repository deletion lock not held")
 	ErrProtected     = errors.New("snapshot is protected")
+	ErrInUse         = errors.New("a snapshot being taken builds on it")
 )
 
 // Options say how to open a repository.
@@ -564,8 +565,11 @@ func (r *Repository) Protect(ctx context.Context, s *Snapshot, on bool) error {
 }
 
 // Delete removes snapshots' manifests, with the deletion lock held. Their blobs stay until
-// GC; no other snapshot changes. A protected snapshot is refused (ErrProtected), and then
-// nothing is deleted.
+// GC; no other snapshot changes. A protected snapshot is refused (ErrProtected), and so is
+// the parent of a snapshot being taken (ErrInUse: the writer references its chunks without
+// storing them again, and gc cannot see an unfinished snapshot's references); then nothing
+// is deleted. A writer that names one of them as its parent while Delete runs gets it
+// back: its manifest is saved again, and Delete fails with ErrInUse.
 func (r *Repository) Delete(ctx context.Context, snaps ...*Snapshot) error {
 	if err := r.checkLocked(); err != nil {
 		return err
@@ -579,12 +583,71 @@ func (r *Repository) Delete(ctx context.Context, snaps ...*Snapshot) error {
 			return fmt.Errorf("%s/%s: %w; `stasis unprotect %s/%s` first", s.Volume, s.Name, ErrProtected, s.Volume, s.Name)
 		}
 	}
+	inUse := func() error {
+		building, err := r.parentsInUse(ctx)
+		if err != nil {
+			return err
+		}
+		for _, s := range snaps {
+			if who, ok := building[s.ID]; ok {
+				return fmt.Errorf("%s/%s: %w (%s); delete it when that snapshot has finished", s.Volume, s.Name, ErrInUse, who)
+			}
+		}
+		return nil
+	}
+	if err := inUse(); err != nil {
+		return err
+	}
+	saved := map[string][]byte{}
 	for _, s := range snaps {
-		if err := r.be.Remove(ctx, Handle{Type: SnapshotFile, Name: s.ID}); err != nil && !errors.Is(err, ErrNotExist) {
+		h := Handle{Type: SnapshotFile, Name: s.ID}
+		b, err := r.be.ReadAll(ctx, h)
+		if errors.Is(err, ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("delete snapshot %s/%s: %w", s.Volume, s.Name, err)
+		}
+		saved[s.ID] = b
+		if err := r.be.Remove(ctx, h); err != nil && !errors.Is(err, ErrNotExist) {
 			return fmt.Errorf("delete snapshot %s/%s: %w", s.Volume, s.Name, err)
 		}
 	}
-	return nil
+	// A writer that started meanwhile chose its parent before the removal and names it
+	// after the check above; it confirms the parent after naming it, so one of the two
+	// sees the other. Put back what such a writer builds on (or everything, if unsure).
+	building, err := r.parentsInUse(ctx)
+	var refused error
+	for _, s := range snaps {
+		who, used := building[s.ID]
+		if b := saved[s.ID]; b != nil && (used || err != nil) {
+			if serr := r.be.Save(ctx, Handle{Type: SnapshotFile, Name: s.ID}, b); serr != nil {
+				return fmt.Errorf("delete snapshot %s/%s: it may be in use by a snapshot being taken, and putting it back failed: %w", s.Volume, s.Name, serr)
+			}
+			if used && refused == nil {
+				refused = fmt.Errorf("%s/%s: %w (%s); delete it when that snapshot has finished", s.Volume, s.Name, ErrInUse, who)
+			}
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("delete snapshots: list the snapshots being taken: %w; nothing was deleted", err)
+	}
+	return refused
+}
+
+// parentsInUse maps the ID of each snapshot a live writer builds on to that writer.
+func (r *Reader) parentsInUse(ctx context.Context) (map[string]string, error) {
+	writers, _, err := listHolders(ctx, r, WriterFile)
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]string{}
+	for _, w := range writers {
+		if w.info.Parent != "" {
+			out[w.info.Parent] = fmt.Sprintf("%s, pid %d on %s", w.info.Holder, w.info.PID, w.info.Host)
+		}
+	}
+	return out, nil
 }
 
 // PackBytes is the total size of the pack files the index names: cheap, no tree walk.

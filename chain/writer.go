@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"golang.org/x/sync/errgroup"
+	"slices"
 	"sync"
 	"time"
 )
@@ -127,13 +128,26 @@ func (r *Repository) NewSnapshot(ctx context.Context, opts SnapshotOptions) (*Sn
 			return nil, err
 		}
 	}
-	// The heartbeat first: from now on gc keeps every pack this writer might dedup against
-	// (see gc.go), so the lists read below are at least as new as what gc assumes.
-	hb, err := startLease(ctx, r.Reader, WriterFile, fmt.Sprintf("snapshot of %s:%s", opts.Host, opts.Volume))
+	// The parent first, so the heartbeat can name it: from the heartbeat on, the parent is
+	// not deleted (Delete) and gc keeps every pack this writer might dedup against (see
+	// gc.go), so the lists read below are at least as new as what gc assumes.
+	snaps, _, err := r.Snapshots(ctx)
+	if err != nil {
+		return nil, err
+	}
+	parent, err := chooseParent(snaps, opts)
+	if err != nil {
+		return nil, err
+	}
+	parentID := ""
+	if parent != nil {
+		parentID = parent.ID
+	}
+	hb, err := startLease(ctx, r.Reader, WriterFile, fmt.Sprintf("snapshot of %s:%s", opts.Host, opts.Volume), parentID)
 	if err != nil {
 		return nil, fmt.Errorf("announce the snapshot in %s: %w", r.Location(), err)
 	}
-	w, err := r.newWriter(ctx, opts, now, hb)
+	w, err := r.newWriter(ctx, opts, now, hb, parent)
 	if err != nil {
 		hb.release()
 		return nil, err
@@ -141,7 +155,21 @@ func (r *Repository) NewSnapshot(ctx context.Context, opts SnapshotOptions) (*Sn
 	return w, nil
 }
 
-func (r *Repository) newWriter(ctx context.Context, opts SnapshotOptions, now time.Time, hb *lease) (*SnapshotWriter, error) {
+// chooseParent returns the snapshot a new one of opts.Volume builds on: opts.ParentID, or
+// the volume's newest; nil for none.
+func chooseParent(snaps []*Snapshot, opts SnapshotOptions) (*Snapshot, error) {
+	if opts.ParentID == "" {
+		return Latest(snaps, opts.Host, opts.Volume), nil
+	}
+	for _, s := range snaps {
+		if s.ID == opts.ParentID && s.Volume == opts.Volume && (s.Host == opts.Host || s.Host == "") {
+			return s, nil
+		}
+	}
+	return nil, fmt.Errorf("volume %s: parent snapshot %s is gone", opts.Volume, opts.ParentID)
+}
+
+func (r *Repository) newWriter(ctx context.Context, opts SnapshotOptions, now time.Time, hb *lease, parent *Snapshot) (*SnapshotWriter, error) {
 	// Three listings, each a round trip on object storage: at once.
 	var avoid, damaged map[ID]bool
 	var snaps []*Snapshot
@@ -152,23 +180,16 @@ func (r *Repository) newWriter(ctx context.Context, opts SnapshotOptions, now ti
 	if err := g.Wait(); err != nil {
 		return nil, err
 	}
+	// The parent was chosen before the heartbeat named it: if it was deleted meanwhile,
+	// Delete could not have seen the heartbeat, and its chunks may be gone.
+	if parent != nil && !slices.ContainsFunc(snaps, func(s *Snapshot) bool { return s.ID == parent.ID }) {
+		return nil, fmt.Errorf("volume %s: snapshot %s, the one this snapshot builds on, was deleted as it started: take the snapshot again", opts.Volume, parent.Name)
+	}
 	if opts.Name == "" {
 		opts.Name = uniqueName(snaps, opts.Host, opts.Volume, "manual_"+now.Format("20060102_150405"))
 	}
 	if err := ValidName("snapshot", opts.Name); err != nil {
 		return nil, err
-	}
-	parent := Latest(snaps, opts.Host, opts.Volume)
-	if opts.ParentID != "" {
-		parent = nil
-		for _, s := range snaps {
-			if s.ID == opts.ParentID && s.Volume == opts.Volume && (s.Host == opts.Host || s.Host == "") {
-				parent = s
-			}
-		}
-		if parent == nil {
-			return nil, fmt.Errorf("volume %s: parent snapshot %s is gone", opts.Volume, opts.ParentID)
-		}
 	}
 	for _, s := range snaps {
 		if s.Volume == opts.Volume && s.Name == opts.Name && (s.Host == opts.Host || s.Host == "") {

@@ -3,6 +3,7 @@
 package e2e
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"math/rand"
@@ -11,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stasis-project/stasis/test/testenv"
 )
@@ -269,4 +271,61 @@ func TestPruneFlags(t *testing.T) {
 	if out := testenv.MustStasis(t, "__complete", "export", "-r", repo, "v/"); !strings.Contains(out, "v/s3\nv/s4\n") {
 		t.Fatalf("completion of export: %q", out)
 	}
+}
+
+// TestDeleteRefusesRunningParent: while a snapshot is being taken (held in its freeze
+// window), deleting the snapshot it builds on is refused with the reason, and deletes
+// nothing; once it has finished the delete works, gc runs, and the new snapshot is exact.
+// Before, the parent's manifest went, and a gc while the new one ran could delete chunks it
+// had taken from its parent without storing them.
+func TestDeleteRefusesRunningParent(t *testing.T) {
+	dev, _ := testenv.LoopDevice(t, 128<<20)
+	testenv.Mkfs(t, "ext4", dev)
+	mnt := testenv.Mount(t, dev)
+	rng := rand.New(rand.NewSource(12))
+	f, err := os.Create(filepath.Join(mnt, "data"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	testenv.FillMixed(t, rng, f, 8<<20)
+	f.Sync()
+	repo := newRepo(t)
+	testenv.MustStasis(t, "snapshot", "-r", repo, "--source", mnt, "--volume", "v", "--name", "first")
+	testenv.Scribble(t, rng, f, 8<<20, 30)
+	f.Close()
+
+	frozen := filepath.Join(t.TempDir(), "frozen.img")
+	cmd := exec.Command(testenv.Binary(t), "snapshot", "-r", repo, "--source", mnt, "--volume", "v", "--name", "second", "--max-freeze", "30s")
+	cmd.Env = append(os.Environ(), "STASIS_TEST_FREEZE_HOOK="+copyDeviceHook(dev, frozen), "STASIS_TEST_HOLD_FREEZE=3s")
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		if _, err := os.Stat(frozen); err == nil {
+			break // inside the freeze window: the writer is running
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the snapshot never reached its freeze window: %s", out.String())
+		}
+	}
+	r := testenv.Stasis(t, "delete", "-r", repo, "v/first")
+	if r.Code == 0 || !strings.Contains(r.Stderr, "a snapshot being taken builds on it") || !strings.Contains(r.Stderr, "snapshot of") {
+		t.Fatalf("deleting the parent of a running snapshot: exit %d, %s", r.Code, r.Stderr)
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("snapshot: %v %s", err, out.String())
+	}
+	if n := len(list(t, repo)); n != 2 {
+		t.Fatalf("%d snapshots after the refused delete, want 2", n)
+	}
+	testenv.MustStasis(t, "delete", "-r", repo, "v/first")
+	testenv.MustStasis(t, "gc", "-r", repo)
+	img := filepath.Join(t.TempDir(), "second.img")
+	testenv.MustStasis(t, "export", "-r", repo, "v/second", img)
+	assertSameAllocated(t, "ext4", frozen, img, "the snapshot taken while its parent's delete was refused")
+	testenv.MustStasis(t, "verify", "-r", repo, "--read-data")
 }
