@@ -366,7 +366,15 @@ func (v *Volume) prepare(ctx context.Context, r *chain.Repository, req Request, 
 
 	// A tracked incremental needs a tracker that has run since this volume's newest
 	// snapshot froze, that snapshot still there, on the same device and filesystems.
+	var damaged int
+	var derr error
+	listed := make(chan struct{})
+	go func() { damaged, derr = r.DamagedBlobs(ctx); close(listed) }() // a round trip on S3: meanwhile
 	snaps, _, err := r.Snapshots(ctx)
+	<-listed
+	if err == nil {
+		err = derr
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -383,6 +391,8 @@ func (v *Volume) prepare(ctx context.Context, r *chain.Repository, req Request, 
 		p.fullReason = "no tracker was running since the previous snapshot"
 	case parent.ID != v.trackOf.snapshot:
 		p.fullReason = "the tracker's changes are relative to another snapshot than the newest"
+	case damaged > 0:
+		p.fullReason = fmt.Sprintf("verify found %d damaged chunks in the repository: reading the volume whole stores them again (`stasis repair` then clears the damage list)", damaged)
 	default:
 		if d := v.trackOf.identity.Differs(p.identity); d != "" {
 			p.fullReason = "the source is not the one tracked: " + d
@@ -394,6 +404,11 @@ func (v *Volume) prepare(ctx context.Context, r *chain.Repository, req Request, 
 	}
 	so.Volume, so.Name, so.Kind, so.Tags, so.Note = v.spec.Name, req.Name, req.Kind, req.Tags, req.Note
 	so.Size, so.ChunkSize, so.Source, so.Identity, so.FromParent = src.Size, v.spec.ChunkSize, v.spec.Source, p.identity, tracked
+	if tracked {
+		// The tracker's changes are relative to this parent: build on it, not on whatever
+		// is newest when the writer starts (it fails if the parent was deleted meanwhile).
+		so.ParentID = parent.ID
+	}
 	if p.w, err = r.NewSnapshot(ctx, so); err != nil {
 		return nil, err
 	}

@@ -101,3 +101,11 @@ func damagedBlobs(ctx context.Context, r *Reader) (map[ID]bool, error) {
 	}
 	return out, nil
 }
+
+// DamagedBlobs counts the blobs verify found damaged that `repair` has not dealt with yet.
+// A snapshot that keeps its parent's unchanged chunks would keep damaged ones too: while
+// there are any, the agent reads volumes whole, which stores them again.
+func (r *Reader) DamagedBlobs(ctx context.Context) (int, error) {
+	d, err := damagedBlobs(ctx, r)
+	return len(d), err
+}

@@ -233,3 +233,74 @@ func packFiles(t *testing.T, repo string) []string {
 	m, _ := filepath.Glob(filepath.Join(repo, "packs", "*", "*"))
 	return m
 }
+
+// TestTrackedSnapshotAfterDamage: once verify has found damaged chunks, the agent's next
+// snapshot of a tracked volume reads it whole instead of keeping its parent's unchanged
+// chunks (which would keep the damaged ones), says why, and stores the damaged chunks
+// again, healing the older snapshots: repair then finds no damaged snapshot, and the
+// snapshot after that is tracked again.
+func TestTrackedSnapshotAfterDamage(t *testing.T) {
+	dev, _ := testenv.LoopDevice(t, 128<<20)
+	testenv.Mkfs(t, "ext4", dev)
+	mnt := testenv.Mount(t, dev)
+	rng := rand.New(rand.NewSource(21))
+	f, err := os.Create(filepath.Join(mnt, "data"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	testenv.FillMixed(t, rng, f, 16<<20)
+	f.Close()
+	a := startAgent(t, fmt.Sprintf("volumes:\n  - name: v\n    source: %s\n    schedules: []\n", mnt))
+	a.snapshot(t, "v", "s0")
+	touch := func(name string) {
+		if err := os.WriteFile(filepath.Join(mnt, name), []byte(name), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	touch("one")
+	if s := a.snapshot(t, "v", "s1")[0]; s.Capture["tracking"] != "tracked" {
+		t.Fatalf("s1 is not tracked: %v", s.Capture)
+	}
+	// Damage the biggest pack: s0's, with most of data's chunks, which no later change touches.
+	var biggest string
+	var size int64
+	for _, p := range packFiles(t, a.repo) {
+		if st, err := os.Stat(p); err == nil && st.Size() > size {
+			biggest, size = p, st.Size()
+		}
+	}
+	pf, err := os.OpenFile(biggest, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for off := int64(4096); off < size; off += size / 8 {
+		b := make([]byte, 1)
+		pf.ReadAt(b, off)
+		b[0] ^= 0x5a
+		pf.WriteAt(b, off)
+	}
+	pf.Close()
+	if r := testenv.Stasis(t, "verify", "-r", a.repo, "--read-data"); r.Code != 3 {
+		t.Fatalf("verify --read-data of a damaged pack: exit %d\n%s%s", r.Code, r.Stdout, r.Stderr)
+	}
+
+	touch("two")
+	s := a.snapshot(t, "v", "s2")[0]
+	if s.Capture["tracking"] == "tracked" || !strings.Contains(fmt.Sprint(s.Capture["full_scan"]), "damaged") {
+		t.Fatalf("the snapshot after damage was found kept its parent's chunks: %v", s.Capture)
+	}
+	r := testenv.Stasis(t, "repair", "-r", a.repo, "--json")
+	var rep struct {
+		Damaged map[string]bool `json:"damaged_snapshots"`
+	}
+	if r.Code != 0 || json.Unmarshal([]byte(r.Stdout), &rep) != nil || len(rep.Damaged) != 0 {
+		t.Fatalf("repair after the healing snapshot: exit %d\n%s%s", r.Code, r.Stdout, r.Stderr)
+	}
+	testenv.MustStasis(t, "gc", "-r", a.repo)
+	testenv.MustStasis(t, "gc", "-r", a.repo) // the rewritten pack goes once its deletion list is swept
+	testenv.MustStasis(t, "verify", "-r", a.repo, "--read-data")
+	touch("three")
+	if s := a.snapshot(t, "v", "s3")[0]; s.Capture["tracking"] != "tracked" {
+		t.Fatalf("tracking did not resume after repair: %v", s.Capture)
+	}
+}
