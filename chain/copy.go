@@ -79,8 +79,14 @@ func Copy(ctx context.Context, src *Reader, dst *Repository, snap *Snapshot, st 
 		Group: snap.Group, GroupID: snap.GroupID, Tags: snap.Tags, Note: snap.Note, Now: snap.Created}
 	// The base: the destination's newest copy of this volume whose original the source
 	// still has, with the same geometry.
+	// With damage in the destination, every chunk is copied again: unchanged ones kept from
+	// the base could be damaged ones.
 	var base *Snapshot
-	if p := Latest(dstSnaps, host, snap.Volume); p != nil && p.SizeBytes == snap.SizeBytes && p.ChunkSize == snap.ChunkSize {
+	damaged, err := dst.DamagedBlobs(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if p := Latest(dstSnaps, host, snap.Volume); damaged == 0 && p != nil && p.SizeBytes == snap.SizeBytes && p.ChunkSize == snap.ChunkSize {
 		if orig := CopyOf(srcSnaps, p); orig != nil && orig.SizeBytes == p.SizeBytes && orig.ChunkSize == p.ChunkSize {
 			base = orig
 			opts.ParentID, opts.FromParent = p.ID, true

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"math/rand"
+	"strings"
 	"testing"
 
 	"github.com/stasis-project/stasis/chain"
@@ -137,5 +138,46 @@ func TestCopyAfterSourceLostTheBase(t *testing.T) {
 	}
 	if st.ChunksRead == 0 {
 		t.Fatal("full copy read nothing")
+	}
+}
+
+// TestDamageStopsInheritance: while verify's damage lists name blobs, no snapshot keeps its
+// parent's unchanged chunks: an incremental is refused (the agent reads the volume whole
+// instead), and a copy into the damaged repository copies every chunk again, so the new copy
+// reads back whole and repair finds no damaged snapshot but the old copy.
+func TestDamageStopsInheritance(t *testing.T) {
+	ctx := context.Background()
+	rng := rand.New(rand.NewSource(6))
+	src, _ := newRepo(t)
+	dst, dbe := newRepo(t)
+	v := newVolume(rng, 1<<20, 16<<10)
+	one, err := chain.Copy(ctx, src.Reader, dst, v.snapshot(t, src, "one", false, nil), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dbe.List(ctx, chain.PackFile, func(fi chain.FileInfo) error {
+		dbe.Corrupt(chain.Handle{Type: chain.PackFile, Name: fi.Name}, 16+10) // the first blob
+		return nil
+	})
+	if rep, err := dst.Verify(ctx, true, nil); err != nil || rep.OK() {
+		t.Fatalf("verify of a damaged pack: %v %+v", err, rep)
+	}
+	_, err = dst.NewSnapshot(ctx, chain.SnapshotOptions{Volume: "vol", Size: int64(len(v.data)), ChunkSize: v.chunkSize, FromParent: true})
+	if err == nil || !strings.Contains(err.Error(), "damaged") {
+		t.Fatalf("an incremental on a damaged parent: %v", err)
+	}
+	v.scribble(rng, 3)
+	two, err := chain.Copy(ctx, src.Reader, dst, v.snapshot(t, src, "two", false, nil), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(readAll(t, dst.Reader, two), v.data) {
+		t.Fatal("the copy made after damage does not read back")
+	}
+	unlock, _ := dst.Lock(ctx, "t")
+	rep, err := dst.Repair(ctx)
+	unlock()
+	if err != nil || rep.Damaged[two.ID] {
+		t.Fatalf("repair: %v, damaged %v (the new copy is %s, the old %s)", err, rep.Damaged, two.ID, one.ID)
 	}
 }

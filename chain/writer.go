@@ -228,6 +228,10 @@ func (r *Repository) newWriter(ctx context.Context, opts SnapshotOptions, now ti
 			if parent.SizeBytes != opts.Size {
 				return nil, fmt.Errorf("volume %s changed size (%d → %d bytes): take a full scan", opts.Volume, parent.SizeBytes, opts.Size)
 			}
+			if len(damaged) > 0 {
+				// Unchanged chunks would be the parent's, damaged ones included.
+				return nil, fmt.Errorf("volume %s: verify found %d damaged chunks in %s, which an incremental would keep: take a full scan, which stores them again", opts.Volume, len(damaged), r.Location())
+			}
 			base = parent.Root
 		}
 	} else if opts.FromParent {
