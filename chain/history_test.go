@@ -25,7 +25,7 @@ import (
 // listing holds exactly the model's snapshots; at the end verify reads every pack of both
 // repositories and finds nothing wrong. A failure names the seed and the step.
 func TestRandomHistories(t *testing.T) {
-	seeds, steps := 16, 45
+	seeds, steps := 12, 40
 	if testing.Short() {
 		seeds = 4
 	}
