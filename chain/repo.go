@@ -583,20 +583,17 @@ func (r *Repository) Delete(ctx context.Context, snaps ...*Snapshot) error {
 			return fmt.Errorf("%s/%s: %w; `stasis unprotect %s/%s` first", s.Volume, s.Name, ErrProtected, s.Volume, s.Name)
 		}
 	}
-	inUse := func() error {
-		building, err := r.parentsInUse(ctx)
-		if err != nil {
-			return err
-		}
-		for _, s := range snaps {
-			if who, ok := building[s.ID]; ok {
-				return fmt.Errorf("%s/%s: %w (%s); delete it when that snapshot has finished", s.Volume, s.Name, ErrInUse, who)
-			}
-		}
-		return nil
+	inUse := func(s *Snapshot, who string) error {
+		return fmt.Errorf("%s/%s: %w (%s); delete it when that snapshot has finished", s.Volume, s.Name, ErrInUse, who)
 	}
-	if err := inUse(); err != nil {
+	building, err := r.parentsInUse(ctx)
+	if err != nil {
 		return err
+	}
+	for _, s := range snaps {
+		if who, ok := building[s.ID]; ok {
+			return inUse(s, who)
+		}
 	}
 	saved := map[string][]byte{}
 	for _, s := range snaps {
@@ -616,7 +613,7 @@ func (r *Repository) Delete(ctx context.Context, snaps ...*Snapshot) error {
 	// A writer that started meanwhile chose its parent before the removal and names it
 	// after the check above; it confirms the parent after naming it, so one of the two
 	// sees the other. Put back what such a writer builds on (or everything, if unsure).
-	building, err := r.parentsInUse(ctx)
+	building, err = r.parentsInUse(ctx)
 	var refused error
 	for _, s := range snaps {
 		who, used := building[s.ID]
@@ -625,7 +622,7 @@ func (r *Repository) Delete(ctx context.Context, snaps ...*Snapshot) error {
 				return fmt.Errorf("delete snapshot %s/%s: it may be in use by a snapshot being taken, and putting it back failed: %w", s.Volume, s.Name, serr)
 			}
 			if used && refused == nil {
-				refused = fmt.Errorf("%s/%s: %w (%s); delete it when that snapshot has finished", s.Volume, s.Name, ErrInUse, who)
+				refused = inUse(s, who)
 			}
 		}
 	}
