@@ -404,11 +404,9 @@ func (v *Volume) prepare(ctx context.Context, r *chain.Repository, req Request, 
 	}
 	so.Volume, so.Name, so.Kind, so.Tags, so.Note = v.spec.Name, req.Name, req.Kind, req.Tags, req.Note
 	so.Size, so.ChunkSize, so.Source, so.Identity, so.FromParent = src.Size, v.spec.ChunkSize, v.spec.Source, p.identity, tracked
-	if tracked {
-		// The tracker's changes are relative to this parent: build on it, not on whatever
-		// is newest when the writer starts (it fails if the parent was deleted meanwhile).
-		so.ParentID = parent.ID
-	}
+	// The parent just listed (the tracker's changes are relative to it): the writer builds
+	// on it, not on whatever is newest when it starts, and fails if it was deleted meanwhile.
+	so.Parent = parent
 	if p.w, err = r.NewSnapshot(ctx, so); err != nil {
 		return nil, err
 	}

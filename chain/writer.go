@@ -42,7 +42,11 @@ type SnapshotOptions struct {
 	// ParentID names the parent (a snapshot of the same host and volume) instead of the
 	// newest one: copies build on the copy of the source's parent.
 	ParentID string
-	Now      time.Time // creation time; zero means time.Now()
+	// Parent, if set, is the parent as the caller has just listed it (instead of ParentID):
+	// it saves NewSnapshot a listing. Either way the parent is confirmed after the writer's
+	// heartbeat names it.
+	Parent *Snapshot
+	Now    time.Time // creation time; zero means time.Now()
 }
 
 // WriteStats counts what a snapshot writer stored.
@@ -131,13 +135,17 @@ func (r *Repository) NewSnapshot(ctx context.Context, opts SnapshotOptions) (*Sn
 	// The parent first, so the heartbeat can name it: from the heartbeat on, the parent is
 	// not deleted (Delete) and gc keeps every pack this writer might dedup against (see
 	// gc.go), so the lists read below are at least as new as what gc assumes.
-	snaps, _, err := r.Snapshots(ctx)
-	if err != nil {
-		return nil, err
-	}
-	parent, err := chooseParent(snaps, opts)
-	if err != nil {
-		return nil, err
+	parent := opts.Parent
+	if parent == nil {
+		snaps, _, err := r.Snapshots(ctx)
+		if err != nil {
+			return nil, err
+		}
+		if parent, err = chooseParent(snaps, opts); err != nil {
+			return nil, err
+		}
+	} else if parent.Volume != opts.Volume || (parent.Host != opts.Host && parent.Host != "") {
+		return nil, fmt.Errorf("volume %s: snapshot %s/%s of %s cannot be its parent", opts.Volume, parent.Volume, parent.Name, parent.Host)
 	}
 	parentID := ""
 	if parent != nil {
