@@ -17,13 +17,15 @@ import (
 // TestRandomHistories drives repositories through random sequences of their operations and
 // checks them against a model after every step. Operations: full and incremental snapshots
 // of two volumes that keep changing (small edits, whole chunks zeroed, chunks duplicated
-// from elsewhere, the volume's size changed), a snapshot aborted half-written, a snapshot
-// that stays open while another is deleted and gc runs, deletes of any snapshot,
-// protection, gc at several thresholds, reopening the repository from its backend with a
-// new cache, copies into a second repository and deletes and gc there. After each step
-// every snapshot the model holds reads back bit for bit from its repository and the
-// listing holds exactly the model's snapshots; at the end verify reads every pack of both
-// repositories and finds nothing wrong. A failure names the seed and the step.
+// from elsewhere or restored from older images, the volume resized), a snapshot aborted
+// half-written, a snapshot open while another is deleted and gc runs (deleting its parent
+// must be refused), a snapshot started after gc marked packs and still running when they
+// go, deletes of any snapshot, protection, gc at several thresholds, reopening the
+// repository with a new cache, copies into a second repository and deletes and gc there.
+// After each step every snapshot the model holds reads back bit for bit and the listing
+// holds exactly the model's snapshots; at the end verify reads every pack of both
+// repositories and finds nothing wrong. One of the two is encrypted. A failure names the
+// seed and the step.
 func TestRandomHistories(t *testing.T) {
 	seeds, steps := 12, 40
 	if testing.Short() {
@@ -38,6 +40,7 @@ func TestRandomHistories(t *testing.T) {
 type histRepo struct {
 	r      *chain.Repository
 	be     *memory.Backend
+	opts   chain.Options // to reopen it
 	images map[string][]byte
 	snaps  map[string]*chain.Snapshot
 }
@@ -45,11 +48,19 @@ type histRepo struct {
 func randomHistory(t *testing.T, seed int64, steps int) {
 	ctx := context.Background()
 	rng := rand.New(rand.NewSource(seed))
-	newHist := func() *histRepo {
-		r, be := newRepo(t)
-		return &histRepo{r: r, be: be, images: map[string][]byte{}, snaps: map[string]*chain.Snapshot{}}
+	newHist := func(encrypted bool) *histRepo {
+		h := &histRepo{images: map[string][]byte{}, snaps: map[string]*chain.Snapshot{}}
+		if encrypted {
+			h.r, h.be = newEncryptedRepo(t)
+			h.opts.Password = password("correct horse")
+		} else {
+			h.r, h.be = newRepo(t)
+		}
+		return h
 	}
-	src, dst := newHist(), newHist()
+	// Odd seeds keep the source encrypted, even ones the copy: sealed manifests, keyed IDs
+	// and copies between repositories with different blob IDs.
+	src, dst := newHist(seed%2 == 1), newHist(seed%2 == 0)
 	vols := map[string]*volume{
 		"a": newVolume(rng, 1<<20+rng.Intn(1<<16), 16<<10),
 		"b": newVolume(rng, 512<<10, 64<<10),
@@ -250,7 +261,7 @@ func randomHistory(t *testing.T, seed int64, steps int) {
 			}
 		case op == 9:
 			what = "reopen"
-			src.r = openRepo(t, src.be, chain.Options{})
+			src.r = openRepo(t, src.be, src.opts)
 		case op == 10:
 			what = "copy"
 			if s := pick(src); s != nil {
