@@ -366,10 +366,10 @@ func (v *Volume) prepare(ctx context.Context, r *chain.Repository, req Request, 
 
 	// A tracked incremental needs a tracker that has run since this volume's newest
 	// snapshot froze, that snapshot still there, on the same device and filesystems.
-	var damaged int
+	var damaged map[chain.ID]bool
 	var derr error
 	listed := make(chan struct{})
-	go func() { damaged, derr = r.DamagedBlobs(ctx); close(listed) }() // a round trip on S3: meanwhile
+	go func() { damaged, derr = r.Damaged(ctx); close(listed) }() // a round trip on S3: meanwhile
 	snaps, _, err := r.Snapshots(ctx)
 	<-listed
 	if err == nil {
@@ -379,6 +379,10 @@ func (v *Volume) prepare(ctx context.Context, r *chain.Repository, req Request, 
 		return nil, err
 	}
 	parent := chain.Latest(snaps, r.Host(), v.spec.Name)
+	inherits, err := r.ReferencesAny(ctx, parent, damaged) // only reads when verify found damage
+	if err != nil {
+		return nil, err
+	}
 	if d := otherSource(parent, p.identity, v.spec.Source); d != "" && !req.Force {
 		return nil, fmt.Errorf("volume %s's chain was made from another source (%s): refusing to add this one to it; give the snapshot another volume name, or --force to continue the chain anyway", v.spec.Name, d)
 	}
@@ -391,8 +395,8 @@ func (v *Volume) prepare(ctx context.Context, r *chain.Repository, req Request, 
 		p.fullReason = "no tracker was running since the previous snapshot"
 	case parent.ID != v.trackOf.snapshot:
 		p.fullReason = "the tracker's changes are relative to another snapshot than the newest"
-	case damaged > 0:
-		p.fullReason = fmt.Sprintf("verify found %d damaged chunks in the repository: reading the volume whole stores them again (`stasis repair` then clears the damage list)", damaged)
+	case inherits:
+		p.fullReason = "the previous snapshot references chunks verify found damaged: reading the volume whole stores them again (`stasis repair` then clears the damage list)"
 	default:
 		if d := v.trackOf.identity.Differs(p.identity); d != "" {
 			p.fullReason = "the source is not the one tracked: " + d

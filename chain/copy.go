@@ -78,16 +78,20 @@ func Copy(ctx context.Context, src *Reader, dst *Repository, snap *Snapshot, st 
 		Size: snap.SizeBytes, ChunkSize: snap.ChunkSize, Source: snap.Source, Host: host, Identity: snap.Identity,
 		Group: snap.Group, GroupID: snap.GroupID, Tags: snap.Tags, Note: snap.Note, Now: snap.Created}
 	// The base: the destination's newest copy of this volume whose original the source
-	// still has, with the same geometry.
-	// With damage in the destination, every chunk is copied again: unchanged ones kept from
-	// the base could be damaged ones.
+	// still has, with the same geometry, and which references no damaged blob (unchanged
+	// chunks kept from it could be damaged ones: then every chunk is copied again).
 	var base *Snapshot
-	damaged, err := dst.DamagedBlobs(ctx)
+	damaged, err := dst.Damaged(ctx)
 	if err != nil {
 		return nil, err
 	}
-	if p := Latest(dstSnaps, host, snap.Volume); damaged == 0 && p != nil && p.SizeBytes == snap.SizeBytes && p.ChunkSize == snap.ChunkSize {
-		if orig := CopyOf(srcSnaps, p); orig != nil && orig.SizeBytes == p.SizeBytes && orig.ChunkSize == p.ChunkSize {
+	if p := Latest(dstSnaps, host, snap.Volume); p != nil && p.SizeBytes == snap.SizeBytes && p.ChunkSize == snap.ChunkSize {
+		orig := CopyOf(srcSnaps, p)
+		bad, err := dst.ReferencesAny(ctx, p, damaged)
+		if err != nil {
+			return nil, err
+		}
+		if orig != nil && orig.SizeBytes == p.SizeBytes && orig.ChunkSize == p.ChunkSize && !bad {
 			base = orig
 			opts.ParentID, opts.FromParent = p.ID, true
 		}

@@ -180,4 +180,71 @@ func TestDamageStopsInheritance(t *testing.T) {
 	if err != nil || rep.Damaged[two.ID] {
 		t.Fatalf("repair: %v, damaged %v (the new copy is %s, the old %s)", err, rep.Damaged, two.ID, one.ID)
 	}
+	// Damage beyond repair that the newest copy does not reference (a volume copied, damaged
+	// and deleted) does not stop incrementals on it.
+	packs := func() map[string]bool {
+		m := map[string]bool{}
+		dbe.List(ctx, chain.PackFile, func(fi chain.FileInfo) error { m[fi.Name] = true; return nil })
+		return m
+	}
+	before := packs()
+	w := newVolume(rng, 256<<10, 16<<10)
+	x, err := chain.Copy(ctx, src.Reader, dst, w.snapshotOf(t, src, "other", "x", false, nil), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for p := range packs() {
+		if !before[p] {
+			dbe.Corrupt(chain.Handle{Type: chain.PackFile, Name: p}, 16+10)
+		}
+	}
+	if rep, err := dst.Verify(ctx, true, nil); err != nil || rep.Damaged[x.ID] == "" {
+		t.Fatalf("verify of the damaged copy x: %v %+v", err, rep)
+	}
+	unlock, _ = dst.Lock(ctx, "t")
+	if err := dst.Delete(ctx, x); err != nil {
+		t.Fatal(err)
+	}
+	rep, err = dst.Repair(ctx)
+	unlock()
+	if err != nil || len(rep.Unrecoverable) == 0 {
+		t.Fatalf("repair after x's damage: %v, %+v", err, rep)
+	}
+	w2, err := dst.NewSnapshot(ctx, chain.SnapshotOptions{Volume: "vol", Size: int64(len(v.data)), ChunkSize: v.chunkSize, FromParent: true})
+	if err != nil {
+		t.Fatalf("an incremental on a copy that references no damaged blob: %v", err)
+	}
+	w2.Abort()
+	v.scribble(rng, 3)
+	three, err := chain.Copy(ctx, src.Reader, dst, v.snapshot(t, src, "three", false, nil), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(readAll(t, dst.Reader, three), v.data) {
+		t.Fatal("the incremental copy after repair does not read back")
+	}
+}
+
+// TestReferencesAny: a snapshot references the blobs of its chunks and of its block map's
+// pages, root and inner, and nothing else.
+func TestReferencesAny(t *testing.T) {
+	ctx := context.Background()
+	rng := rand.New(rand.NewSource(7))
+	r, _ := newRepo(t)
+	v := newVolume(rng, (chain.Fanout+10)*(4<<10), 4<<10) // two levels of pages
+	s := v.snapshot(t, r, "s", false, nil)
+	var leaf chain.ID
+	r.SnapshotReader(s).Walk(ctx, func(_ int64, id chain.ID) error { leaf = id; return nil })
+	pages := chain.PageIDs(ctx, r.Reader, s)
+	if len(pages) == 0 || leaf.IsZero() {
+		t.Fatalf("no inner page (%d) or no chunk", len(pages))
+	}
+	for what, id := range map[string]chain.ID{"a chunk": leaf, "the root": s.Root, "an inner page": pages[len(pages)-1]} {
+		if got, err := r.ReferencesAny(ctx, s, map[chain.ID]bool{id: true}); err != nil || !got {
+			t.Errorf("%s: %v, %v", what, got, err)
+		}
+	}
+	if got, err := r.ReferencesAny(ctx, s, map[chain.ID]bool{chain.Hash([]byte("elsewhere")): true}); err != nil || got {
+		t.Errorf("an unrelated blob: %v, %v", got, err)
+	}
 }

@@ -80,3 +80,15 @@ func SetPackTarget(t testing.TB, n int) {
 	packTarget = n
 	t.Cleanup(func() { packTarget = old })
 }
+
+// PageIDs lists the pages of a snapshot's block map below its root.
+func PageIDs(ctx context.Context, r *Reader, s *Snapshot) []ID {
+	var ids []ID
+	newTreeReader(r, s.Root, s.Chunks()).walk(ctx, func(id ID, _ int) bool {
+		if id != s.Root {
+			ids = append(ids, id)
+		}
+		return true
+	}, func(int64, ID) error { return nil })
+	return ids
+}

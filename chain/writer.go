@@ -236,9 +236,12 @@ func (r *Repository) newWriter(ctx context.Context, opts SnapshotOptions, now ti
 			if parent.SizeBytes != opts.Size {
 				return nil, fmt.Errorf("volume %s changed size (%d → %d bytes): take a full scan", opts.Volume, parent.SizeBytes, opts.Size)
 			}
-			if len(damaged) > 0 {
-				// Unchanged chunks would be the parent's, damaged ones included.
-				return nil, fmt.Errorf("volume %s: verify found %d damaged chunks in %s, which an incremental would keep: take a full scan, which stores them again", opts.Volume, len(damaged), r.Location())
+			// Unchanged chunks would be the parent's, damaged ones included.
+			if bad, err := r.ReferencesAny(ctx, parent, damaged); err != nil || bad {
+				if err == nil {
+					err = fmt.Errorf("verify found damaged chunks in %s that %s/%s references, which an incremental would keep: take a full scan, which stores them again", r.Location(), parent.Volume, parent.Name)
+				}
+				return nil, fmt.Errorf("volume %s: %w", opts.Volume, err)
 			}
 			base = parent.Root
 		}
