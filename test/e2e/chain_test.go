@@ -302,8 +302,12 @@ func TestDeleteRefusesRunningParent(t *testing.T) {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
+	var waitErr error
+	waited := make(chan struct{})
+	go func() { waitErr = cmd.Wait(); close(waited) }()
+	// Registered after the mount's: runs before it, so a failed test does not leave the
+	// snapshot holding the filesystem (frozen, busy) while the mount and loop device go.
+	t.Cleanup(func() { cmd.Process.Kill(); <-waited })
 	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(50 * time.Millisecond) {
 		if _, err := os.Stat(frozen); err == nil {
 			break // inside the freeze window: the writer is running
@@ -316,8 +320,8 @@ func TestDeleteRefusesRunningParent(t *testing.T) {
 	if r.Code == 0 || !strings.Contains(r.Stderr, "a snapshot being taken builds on it") || !strings.Contains(r.Stderr, "snapshot of") {
 		t.Fatalf("deleting the parent of a running snapshot: exit %d, %s", r.Code, r.Stderr)
 	}
-	if err := <-done; err != nil {
-		t.Fatalf("snapshot: %v %s", err, out.String())
+	if <-waited; waitErr != nil {
+		t.Fatalf("snapshot: %v %s", waitErr, out.String())
 	}
 	if n := len(list(t, repo)); n != 2 {
 		t.Fatalf("%d snapshots after the refused delete, want 2", n)
