@@ -134,34 +134,43 @@ func (r *Repository) NewSnapshot(ctx context.Context, opts SnapshotOptions) (*Sn
 	}
 	// The parent first, so the heartbeat can name it: from the heartbeat on, the parent is
 	// not deleted (Delete) and gc keeps every pack this writer might dedup against (see
-	// gc.go), so the lists read below are at least as new as what gc assumes.
-	parent := opts.Parent
-	if parent == nil {
-		snaps, _, err := r.Snapshots(ctx)
+	// gc.go), so the lists read below are at least as new as what gc assumes. A newest
+	// snapshot deleted in between is chosen again; a parent the caller named is not.
+	for attempt := 1; ; attempt++ {
+		parent := opts.Parent
+		if parent == nil {
+			snaps, _, err := r.Snapshots(ctx)
+			if err != nil {
+				return nil, err
+			}
+			if parent, err = chooseParent(snaps, opts); err != nil {
+				return nil, err
+			}
+		} else if parent.Volume != opts.Volume || (parent.Host != opts.Host && parent.Host != "") {
+			return nil, fmt.Errorf("volume %s: snapshot %s/%s of %s cannot be its parent", opts.Volume, parent.Volume, parent.Name, parent.Host)
+		}
+		parentID := ""
+		if parent != nil {
+			parentID = parent.ID
+		}
+		hb, err := startLease(ctx, r.Reader, WriterFile, fmt.Sprintf("snapshot of %s:%s", opts.Host, opts.Volume), parentID)
 		if err != nil {
+			return nil, fmt.Errorf("announce the snapshot in %s: %w", r.Location(), err)
+		}
+		w, err := r.newWriter(ctx, opts, now, hb, parent)
+		if err != nil {
+			hb.release()
+			if errors.Is(err, errParentGone) && opts.Parent == nil && opts.ParentID == "" && attempt < 3 {
+				continue
+			}
 			return nil, err
 		}
-		if parent, err = chooseParent(snaps, opts); err != nil {
-			return nil, err
-		}
-	} else if parent.Volume != opts.Volume || (parent.Host != opts.Host && parent.Host != "") {
-		return nil, fmt.Errorf("volume %s: snapshot %s/%s of %s cannot be its parent", opts.Volume, parent.Volume, parent.Name, parent.Host)
+		return w, nil
 	}
-	parentID := ""
-	if parent != nil {
-		parentID = parent.ID
-	}
-	hb, err := startLease(ctx, r.Reader, WriterFile, fmt.Sprintf("snapshot of %s:%s", opts.Host, opts.Volume), parentID)
-	if err != nil {
-		return nil, fmt.Errorf("announce the snapshot in %s: %w", r.Location(), err)
-	}
-	w, err := r.newWriter(ctx, opts, now, hb, parent)
-	if err != nil {
-		hb.release()
-		return nil, err
-	}
-	return w, nil
 }
+
+// errParentGone: the parent a writer chose was deleted before its heartbeat named it.
+var errParentGone = errors.New("was deleted as this snapshot started: take the snapshot again")
 
 // chooseParent returns the snapshot a new one of opts.Volume builds on: opts.ParentID, or
 // the volume's newest; nil for none.
@@ -191,7 +200,7 @@ func (r *Repository) newWriter(ctx context.Context, opts SnapshotOptions, now ti
 	// The parent was chosen before the heartbeat named it: if it was deleted meanwhile,
 	// Delete could not have seen the heartbeat, and its chunks may be gone.
 	if parent != nil && !slices.ContainsFunc(snaps, func(s *Snapshot) bool { return s.ID == parent.ID }) {
-		return nil, fmt.Errorf("volume %s: snapshot %s, the one this snapshot builds on, was deleted as it started: take the snapshot again", opts.Volume, parent.Name)
+		return nil, fmt.Errorf("volume %s: snapshot %s, the one this snapshot builds on, %w", opts.Volume, parent.Name, errParentGone)
 	}
 	if opts.Name == "" {
 		opts.Name = uniqueName(snaps, opts.Host, opts.Volume, "manual_"+now.Format("20060102_150405"))
