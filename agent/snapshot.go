@@ -366,23 +366,11 @@ func (v *Volume) prepare(ctx context.Context, r *chain.Repository, req Request, 
 
 	// A tracked incremental needs a tracker that has run since this volume's newest
 	// snapshot froze, that snapshot still there, on the same device and filesystems.
-	var damaged map[chain.ID]bool
-	var derr error
-	listed := make(chan struct{})
-	go func() { damaged, derr = r.Damaged(ctx); close(listed) }() // a round trip on S3: meanwhile
 	snaps, _, err := r.Snapshots(ctx)
-	<-listed
-	if err == nil {
-		err = derr
-	}
 	if err != nil {
 		return nil, err
 	}
 	parent := chain.Latest(snaps, r.Host(), v.spec.Name)
-	inherits, err := r.ReferencesAny(ctx, parent, damaged) // only reads when verify found damage
-	if err != nil {
-		return nil, err
-	}
 	if d := otherSource(parent, p.identity, v.spec.Source); d != "" && !req.Force {
 		return nil, fmt.Errorf("volume %s's chain was made from another source (%s): refusing to add this one to it; give the snapshot another volume name, or --force to continue the chain anyway", v.spec.Name, d)
 	}
@@ -395,23 +383,27 @@ func (v *Volume) prepare(ctx context.Context, r *chain.Repository, req Request, 
 		p.fullReason = "no tracker was running since the previous snapshot"
 	case parent.ID != v.trackOf.snapshot:
 		p.fullReason = "the tracker's changes are relative to another snapshot than the newest"
-	case inherits:
-		p.fullReason = "the previous snapshot references chunks verify found damaged: reading the volume whole stores them again (`stasis repair` then clears the damage list)"
 	default:
 		if d := v.trackOf.identity.Differs(p.identity); d != "" {
 			p.fullReason = "the source is not the one tracked: " + d
 		}
 	}
 	tracked := p.fullReason == ""
-	if !tracked {
-		v.stopTracker()
-	}
 	so.Volume, so.Name, so.Kind, so.Tags, so.Note = v.spec.Name, req.Name, req.Kind, req.Tags, req.Note
 	so.Size, so.ChunkSize, so.Source, so.Identity, so.FromParent = src.Size, v.spec.ChunkSize, v.spec.Source, p.identity, tracked
 	// The parent just listed (the tracker's changes are relative to it): the writer builds
 	// on it, not on whatever is newest when it starts, and fails if it was deleted meanwhile.
 	so.Parent = parent
-	if p.w, err = r.NewSnapshot(ctx, so); err != nil {
+	p.w, err = r.NewSnapshot(ctx, so)
+	if errors.Is(err, chain.ErrParentDamaged) {
+		p.fullReason = "the previous snapshot references chunks verify found damaged: reading the volume whole stores them again (`stasis repair` then clears the damage list)"
+		tracked, so.FromParent = false, false
+		p.w, err = r.NewSnapshot(ctx, so)
+	}
+	if !tracked {
+		v.stopTracker()
+	}
+	if err != nil {
 		return nil, err
 	}
 	defer func() {

@@ -2,6 +2,7 @@ package chain
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"runtime"
 	"sync/atomic"
@@ -78,25 +79,20 @@ func Copy(ctx context.Context, src *Reader, dst *Repository, snap *Snapshot, st 
 		Size: snap.SizeBytes, ChunkSize: snap.ChunkSize, Source: snap.Source, Host: host, Identity: snap.Identity,
 		Group: snap.Group, GroupID: snap.GroupID, Tags: snap.Tags, Note: snap.Note, Now: snap.Created}
 	// The base: the destination's newest copy of this volume whose original the source
-	// still has, with the same geometry, and which references no damaged blob (unchanged
-	// chunks kept from it could be damaged ones: then every chunk is copied again).
+	// still has, with the same geometry. If it references a damaged blob, the writer refuses
+	// it and every chunk is copied again (unchanged ones kept from it could be damaged).
 	var base *Snapshot
-	damaged, err := dst.Damaged(ctx)
-	if err != nil {
-		return nil, err
-	}
 	if p := Latest(dstSnaps, host, snap.Volume); p != nil && p.SizeBytes == snap.SizeBytes && p.ChunkSize == snap.ChunkSize {
-		orig := CopyOf(srcSnaps, p)
-		bad, err := dst.ReferencesAny(ctx, p, damaged)
-		if err != nil {
-			return nil, err
-		}
-		if orig != nil && orig.SizeBytes == p.SizeBytes && orig.ChunkSize == p.ChunkSize && !bad {
+		if orig := CopyOf(srcSnaps, p); orig != nil && orig.SizeBytes == p.SizeBytes && orig.ChunkSize == p.ChunkSize {
 			base = orig
 			opts.ParentID, opts.FromParent = p.ID, true
 		}
 	}
 	w, err := dst.NewSnapshot(ctx, opts)
+	if errors.Is(err, ErrParentDamaged) {
+		base, opts.FromParent = nil, false
+		w, err = dst.NewSnapshot(ctx, opts)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("copy %s/%s: %w", snap.Volume, snap.Name, err)
 	}

@@ -240,11 +240,11 @@ func TestReferencesAny(t *testing.T) {
 		t.Fatalf("no inner page (%d) or no chunk", len(pages))
 	}
 	for what, id := range map[string]chain.ID{"a chunk": leaf, "the root": s.Root, "an inner page": pages[len(pages)-1]} {
-		if got, err := r.ReferencesAny(ctx, s, map[chain.ID]bool{id: true}); err != nil || !got {
+		if got, err := chain.ReferencesAny(ctx, r.Reader, s, map[chain.ID]bool{id: true}); err != nil || !got {
 			t.Errorf("%s: %v, %v", what, got, err)
 		}
 	}
-	if got, err := r.ReferencesAny(ctx, s, map[chain.ID]bool{chain.Hash([]byte("elsewhere")): true}); err != nil || got {
+	if got, err := chain.ReferencesAny(ctx, r.Reader, s, map[chain.ID]bool{chain.Hash([]byte("elsewhere")): true}); err != nil || got {
 		t.Errorf("an unrelated blob: %v, %v", got, err)
 	}
 }

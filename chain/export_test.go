@@ -92,3 +92,8 @@ func PageIDs(ctx context.Context, r *Reader, s *Snapshot) []ID {
 	}, func(int64, ID) error { return nil })
 	return ids
 }
+
+// ReferencesAny is referencesAny, for tests from outside the package.
+func ReferencesAny(ctx context.Context, r *Reader, s *Snapshot, ids map[ID]bool) (bool, error) {
+	return r.referencesAny(ctx, s, ids)
+}

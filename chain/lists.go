@@ -102,18 +102,14 @@ func damagedBlobs(ctx context.Context, r *Reader) (map[ID]bool, error) {
 	return out, nil
 }
 
-// Damaged returns the blobs verify found damaged that `repair` has not dealt with yet (or
-// found no intact copy of).
-func (r *Reader) Damaged(ctx context.Context) (map[ID]bool, error) { return damagedBlobs(ctx, r) }
-
 // errFound stops a walk that found what it looked for.
 var errFound = errors.New("found")
 
-// ReferencesAny reports whether snap's block map names any of ids (a chunk or a page of the
+// referencesAny reports whether snap's block map names any of ids (a chunk or a page of the
 // map). A snapshot that kept snap's unchanged chunks would keep such a blob: with ids the
 // damaged blobs, it says whether an incremental on snap could carry damage on. It reads
-// snap's whole block map, so callers ask only when ids is not empty.
-func (r *Reader) ReferencesAny(ctx context.Context, snap *Snapshot, ids map[ID]bool) (bool, error) {
+// snap's whole block map, so it is asked only when ids is not empty.
+func (r *Reader) referencesAny(ctx context.Context, snap *Snapshot, ids map[ID]bool) (bool, error) {
 	if snap == nil || len(ids) == 0 {
 		return false, nil
 	}

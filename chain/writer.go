@@ -169,6 +169,11 @@ func (r *Repository) NewSnapshot(ctx context.Context, opts SnapshotOptions) (*Sn
 	}
 }
 
+// ErrParentDamaged refuses an incremental on a parent that references a blob verify found
+// damaged: its unchanged chunks would be kept, damaged ones included. A full scan (every
+// chunk Put) stores them again.
+var ErrParentDamaged = errors.New("references chunks verify found damaged, which an incremental would keep: take a full scan, which stores them again")
+
 // errParentGone: the parent a writer chose was deleted before its heartbeat named it.
 var errParentGone = errors.New("was deleted as this snapshot started: take the snapshot again")
 
@@ -246,9 +251,9 @@ func (r *Repository) newWriter(ctx context.Context, opts SnapshotOptions, now ti
 				return nil, fmt.Errorf("volume %s changed size (%d → %d bytes): take a full scan", opts.Volume, parent.SizeBytes, opts.Size)
 			}
 			// Unchanged chunks would be the parent's, damaged ones included.
-			if bad, err := r.ReferencesAny(ctx, parent, damaged); err != nil || bad {
+			if bad, err := r.referencesAny(ctx, parent, damaged); err != nil || bad {
 				if err == nil {
-					err = fmt.Errorf("verify found damaged chunks in %s that %s/%s references, which an incremental would keep: take a full scan, which stores them again", r.Location(), parent.Volume, parent.Name)
+					err = fmt.Errorf("%s/%s in %s: %w", parent.Volume, parent.Name, r.Location(), ErrParentDamaged)
 				}
 				return nil, fmt.Errorf("volume %s: %w", opts.Volume, err)
 			}
