@@ -44,12 +44,15 @@ type Options struct {
 	// Volume, if set, shows only that volume ("VOLUME" of this host, "HOST:VOLUME" of another).
 	Volume string
 	Log    *slog.Logger
+
+	listEvery time.Duration // how often the snapshot list is re-read; listTTL if zero (tests set it)
 }
 
 const (
-	listTTL    = time.Second    // volumes and snapshot lists
-	contentTTL = 24 * time.Hour // immutable snapshot content
-	cacheBytes = 16 << 20       // decompressed chunks shared by all open files
+	listTTL     = time.Second    // volumes and snapshot lists
+	listTimeout = time.Minute    // for one re-read of the snapshot list
+	contentTTL  = 24 * time.Hour // immutable snapshot content
+	cacheBytes  = 16 << 20       // decompressed chunks shared by all open files
 )
 
 // view is the state shared by every node of one mount.
@@ -78,17 +81,30 @@ func (v *view) state(s *chain.Snapshot) *snapState {
 	return st
 }
 
-// list returns the snapshots, re-reading the repository at most once per listTTL.
-func (v *view) list(ctx context.Context) []*chain.Snapshot {
+// list returns the snapshots, re-reading the repository at most once per listTTL. When the
+// re-read fails it returns the previous list with the error: good enough to show, not to
+// say that a name does not exist.
+//
+// The re-read is shared by every request waiting on it, so it does not stop when the one
+// that started it is interrupted: the kernel interrupts a request whenever its caller gets
+// a signal (every Go program gets SIGURG to preempt goroutines), and giving up there made a
+// lookup answer "no such file" for a snapshot committed after the previous listing.
+func (v *view) list(ctx context.Context) ([]*chain.Snapshot, error) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	if time.Since(v.fetched) < listTTL {
-		return v.snaps
+	every := v.opts.listEvery
+	if every == 0 {
+		every = listTTL
 	}
+	if time.Since(v.fetched) < every {
+		return v.snaps, nil
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), listTimeout)
+	defer cancel()
 	snaps, _, err := v.repo.Snapshots(ctx)
 	if err != nil {
 		v.opts.Log.Warn("cannot list snapshots; showing the previous list", "err", err)
-		return v.snaps
+		return v.snaps, err
 	}
 	var out []*chain.Snapshot
 	for _, s := range snaps {
@@ -97,7 +113,7 @@ func (v *view) list(ctx context.Context) []*chain.Snapshot {
 		}
 	}
 	v.snaps, v.fetched = out, time.Now()
-	return out
+	return out, nil
 }
 
 // folder names s's volume folder: VOLUME for this host's snapshots, HOST:VOLUME for another
@@ -125,28 +141,40 @@ var (
 	_ fs.NodeLookuper  = (*rootNode)(nil)
 )
 
-func (r *rootNode) volumes(ctx context.Context) []string {
+func (r *rootNode) volumes(ctx context.Context) ([]string, error) {
 	seen := map[string]bool{}
 	var out []string
-	for _, s := range r.v.list(ctx) {
+	snaps, err := r.v.list(ctx)
+	for _, s := range snaps {
 		if f := r.v.folder(s); !seen[f] {
 			seen[f] = true
 			out = append(out, f)
 		}
 	}
-	return out
+	return out, err
+}
+
+// notFound is a lookup's answer for a name not in the list: ENOENT only when the list is
+// current; when it could not be re-read, the name may exist, so EIO (the log says why).
+func notFound(listErr error) syscall.Errno {
+	if listErr != nil {
+		return syscall.EIO
+	}
+	return syscall.ENOENT
 }
 
 func (r *rootNode) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
 	var es []fuse.DirEntry
-	for _, vol := range r.volumes(ctx) {
+	vols, _ := r.volumes(ctx) // the previous list if it cannot be re-read; the log says why
+	for _, vol := range vols {
 		es = append(es, fuse.DirEntry{Name: vol, Mode: fuse.S_IFDIR, Ino: ino(vol)})
 	}
 	return fs.NewListDirStream(es), 0
 }
 
 func (r *rootNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
-	for _, vol := range r.volumes(ctx) {
+	vols, err := r.volumes(ctx)
+	for _, vol := range vols {
 		if vol == name {
 			out.SetEntryTimeout(listTTL)
 			out.SetAttrTimeout(listTTL)
@@ -155,7 +183,7 @@ func (r *rootNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) 
 			return r.NewInode(ctx, &volumeNode{v: r.v, volume: name}, fs.StableAttr{Mode: fuse.S_IFDIR, Ino: ino(name)}), 0
 		}
 	}
-	return nil, syscall.ENOENT
+	return nil, notFound(err)
 }
 
 type volumeNode struct {
@@ -170,14 +198,15 @@ var (
 	_ fs.NodeGetattrer = (*volumeNode)(nil)
 )
 
-func (n *volumeNode) snapshots(ctx context.Context) []*chain.Snapshot {
+func (n *volumeNode) snapshots(ctx context.Context) ([]*chain.Snapshot, error) {
 	var out []*chain.Snapshot
-	for _, s := range n.v.list(ctx) {
+	snaps, err := n.v.list(ctx)
+	for _, s := range snaps {
 		if n.v.folder(s) == n.volume {
 			out = append(out, s)
 		}
 	}
-	return out
+	return out, err
 }
 
 func (n *volumeNode) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
@@ -188,7 +217,7 @@ func (n *volumeNode) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.Att
 }
 
 func (n *volumeNode) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
-	snaps := n.snapshots(ctx)
+	snaps, _ := n.snapshots(ctx) // the previous list if it cannot be re-read; the log says why
 	var es []fuse.DirEntry
 	for _, s := range snaps {
 		es = append(es, fuse.DirEntry{Name: s.Name, Mode: fuse.S_IFDIR, Ino: ino(n.volume, s.ID, "dir")},
@@ -202,7 +231,7 @@ func (n *volumeNode) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) 
 }
 
 func (n *volumeNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
-	snaps := n.snapshots(ctx)
+	snaps, err := n.snapshots(ctx)
 	if name == "latest" && len(snaps) > 0 {
 		target := snaps[len(snaps)-1].Name
 		out.SetEntryTimeout(listTTL)
@@ -246,7 +275,7 @@ func (n *volumeNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut
 			return n.NewInode(ctx, img, fs.StableAttr{Mode: fuse.S_IFREG, Ino: ino(n.volume, s.ID)}), 0
 		}
 	}
-	return nil, syscall.ENOENT
+	return nil, notFound(err)
 }
 
 // manifestView is what <snapshot>.json shows: the manifest with its ID.

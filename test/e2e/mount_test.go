@@ -33,7 +33,8 @@ func TestMountImages(t *testing.T) {
 	want := testenv.HashFile(t, src, 0)
 
 	mnt := filepath.Join(dir, "mnt")
-	cmd := startMount(t, repo, mnt, "v/a.img").cmd
+	served := startMount(t, repo, mnt, "v/a.img")
+	cmd := served.cmd
 	img := filepath.Join(mnt, "v", "a.img")
 	if testenv.HashFile(t, img, 0) != want {
 		t.Fatal("the image read through the mount differs from the source")
@@ -87,7 +88,7 @@ func TestMountImages(t *testing.T) {
 	testenv.MustStasis(t, "gc", "-r", repo) // repacks what the mount had located
 	time.Sleep(2500 * time.Millisecond)     // the list is cached for a second
 	if _, err := os.Stat(filepath.Join(mnt, "v", "b.img")); err != nil {
-		t.Fatalf("new snapshot not shown: %v", err)
+		t.Fatalf("new snapshot not shown: %v\nmount's log:\n%s", err, served.stderr)
 	}
 	if testenv.HashFile(t, filepath.Join(mnt, "v", "b.img"), 0) != wantB {
 		t.Fatal("a snapshot committed after the mount started reads back wrong")
