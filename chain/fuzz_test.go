@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"log/slog"
+	"strings"
 	"testing"
 	"time"
 )
@@ -178,6 +179,25 @@ func FuzzReadBlobBounds(f *testing.F) {
 			if int64(got.Offset)+int64(got.Length) > 1<<20 || got.RawLen > maxBlobSize {
 				t.Fatalf("accepted out-of-range entry %+v", got)
 			}
+		}
+	})
+}
+
+// FuzzDecodeConfig: whatever a config file says, what is accepted names no path (its ID
+// names the local cache directory) and a codec this stasis has.
+func FuzzDecodeConfig(f *testing.F) {
+	f.Add([]byte(`{"format":"stasis-repository","version":2,"id":"0123456789abcdef0123456789abcdef","compression":"fast"}`))
+	f.Add([]byte(`{"format":"stasis-repository","version":1,"id":"../../srv"}`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		cfg, err := decodeConfig("repo", b)
+		if err != nil {
+			return
+		}
+		if len(cfg.ID) != 32 || strings.Trim(cfg.ID, "0123456789abcdef") != "" {
+			t.Fatalf("accepted repository ID %q", cfg.ID)
+		}
+		if _, err := codecByName(cfg.Compression); err != nil {
+			t.Fatalf("accepted codec %q", cfg.Compression)
 		}
 	})
 }

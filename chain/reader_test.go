@@ -228,3 +228,29 @@ func TestManifestCache(t *testing.T) {
 		t.Fatalf("cached manifests after a deletion: %v", files)
 	}
 }
+
+// TestAlteredConfigIDNamesNoPath: the repository ID in the config names the local cache
+// directory; a config altered to make it a path is refused, and nothing is created outside
+// the cache directory.
+func TestAlteredConfigIDNamesNoPath(t *testing.T) {
+	ctx := context.Background()
+	be := memory.New()
+	if _, err := chain.Init(ctx, be, chain.InitOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	top := t.TempDir()
+	cache := filepath.Join(top, "a", "cache")
+	for _, id := range []string{"../../escaped", "0123456789ABCDEF0123456789ABCDEF", "0123", ""} {
+		cfg := []byte(`{"format":"stasis-repository","version":2,"id":"` + id + `"}`)
+		if err := be.Save(ctx, chain.Handle{Type: chain.ConfigFile}, cfg); err != nil {
+			t.Fatal(err)
+		}
+		_, err := chain.OpenReader(ctx, be, chain.Options{CacheDir: cache})
+		if !errors.Is(err, chain.ErrCorrupt) || !strings.Contains(err.Error(), "restore it from a copy") {
+			t.Errorf("config with ID %q: %v", id, err)
+		}
+	}
+	if entries, _ := os.ReadDir(top); len(entries) > 1 || len(entries) == 1 && entries[0].Name() != "a" {
+		t.Fatalf("created %v beside the cache", entries)
+	}
+}

@@ -176,17 +176,11 @@ func OpenReader(ctx context.Context, be Backend, opts Options) (*Reader, error) 
 	if err != nil {
 		return nil, fmt.Errorf("read repository config: %w", err)
 	}
-	var cfg RepoConfig
-	if err := json.Unmarshal(b, &cfg); err != nil || cfg.Format != repoFormat {
-		return nil, fmt.Errorf("%s: config file is not a stasis repository config: %w", be.Location(), ErrNotRepository)
-	}
-	if cfg.Version != 1 && cfg.Version != repoVersion {
-		return nil, fmt.Errorf("%s: format version %d, this stasis reads versions 1 and %d: %w; use a stasis release that supports it", be.Location(), cfg.Version, repoVersion, ErrVersion)
-	}
-	c, err := codecByName(cfg.Compression)
+	cfg, err := decodeConfig(be.Location(), b)
 	if err != nil {
-		return nil, fmt.Errorf("%s: %w", be.Location(), err)
+		return nil, err
 	}
+	c, _ := codecByName(cfg.Compression) // checked by decodeConfig
 	pages, _ := lru.New[ID, []ID](1024)
 	r := &Reader{be: be, log: opts.Log, cfg: cfg, pages: pages, codec: c, host: opts.Host}
 	if r.host == "" {
@@ -199,6 +193,26 @@ func OpenReader(ctx context.Context, be Backend, opts Options) (*Reader, error) 
 		return nil, err
 	}
 	return r, nil
+}
+
+// decodeConfig parses a repository's config file. The repository ID names this host's cache
+// directory for it, so it must be what Init writes (32 hex digits), never a path: a config
+// altered to say "../../srv" would otherwise make stasis write and delete files there.
+func decodeConfig(location string, b []byte) (RepoConfig, error) {
+	var cfg RepoConfig
+	if err := json.Unmarshal(b, &cfg); err != nil || cfg.Format != repoFormat {
+		return RepoConfig{}, fmt.Errorf("%s: config file is not a stasis repository config: %w", location, ErrNotRepository)
+	}
+	if cfg.Version != 1 && cfg.Version != repoVersion {
+		return RepoConfig{}, fmt.Errorf("%s: format version %d, this stasis reads versions 1 and %d: %w; use a stasis release that supports it", location, cfg.Version, repoVersion, ErrVersion)
+	}
+	if id, err := hex.DecodeString(cfg.ID); err != nil || len(id) != 16 || hex.EncodeToString(id) != cfg.ID {
+		return RepoConfig{}, corruptf("%s: the config's repository ID %q is not 32 lowercase hex digits: the config was altered; restore it from a copy", location, cfg.ID)
+	}
+	if _, err := codecByName(cfg.Compression); err != nil {
+		return RepoConfig{}, fmt.Errorf("%s: %w", location, err)
+	}
+	return cfg, nil
 }
 
 // Open opens a repository for reading and writing.
