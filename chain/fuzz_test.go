@@ -135,6 +135,9 @@ func FuzzDecodeManifest(f *testing.F) {
 		if err == nil && (s.Chunks() < 0 || treeDepth(s.Chunks()) > 8) {
 			t.Fatalf("accepted manifest with %d chunks", s.Chunks())
 		}
+		if err == nil && s.Host != "" && ValidName("host", s.Host) != nil {
+			t.Fatalf("accepted host %q", s.Host)
+		}
 		// Sealed: the first 32 bytes name it.
 		if len(b) > 32 {
 			if s, err := sealed.decodeManifest(string(b[:32]), b[32:]); err == nil && s.Chunks() < 0 {

@@ -183,6 +183,16 @@ func (s *Snapshot) check() error {
 	if err := ValidName("snapshot", s.Name); err != nil {
 		return corruptf("%v", err)
 	}
+	// Another host's snapshots show as HOST:VOLUME folders in the view: a host name with a
+	// '/' would break the listing of every folder beside it.
+	if err := ValidName("host", s.Host); s.Host != "" && err != nil {
+		return corruptf("%v", err)
+	}
+	for _, tag := range s.Tags {
+		if err := ValidName("tag", tag); err != nil {
+			return corruptf("%v", err)
+		}
+	}
 	if s.ChunkSize < MinChunkSize || s.ChunkSize > MaxChunkSize || s.ChunkSize&(s.ChunkSize-1) != 0 {
 		return corruptf("chunk size %d invalid", s.ChunkSize)
 	}

@@ -1,6 +1,7 @@
 package chain
 
 import (
+	"errors"
 	"strings"
 	"testing"
 )
@@ -17,6 +18,26 @@ func TestValidName(t *testing.T) {
 	for _, n := range bad {
 		if err := ValidName("volume", n); err == nil {
 			t.Errorf("%q accepted", n)
+		}
+	}
+}
+
+// TestManifestHostIsAName: a manifest naming its host with a '/' (which would break the
+// view's folder listing) or with a tag that is no name is refused as damaged.
+func TestManifestHostIsAName(t *testing.T) {
+	plain, _ := fuzzReaders()
+	for _, s := range []*Snapshot{
+		{Host: "db1/../x"},
+		{Host: "db1", Tags: []string{"a b"}},
+	} {
+		s.Format, s.Volume, s.Name, s.Kind = manifestVersion, "data", "s1", KindManual
+		s.ChunkSize, s.Fanout, s.SizeBytes = DefaultChunkSize, Fanout, 1<<20
+		b, name, err := plain.encodeManifest(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := plain.decodeManifest(name, b); !errors.Is(err, ErrCorrupt) {
+			t.Errorf("manifest with host %q and tags %q: %v", s.Host, s.Tags, err)
 		}
 	}
 }

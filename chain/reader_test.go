@@ -254,3 +254,21 @@ func TestAlteredConfigIDNamesNoPath(t *testing.T) {
 		t.Fatalf("created %v beside the cache", entries)
 	}
 }
+
+// TestWriterNeedsValidHost: snapshots name their host, so a writer on a host whose name
+// could not be read back (a '/' in it) refuses to start and says how to name the host.
+func TestWriterNeedsValidHost(t *testing.T) {
+	ctx := context.Background()
+	be := memory.New()
+	if _, err := chain.Init(ctx, be, chain.InitOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	r, err := chain.Open(ctx, be, chain.Options{CacheDir: t.TempDir(), Host: "a/b"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	if _, err := r.NewSnapshot(ctx, chain.SnapshotOptions{Volume: "v", Name: "s", Size: 1 << 20}); err == nil || !strings.Contains(err.Error(), "`host:`") {
+		t.Fatalf("writer on host a/b: %v", err)
+	}
+}
