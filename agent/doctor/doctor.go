@@ -287,6 +287,13 @@ func doctorVolume(ctx context.Context, cfg *config.Config, v config.Volume, snap
 		add("source", SevOK, fmt.Sprintf("%s is block device %d:%d (%s)", vol.Device, unix.Major(vol.Dev), unix.Minor(vol.Dev), deviceKind(vol.Disk)), "")
 		fs = append(fs, trackingFinding(v, vol))
 	}
+	for _, u := range vol.Unfreezable {
+		if v.NoFreeze {
+			add("filesystem", SevWarning, u.What+": snapshots read the volume as it is (no_freeze), crash-consistent at best", u.Fix)
+		} else {
+			add("filesystem", SevError, u.What+": a snapshot would be torn, so snapshots fail", u.Fix+" (or set no_freeze: true to read it as it is, crash-consistent)")
+		}
+	}
 	for _, m := range vol.Mounts {
 		if m.Point == "" && !m.ReadOnly {
 			add("filesystem", SevError, fmt.Sprintf("the %s filesystem on %s is mounted at %s, but something else is mounted over it there: it cannot be frozen, so snapshots fail", m.FSType, vol.Device, strings.Join(m.Covered, ", ")),

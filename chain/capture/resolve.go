@@ -35,6 +35,10 @@ type Volume struct {
 	Start int64
 	// Mounts lists one mount per filesystem (superblock) on the device or its partitions.
 	Mounts []Mount
+	// Unfreezable says what else writes to the device where freezing Mounts cannot stop it
+	// (a device stacked on it, a filesystem mounted only in another mount namespace), each
+	// with what to do instead; a snapshot with a freeze must refuse while it is not empty.
+	Unfreezable []Unfreezable
 }
 
 // Resolve turns --source (a block device, a partition, a mount point, or an image file)
@@ -136,6 +140,11 @@ func Resolve(source string) (*Volume, error) {
 			mt.Covered = append(mt.Covered, m.point)
 		}
 	}
+	visible := map[uint64]bool{}
+	for _, m := range v.Mounts {
+		visible[m.Dev] = true
+	}
+	v.Unfreezable = unfreezable(ours, visible)
 	return v, nil
 }
 
@@ -148,7 +157,13 @@ type mountEntry struct {
 }
 
 func readMountinfo() ([]mountEntry, error) {
-	f, err := os.Open("/proc/self/mountinfo")
+	return readMountinfoFile(filepath.Join(procDir, "self", "mountinfo"))
+}
+
+// readMountinfoFile parses a mountinfo file: full mounts first, then bind mounts of
+// subdirectories.
+func readMountinfoFile(path string) ([]mountEntry, error) {
+	f, err := os.Open(path)
 	if err != nil {
 		return nil, err
 	}

@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"bufio"
 	"bytes"
 	"encoding/json"
 	"fmt"
@@ -11,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -193,6 +195,77 @@ func TestOvermountedVolume(t *testing.T) {
 	if r.Code == 0 || !strings.Contains(r.Stderr, "something else is mounted over it") {
 		t.Fatalf("snapshot of a covered volume: exit %d\n%s%s", r.Code, r.Stdout, r.Stderr)
 	}
+}
+
+// TestHiddenWriterRefused: a filesystem on the volume mounted only in another mount
+// namespace (a container's), written to there, cannot be frozen from here, so a snapshot
+// would be torn: it is refused with the reason and what to do, nothing is committed, and
+// doctor says the same; --no-freeze reads it as it is, labelled crash. Active swap on a
+// partition does not count: the usual VM disk (root filesystem plus swap) is frozen and
+// exact.
+func TestHiddenWriterRefused(t *testing.T) {
+	testenv.RequireTool(t, "unshare")
+	dev, _ := testenv.LoopDevice(t, 128<<20)
+	testenv.Mkfs(t, "ext4", dev)
+	hidden := t.TempDir()
+	// A writer in a private mount namespace; it dies with the test process.
+	ns := exec.Command("unshare", "-m", "--propagation", "private", "sh", "-c",
+		"mount "+dev+" "+hidden+" && echo mounted && i=0 && while [ $i -lt 1200 ]; do head -c 65536 /dev/urandom > "+hidden+"/f$((i%50)); sync; sleep 0.1; i=$((i+1)); done")
+	ns.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	out, err := ns.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ns.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ns.Process.Kill(); ns.Wait() }) // the namespace, and its mount, go with it
+	if line, _ := bufio.NewReader(out).ReadString('\n'); line != "mounted\n" {
+		t.Fatalf("the namespace's mount failed: %q", line)
+	}
+	repo := newRepo(t)
+	r := testenv.Stasis(t, "snapshot", "-r", repo, "--source", dev, "--volume", "h")
+	if r.Code == 0 || !strings.Contains(r.Stderr, "in another mount namespace (that of pid") || !strings.Contains(r.Stderr, "--no-freeze") {
+		t.Fatalf("snapshot of a volume written in another mount namespace: exit %d\n%s%s", r.Code, r.Stdout, r.Stderr)
+	}
+	if list := testenv.MustStasis(t, "list", "-r", repo, "--json"); strings.Contains(list, `"name"`) {
+		t.Fatalf("a refused snapshot left something: %s", list)
+	}
+	cfg := filepath.Join(t.TempDir(), "stasis.yaml")
+	os.WriteFile(cfg, []byte(fmt.Sprintf("repository: %s\nvolumes:\n  - name: h\n    source: %s\n", repo, dev)), 0o600)
+	if d := testenv.Stasis(t, "doctor", "--config", cfg); d.Code == 0 || !strings.Contains(d.Stdout+d.Stderr, "another mount namespace") {
+		t.Fatalf("doctor on it: exit %d\n%s%s", d.Code, d.Stdout, d.Stderr)
+	}
+	var s snapOut
+	json.Unmarshal([]byte(testenv.MustStasis(t, "snapshot", "-r", repo, "--source", dev, "--volume", "h", "--no-freeze", "--json")), &s)
+	if s.Consistency != "crash" {
+		t.Fatalf("--no-freeze snapshot: %+v", s)
+	}
+
+	// Root filesystem and active swap on one disk: the disk is snapshotted, frozen.
+	img := filepath.Join(t.TempDir(), "vm.img")
+	os.WriteFile(img, nil, 0o600)
+	os.Truncate(img, 160<<20)
+	disk, parts := testenv.AttachPartitioned(t, img, "start=2048, size=229376, type=83\nstart=231424, type=82\n")
+	testenv.Mkfs(t, "ext4", parts[0])
+	root := testenv.Mount(t, parts[0])
+	testenv.Run(t, "mkswap", "-q", parts[1])
+	testenv.Run(t, "swapon", parts[1])
+	t.Cleanup(func() { exec.Command("swapoff", parts[1]).Run() }) // before the detach
+	testenv.StartWriters(t, root, 2, 5)
+	frozen := filepath.Join(t.TempDir(), "frozen.img")
+	r = testenv.StasisEnv(t, []string{"STASIS_TEST_FREEZE_HOOK=" + copyDeviceHook(parts[0], frozen)},
+		"snapshot", "-r", repo, "--source", disk, "--volume", "vm", "--name", "s", "--json")
+	s = snapOut{}
+	json.Unmarshal([]byte(r.Stdout), &s)
+	if r.Code != 0 || s.Consistency != "fs-frozen" {
+		t.Fatalf("snapshot of a disk with a swap partition: exit %d, %+v\n%s", r.Code, s, r.Stderr)
+	}
+	whole := filepath.Join(t.TempDir(), "export.img")
+	testenv.MustStasis(t, "export", "-r", repo, "vm/s", whole)
+	part := filepath.Join(t.TempDir(), "p1.img")
+	testenv.Run(t, "dd", "if="+whole, "of="+part, "bs=512", "skip=2048", "count=229376", "status=none")
+	assertSameAllocated(t, "ext4", frozen, part, "the root partition in the snapshot")
 }
 
 // TestReadOnlyBindListedFirst: a read-only bind of the filesystem's root listed before its
