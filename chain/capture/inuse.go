@@ -70,8 +70,13 @@ func hiddenMounts(ours map[uint64]bool, visible map[uint64]bool) []Unfreezable {
 	seenDev := map[uint64]bool{}
 	var out []Unfreezable
 	for _, p := range pids {
+		// Reading another user's namespace link takes CAP_SYS_PTRACE, which the service
+		// does not have; its mountinfo is readable all the same, so read that.
 		ns, err := os.Readlink(filepath.Join(p, "ns", "mnt"))
-		if err != nil || seenNS[ns] {
+		if err != nil {
+			ns = p
+		}
+		if seenNS[ns] {
 			continue
 		}
 		seenNS[ns] = true
