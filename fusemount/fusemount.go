@@ -49,10 +49,11 @@ type Options struct {
 }
 
 const (
-	listTTL     = time.Second    // volumes and snapshot lists
-	listTimeout = time.Minute    // for one re-read of the snapshot list
-	contentTTL  = 24 * time.Hour // immutable snapshot content
-	cacheBytes  = 16 << 20       // decompressed chunks shared by all open files
+	listTTL     = time.Second     // volumes and snapshot lists
+	listTimeout = time.Minute     // for one re-read of the snapshot list
+	listRetry   = 5 * time.Second // after a failed one
+	contentTTL  = 24 * time.Hour  // immutable snapshot content
+	cacheBytes  = 16 << 20        // decompressed chunks shared by all open files
 )
 
 // view is the state shared by every node of one mount.
@@ -64,9 +65,13 @@ type view struct {
 	loaders chan struct{}                  // background chunk loads in flight, for all files
 	states  *lru.Cache[string, *snapState] // by snapshot ID
 
-	mu      sync.Mutex
+	mu sync.Mutex // guards states
+
+	listMu  sync.Mutex // held across a re-read: the requests waiting share its result
 	snaps   []*chain.Snapshot
-	fetched time.Time
+	fetched time.Time // when snaps was read
+	failed  time.Time // when a re-read last failed, since snaps was read
+	listErr error     // why
 }
 
 // state returns the shared content state of snapshot s.
@@ -83,15 +88,16 @@ func (v *view) state(s *chain.Snapshot) *snapState {
 
 // list returns the snapshots, re-reading the repository at most once per listTTL. When the
 // re-read fails it returns the previous list with the error: good enough to show, not to
-// say that a name does not exist.
+// say that a name does not exist. After a failure the next re-read waits listRetry, so
+// that while the storage is unreachable lookups do not each wait out its timeouts.
 //
 // The re-read is shared by every request waiting on it, so it does not stop when the one
 // that started it is interrupted: the kernel interrupts a request whenever its caller gets
 // a signal (every Go program gets SIGURG to preempt goroutines), and giving up there made a
 // lookup answer "no such file" for a snapshot committed after the previous listing.
 func (v *view) list(ctx context.Context) ([]*chain.Snapshot, error) {
-	v.mu.Lock()
-	defer v.mu.Unlock()
+	v.listMu.Lock()
+	defer v.listMu.Unlock()
 	every := v.opts.listEvery
 	if every == 0 {
 		every = listTTL
@@ -99,13 +105,18 @@ func (v *view) list(ctx context.Context) ([]*chain.Snapshot, error) {
 	if time.Since(v.fetched) < every {
 		return v.snaps, nil
 	}
+	if time.Since(v.failed) < listRetry {
+		return v.snaps, v.listErr
+	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), listTimeout)
 	defer cancel()
 	snaps, _, err := v.repo.Snapshots(ctx)
 	if err != nil {
-		v.opts.Log.Warn("cannot list snapshots; showing the previous list", "err", err)
+		v.opts.Log.Warn("cannot list snapshots; showing the previous list", "err", err, "retry_in", listRetry)
+		v.failed, v.listErr = time.Now(), err
 		return v.snaps, err
 	}
+	v.failed, v.listErr = time.Time{}, nil
 	var out []*chain.Snapshot
 	for _, s := range snaps {
 		if v.opts.Volume == "" || v.folder(s) == v.opts.Volume {

@@ -18,6 +18,7 @@ import (
 
 	"github.com/stasis-project/stasis/chain"
 	"github.com/stasis-project/stasis/chain/local"
+	"github.com/stasis-project/stasis/chain/memory"
 	"github.com/stasis-project/stasis/test/testenv"
 )
 
@@ -105,5 +106,73 @@ func TestInterruptedLookupFindsNewSnapshot(t *testing.T) {
 	}
 	if sent.Load() < 100 {
 		t.Fatalf("only %d signals sent: the test did not interrupt lookups", sent.Load())
+	}
+}
+
+// unreachable is a backend whose listings fail while down is set, counting them.
+type unreachable struct {
+	chain.Backend
+	down  atomic.Bool
+	lists atomic.Int64
+}
+
+func (u *unreachable) List(ctx context.Context, t chain.FileType, fn func(chain.FileInfo) error) error {
+	if t == chain.SnapshotFile {
+		u.lists.Add(1)
+	}
+	if u.down.Load() {
+		return errors.New("connection refused")
+	}
+	return u.Backend.List(ctx, t, fn)
+}
+
+// TestListWhileStorageUnreachable: while the repository cannot be listed, the mount keeps
+// the last list, with the error (so lookups answer EIO for names not on it), and tries the
+// storage again only every listRetry, not on every lookup (each of which would wait out
+// the storage's timeouts). Once the storage answers, new snapshots show.
+func TestListWhileStorageUnreachable(t *testing.T) {
+	ctx := context.Background()
+	be := &unreachable{Backend: memory.New()}
+	if _, err := chain.Init(ctx, be, chain.InitOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	repo, err := chain.Open(ctx, be, chain.Options{CacheDir: t.TempDir(), Host: "h"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer repo.Close()
+	commit := func(name string) {
+		w, err := repo.NewSnapshot(ctx, chain.SnapshotOptions{Volume: "v", Name: name, Size: 64 << 10, ChunkSize: 64 << 10})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := w.Commit(ctx, nil, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	commit("a")
+	v := &view{repo: repo.Reader, opts: Options{Log: slog.New(slog.DiscardHandler), listEvery: time.Nanosecond}}
+	vol := &volumeNode{v: v, volume: "v"}
+	if snaps, err := vol.snapshots(ctx); err != nil || len(snaps) != 1 {
+		t.Fatalf("%d snapshots, %v", len(snaps), err)
+	}
+	commit("b")
+	be.down.Store(true)
+	before := be.lists.Load()
+	for i := 0; i < 20; i++ {
+		snaps, err := vol.snapshots(ctx)
+		if err == nil || len(snaps) != 1 || snaps[0].Name != "a" {
+			t.Fatalf("storage down: %d snapshots, %v; want the last list and the error", len(snaps), err)
+		}
+	}
+	if n := be.lists.Load() - before; n != 1 {
+		t.Fatalf("storage down: %d listings for 20 lookups, want 1 until listRetry passes", n)
+	}
+	be.down.Store(false)
+	v.listMu.Lock()
+	v.failed = time.Now().Add(-listRetry) // as if listRetry had passed
+	v.listMu.Unlock()
+	if snaps, err := vol.snapshots(ctx); err != nil || len(snaps) != 2 {
+		t.Fatalf("storage back: %d snapshots, %v", len(snaps), err)
 	}
 }
