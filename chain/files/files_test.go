@@ -60,33 +60,49 @@ func fakeRoot(t *testing.T, fsys fakeFS) *Entry {
 	return root
 }
 
-// TestHostileDirectoryGraphs: a directory that contains its ancestor, and names that would
-// leave the restore target, end a walk with a corruption error instead of looping or
-// escaping.
+// TestHostileDirectoryGraphs: a directory that contains its ancestor, one listed in two
+// directories, and names that would leave the restore target end a walk with a corruption
+// error instead of looping, taking for ever or escaping.
 func TestHostileDirectoryGraphs(t *testing.T) {
+	// Forty levels of a directory listed twice in the one above: 2^40 paths to walk.
+	diamonds := fakeFS{}
+	for i := uint64(1); i <= 40; i++ {
+		diamonds[i] = []fsimage.DirEntry{{Name: "a", Ino: i + 1}, {Name: "b", Ino: i + 1}}
+	}
+	diamonds[41] = nil
 	for name, fsys := range map[string]fakeFS{
 		"cycle":    {1: {{Name: "a", Ino: 2}}, 2: {{Name: "b", Ino: 3}}, 3: {{Name: "up", Ino: 2}}},
 		"self":     {1: {{Name: "me", Ino: 1}}},
+		"shared":   {1: {{Name: "a", Ino: 2}, {Name: "b", Ino: 2}}, 2: {{Name: "f", Ino: 9}}},
+		"diamonds": diamonds,
 		"dotdot":   {1: {{Name: "..", Ino: 5}}},
 		"slash":    {1: {{Name: "a/../../etc", Ino: 5}}},
 		"emptyish": {1: {{Name: "", Ino: 5}}},
 	} {
 		t.Run(name, func(t *testing.T) {
 			visited := 0
-			err := Walk(context.Background(), fakeRoot(t, fsys), func(*Entry) error { visited++; return nil })
+			err := Walk(context.Background(), fakeRoot(t, fsys), func(*Entry) error {
+				if visited++; visited > 1000 {
+					return errors.New("still walking")
+				}
+				return nil
+			})
 			if !errors.Is(err, fsimage.ErrCorrupt) {
 				t.Fatalf("walk ended with %v after %d entries, want a corruption error", err, visited)
 			}
 		})
 	}
-	// A directory reachable by two names (no cycle) is walked twice, and that is fine.
-	shared := fakeFS{1: {{Name: "a", Ino: 2}, {Name: "b", Ino: 2}}, 2: {{Name: "f", Ino: 9}}}
-	var paths []string
-	if err := Walk(context.Background(), fakeRoot(t, shared), func(e *Entry) error { paths = append(paths, e.Path); return nil }); err != nil {
-		t.Fatal(err)
-	}
-	if len(paths) != 5 {
-		t.Fatalf("walked %v", paths)
+	// A file with two names (a hard link) is fine, and so is walking a tree twice.
+	links := fakeFS{1: {{Name: "a", Ino: 2}, {Name: "b", Ino: 9}}, 2: {{Name: "f", Ino: 9}}}
+	root := fakeRoot(t, links)
+	for range 2 {
+		var paths []string
+		if err := Walk(context.Background(), root, func(e *Entry) error { paths = append(paths, e.Path); return nil }); err != nil {
+			t.Fatal(err)
+		}
+		if len(paths) != 4 {
+			t.Fatalf("walked %v", paths)
+		}
 	}
 }
 

@@ -60,6 +60,33 @@ type Filesystem struct {
 	once sync.Once
 	fs   fsimage.FS
 	err  error
+
+	mu      sync.Mutex
+	parents map[uint64]dirLink // directory inode → where it is listed, as found
+}
+
+// dirLink is where a directory is listed: in which directory, under which name.
+type dirLink struct {
+	parent uint64
+	name   string
+}
+
+// adopt records that directory ino is listed in directory parent as name, and returns
+// where it was listed before if that was elsewhere. In ext4 and XFS a directory has
+// exactly one name: one listed twice is damage, and walking it under every name could take
+// for ever (forty levels of two names each are 2^40 paths).
+func (f *Filesystem) adopt(ino, parent uint64, name string) (before dirLink, ok bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.parents == nil {
+		f.parents = map[uint64]dirLink{}
+	}
+	here := dirLink{parent, name}
+	if l, seen := f.parents[ino]; seen && l != here {
+		return l, false
+	}
+	f.parents[ino] = here
+	return dirLink{}, true
 }
 
 func (v *Volume) open() error {
@@ -241,6 +268,9 @@ func (e *Entry) Children() ([]*Entry, error) {
 				if a.Ino == c.Ino {
 					return nil, e.FS.damage(c.Path, fsimage.Corruptf("directory inode %d contains itself", c.Ino))
 				}
+			}
+			if before, ok := e.FS.adopt(c.Ino, e.Ino, d.Name); !ok {
+				return nil, e.FS.damage(c.Path, fsimage.Corruptf("directory inode %d is listed twice (as %q in directory inode %d, and here); a directory has one name", c.Ino, before.name, before.parent))
 			}
 		}
 		out = append(out, c)
