@@ -141,6 +141,18 @@ func ValidName(what, name string) error {
 	return nil
 }
 
+// checkHost accepts what a snapshot may name its host. Another host's snapshots show as
+// HOST:VOLUME folders in the view, so a '/' or a NUL in it would break the listing of
+// every folder beside it. It is looser than ValidName, which a configured host: must pass:
+// older snapshots name their machine's hostname as it was, "(none)" included, and must
+// stay readable.
+func checkHost(host string) error {
+	if len(host) > 128 || strings.ContainsAny(host, "/\x00") {
+		return fmt.Errorf("invalid host name %q: at most 128 bytes, without '/'", host)
+	}
+	return nil
+}
+
 // encodeManifest returns what to store for a manifest and its name: the hash of its JSON
 // (keyed, in an encrypted repository, where the JSON is sealed and bound to that name).
 func (r *Reader) encodeManifest(s *Snapshot) ([]byte, string, error) {
@@ -183,15 +195,8 @@ func (s *Snapshot) check() error {
 	if err := ValidName("snapshot", s.Name); err != nil {
 		return corruptf("%v", err)
 	}
-	// Another host's snapshots show as HOST:VOLUME folders in the view: a host name with a
-	// '/' would break the listing of every folder beside it.
-	if err := ValidName("host", s.Host); s.Host != "" && err != nil {
+	if err := checkHost(s.Host); err != nil {
 		return corruptf("%v", err)
-	}
-	for _, tag := range s.Tags {
-		if err := ValidName("tag", tag); err != nil {
-			return corruptf("%v", err)
-		}
 	}
 	if s.ChunkSize < MinChunkSize || s.ChunkSize > MaxChunkSize || s.ChunkSize&(s.ChunkSize-1) != 0 {
 		return corruptf("chunk size %d invalid", s.ChunkSize)

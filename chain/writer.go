@@ -127,7 +127,7 @@ func (r *Repository) NewSnapshot(ctx context.Context, opts SnapshotOptions) (*Sn
 	if opts.Host == "" {
 		opts.Host = r.host
 	}
-	if err := ValidName("host", opts.Host); err != nil {
+	if err := checkHost(opts.Host); err != nil {
 		return nil, fmt.Errorf("%w: snapshots name their host; set `host:` in the config", err)
 	}
 	for _, tag := range opts.Tags {
