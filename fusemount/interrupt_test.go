@@ -33,34 +33,13 @@ func TestInterruptedLookupFindsNewSnapshot(t *testing.T) {
 	if _, err := os.Stat("/dev/fuse"); err != nil {
 		t.Skip("no /dev/fuse")
 	}
-	ctx := context.Background()
 	dir := t.TempDir()
 	be, err := local.Create(filepath.Join(dir, "repo"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := chain.Init(ctx, be, chain.InitOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	repo, err := chain.Open(ctx, be, chain.Options{CacheDir: filepath.Join(dir, "cache")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer repo.Close()
-	commit := func(name string) {
-		w, err := repo.NewSnapshot(ctx, chain.SnapshotOptions{Volume: "v", Name: name, Size: 64 << 10, ChunkSize: 64 << 10})
-		if err != nil {
-			t.Fatal(err)
-		}
-		data := make([]byte, 64<<10)
-		copy(data, name)
-		if err := w.Put(ctx, 0, data); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := w.Commit(ctx, nil, nil); err != nil {
-			t.Fatal(err)
-		}
-	}
+	repo := openRepo(t, be)
+	commit := func(name string) { commitSnapshot(t, repo, name) }
 	commit("s0")
 	mnt := filepath.Join(dir, "mnt")
 	os.Mkdir(mnt, 0o755)
@@ -109,6 +88,39 @@ func TestInterruptedLookupFindsNewSnapshot(t *testing.T) {
 	}
 }
 
+// openRepo initialises a repository on be and opens it until the test ends.
+func openRepo(t *testing.T, be chain.Backend) *chain.Repository {
+	t.Helper()
+	ctx := context.Background()
+	if _, err := chain.Init(ctx, be, chain.InitOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	repo, err := chain.Open(ctx, be, chain.Options{CacheDir: t.TempDir(), Host: "h"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { repo.Close() })
+	return repo
+}
+
+// commitSnapshot commits a one-chunk snapshot v/name whose content starts with its name.
+func commitSnapshot(t *testing.T, repo *chain.Repository, name string) {
+	t.Helper()
+	ctx := context.Background()
+	w, err := repo.NewSnapshot(ctx, chain.SnapshotOptions{Volume: "v", Name: name, Size: 64 << 10, ChunkSize: 64 << 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := make([]byte, 64<<10)
+	copy(data, name)
+	if err := w.Put(ctx, 0, data); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.Commit(ctx, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // unreachable is a backend whose listings fail while down is set, counting them.
 type unreachable struct {
 	chain.Backend
@@ -133,23 +145,8 @@ func (u *unreachable) List(ctx context.Context, t chain.FileType, fn func(chain.
 func TestListWhileStorageUnreachable(t *testing.T) {
 	ctx := context.Background()
 	be := &unreachable{Backend: memory.New()}
-	if _, err := chain.Init(ctx, be, chain.InitOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	repo, err := chain.Open(ctx, be, chain.Options{CacheDir: t.TempDir(), Host: "h"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer repo.Close()
-	commit := func(name string) {
-		w, err := repo.NewSnapshot(ctx, chain.SnapshotOptions{Volume: "v", Name: name, Size: 64 << 10, ChunkSize: 64 << 10})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := w.Commit(ctx, nil, nil); err != nil {
-			t.Fatal(err)
-		}
-	}
+	repo := openRepo(t, be)
+	commit := func(name string) { commitSnapshot(t, repo, name) }
 	commit("a")
 	v := &view{repo: repo.Reader, opts: Options{Log: slog.New(slog.DiscardHandler), listEvery: time.Nanosecond}}
 	vol := &volumeNode{v: v, volume: "v"}
