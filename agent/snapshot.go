@@ -360,9 +360,9 @@ func (v *Volume) prepare(ctx context.Context, r *chain.Repository, req Request, 
 			mounts = append(mounts, m.Point)
 			p.targets = append(p.targets, fsfreeze.Target{Path: m.Point, Dev: m.Dev})
 		}
-		if len(vol.Unfreezable) > 0 {
+		if unfreezable := vol.Unfreezable(); len(unfreezable) > 0 {
 			var uses []string
-			for _, u := range vol.Unfreezable {
+			for _, u := range unfreezable {
 				uses = append(uses, u.String())
 			}
 			return nil, fmt.Errorf("cannot snapshot %s consistently (it would be torn): %s (or set no_freeze, --no-freeze, to read it as it is, crash-consistent)",

@@ -287,7 +287,7 @@ func doctorVolume(ctx context.Context, cfg *config.Config, v config.Volume, snap
 		add("source", SevOK, fmt.Sprintf("%s is block device %d:%d (%s)", vol.Device, unix.Major(vol.Dev), unix.Minor(vol.Dev), deviceKind(vol.Disk)), "")
 		fs = append(fs, trackingFinding(v, vol))
 	}
-	for _, u := range vol.Unfreezable {
+	for _, u := range vol.Unfreezable() {
 		if v.NoFreeze {
 			add("filesystem", SevWarning, u.What+": snapshots read the volume as it is (no_freeze), crash-consistent at best", u.Fix)
 		} else {

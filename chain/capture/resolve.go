@@ -35,10 +35,23 @@ type Volume struct {
 	Start int64
 	// Mounts lists one mount per filesystem (superblock) on the device or its partitions.
 	Mounts []Mount
-	// Unfreezable says what else writes to the device where freezing Mounts cannot stop it
-	// (a device stacked on it, a filesystem mounted only in another mount namespace), each
-	// with what to do instead; a snapshot with a freeze must refuse while it is not empty.
-	Unfreezable []Unfreezable
+
+	devs map[uint64]bool // the device and its partitions
+}
+
+// Unfreezable says what else writes to the volume where freezing its Mounts cannot stop
+// it (a device stacked on it, a filesystem mounted only in another mount namespace), each
+// with what to do instead: a snapshot with a freeze must refuse while there is any. It
+// reads /sys and every process's mount namespace, so it is asked only where it matters.
+func (v *Volume) Unfreezable() []Unfreezable {
+	if v.IsFile {
+		return nil
+	}
+	visible := map[uint64]bool{}
+	for _, m := range v.Mounts {
+		visible[m.Dev] = true
+	}
+	return unfreezable(v.devs, visible)
 }
 
 // Resolve turns --source (a block device, a partition, a mount point, or an image file)
@@ -140,11 +153,7 @@ func Resolve(source string) (*Volume, error) {
 			mt.Covered = append(mt.Covered, m.point)
 		}
 	}
-	visible := map[uint64]bool{}
-	for _, m := range v.Mounts {
-		visible[m.Dev] = true
-	}
-	v.Unfreezable = unfreezable(ours, visible)
+	v.devs = ours
 	return v, nil
 }
 
