@@ -85,7 +85,7 @@ func Copy(ctx context.Context, src *Reader, dst *Repository, snap *Snapshot, st 
 	if p := Latest(dstSnaps, host, snap.Volume); p != nil && p.SizeBytes == snap.SizeBytes && p.ChunkSize == snap.ChunkSize {
 		if orig := CopyOf(srcSnaps, p); orig != nil && orig.SizeBytes == p.SizeBytes && orig.ChunkSize == p.ChunkSize {
 			base = orig
-			opts.ParentID, opts.FromParent = p.ID, true
+			opts.Parent, opts.FromParent = p, true
 		}
 	}
 	w, err := dst.NewSnapshot(ctx, opts)

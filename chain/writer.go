@@ -39,12 +39,10 @@ type SnapshotOptions struct {
 	// caller must Put every non-zero chunk: a full scan, where unchanged chunks and pages
 	// still cost nothing because they are already stored.
 	FromParent bool
-	// ParentID names the parent (a snapshot of the same host and volume) instead of the
-	// newest one: copies build on the copy of the source's parent.
-	ParentID string
-	// Parent, if set, is the parent as the caller has just listed it (instead of ParentID):
-	// it saves NewSnapshot a listing. Either way the parent is confirmed after the writer's
-	// heartbeat names it.
+	// Parent, if set, is the parent (a snapshot of the same host and volume, as the caller
+	// has just listed it) instead of the newest one: the agent's tracked incrementals build
+	// on the snapshot their tracker started from, copies on the copy of the source's parent.
+	// NewSnapshot confirms it still exists once the writer's heartbeat names it.
 	Parent *Snapshot
 	Now    time.Time // creation time; zero means time.Now()
 }
@@ -146,9 +144,7 @@ func (r *Repository) NewSnapshot(ctx context.Context, opts SnapshotOptions) (*Sn
 			if err != nil {
 				return nil, err
 			}
-			if parent, err = chooseParent(snaps, opts); err != nil {
-				return nil, err
-			}
+			parent = Latest(snaps, opts.Host, opts.Volume)
 		} else if parent.Volume != opts.Volume || (parent.Host != opts.Host && parent.Host != "") {
 			return nil, fmt.Errorf("volume %s: snapshot %s/%s of %s cannot be its parent", opts.Volume, parent.Volume, parent.Name, parent.Host)
 		}
@@ -163,7 +159,7 @@ func (r *Repository) NewSnapshot(ctx context.Context, opts SnapshotOptions) (*Sn
 		w, err := r.newWriter(ctx, opts, now, hb, parent)
 		if err != nil {
 			hb.release()
-			if errors.Is(err, errParentGone) && opts.Parent == nil && opts.ParentID == "" && attempt < 3 {
+			if errors.Is(err, errParentGone) && opts.Parent == nil && attempt < 3 {
 				continue
 			}
 			return nil, err
@@ -179,20 +175,6 @@ var ErrParentDamaged = errors.New("references chunks verify found damaged, which
 
 // errParentGone: the parent a writer chose was deleted before its heartbeat named it.
 var errParentGone = errors.New("was deleted as this snapshot started: take the snapshot again")
-
-// chooseParent returns the snapshot a new one of opts.Volume builds on: opts.ParentID, or
-// the volume's newest; nil for none.
-func chooseParent(snaps []*Snapshot, opts SnapshotOptions) (*Snapshot, error) {
-	if opts.ParentID == "" {
-		return Latest(snaps, opts.Host, opts.Volume), nil
-	}
-	for _, s := range snaps {
-		if s.ID == opts.ParentID && s.Volume == opts.Volume && (s.Host == opts.Host || s.Host == "") {
-			return s, nil
-		}
-	}
-	return nil, fmt.Errorf("volume %s: parent snapshot %s is gone", opts.Volume, opts.ParentID)
-}
 
 func (r *Repository) newWriter(ctx context.Context, opts SnapshotOptions, now time.Time, hb *lease, parent *Snapshot) (*SnapshotWriter, error) {
 	// Three listings, each a round trip on object storage: at once.
